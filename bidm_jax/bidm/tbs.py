@@ -1,0 +1,81 @@
+"""Timestep-friendly Binary Structure, cross-timestep part (paper Eq. 11-12, spec section 3).
+
+At each connection point p (the output of one of the last n decoder blocks) the model blends
+its output with the same block's output from the previous denoising step:
+`h <- (1 - a[bucket(t), p]) * h + a[bucket(t), p] * stop_gradient(cache_p)`.
+The other half of TBS, the learnable k of the activation scale, lives in the binary layers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class TBSCache(NamedTuple):
+  """The previous step's outputs at the n connection points.
+
+  features: n arrays (B, H_p, W_p, C_p); valid: () or (B,) bool, False where there is no
+  previous step (the blend is then the identity, exactly).
+  """
+  features: tuple[Array, ...]
+  valid: Array
+
+
+def empty_cache(feature_shapes) -> TBSCache:
+  """An invalid cache of zeros for features shaped like `feature_shapes` (ShapeDtypeStructs)."""
+  return TBSCache(tuple(jnp.zeros(s.shape, s.dtype) for s in feature_shapes),
+                  jnp.zeros((), bool))
+
+
+def bucket_index(t: Array, num_timesteps: int, num_buckets: int) -> Array:
+  """Row of the blend table for timesteps t: t * num_buckets // num_timesteps. (B,) -> (B,)."""
+  return jnp.clip(t * num_buckets // num_timesteps, 0, num_buckets - 1)
+
+
+def blend_weights(table: Array, t: Array, valid: Array, num_timesteps: int) -> Array:
+  """a[bucket(t), p] per sample and point, zero where the cache is not valid.
+
+  table: (buckets, n); t: (B,); valid: () or (B,) -> (B, n).
+  """
+  a = table[bucket_index(t, num_timesteps, table.shape[0])]
+  return jnp.where(jnp.reshape(valid, (-1, 1)), a, jnp.zeros_like(a))
+
+
+def blend(h: Array, cached: Array, a: Array) -> Array:
+  """(1 - a) * h + a * stop_gradient(cached); h, cached: (B, H, W, C), a: (B,)."""
+  a = a.astype(h.dtype)[:, None, None, None]
+  return (1 - a) * h + a * jax.lax.stop_gradient(cached).astype(h.dtype)
+
+
+ApplyFn = Callable[..., "UNetOutput"]  # (params, x, t, cache, rng) -> UNetOutput
+
+
+def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Array,
+                            x_t: Array, t: Array, num_connections: int, rng: Array):
+  """The TBS training forward: the model at t' = t + 1, then at t with the first pass's cache.
+
+  A `lax.scan` over the two timesteps (one trace of the model) whose carry is the TBS cache.
+  The first pass runs on stop-gradient parameters inside a `lax.cond`, so the backward pass
+  skips it: its outputs reach the loss only through the stop-gradient cache anyway.
+
+  apply_fn(params, x, t, cache, rng) -> UNetOutput; x_prev, x_t: (B, H, W, C); t_prev, t: (B,).
+  Returns the second pass's UNetOutput (eps and features at t).
+  """
+  shapes = jax.eval_shape(lambda: apply_fn(params, x_t, t, None, rng)).features
+  cache0 = empty_cache(shapes[len(shapes) - num_connections:])
+  rngs = jax.random.split(rng, 2)
+
+  def step(cache, inputs):
+    x, tt, r = inputs
+    run = lambda p: apply_fn(p, x, tt, cache, r)
+    out = jax.lax.cond(cache.valid, run, lambda p: run(jax.lax.stop_gradient(p)), params)
+    features = out.features[len(out.features) - num_connections:]
+    return TBSCache(features, jnp.ones((), bool)), out
+
+  _, outs = jax.lax.scan(step, cache0, (jnp.stack([x_prev, x_t]), jnp.stack([t_prev, t]), rngs))
+  return jax.tree_util.tree_map(lambda a: a[1], outs)

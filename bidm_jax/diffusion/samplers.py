@@ -1,0 +1,97 @@
+"""DDIM and DDPM samplers, each one `lax.scan` over steps carrying (x, TBS cache).
+
+A sampler takes `apply_fn(x, t, cache) -> UNetOutput` (a model with its parameters bound) and
+`num_connections`, the number of TBS connection points of that model (0 for models without
+TBS); step i then blends with the connection features of step i - 1, the first step with none.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bidm_jax.bidm import tbs
+from bidm_jax.diffusion.schedules import Schedule
+
+Array = jax.Array
+ApplyFn = Callable[[Array, Array, "tbs.TBSCache | None"], "UNetOutput"]
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+  """The uniform DDIM subsequence (ddim repo's 'uniform' skip), descending: (steps,) int32."""
+  if not 1 <= steps <= num_timesteps:
+    raise ValueError(f"sampling steps must be in [1, {num_timesteps}], got {steps}")
+  skip = num_timesteps // steps
+  return np.arange(0, num_timesteps, skip, dtype=np.int32)[:steps][::-1].copy()
+
+
+def ddim_step(schedule: Schedule, x: Array, eps: Array, t: Array, t_next: Array, eta: float,
+              noise: Array) -> Array:
+  """One generalized DDIM update x_t -> x_{t_next} (Song et al. 2021, Eq. 12).
+
+  x, eps, noise: (B, H, W, C); t, t_next: () int, t_next = -1 meaning the clean image.
+  """
+  abar = schedule.alphas_cumprod[t]
+  abar_next = jnp.where(t_next >= 0, schedule.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
+  x0 = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+  c1 = eta * jnp.sqrt((1 - abar / abar_next) * (1 - abar_next) / (1 - abar))
+  c2 = jnp.sqrt(jnp.maximum(1 - abar_next - c1**2, 0.0))
+  return jnp.sqrt(abar_next) * x0 + c1 * noise + c2 * eps
+
+
+def _initial_cache(apply_fn: ApplyFn, x: Array, t: Array, num_connections: int) -> tbs.TBSCache:
+  shapes = jax.eval_shape(lambda: apply_fn(x, t, None)).features
+  return tbs.empty_cache(shapes[len(shapes) - num_connections:])
+
+
+def _run(apply_fn, x, ts, num_connections, rng, update):
+  """Scans `update(x, eps, i, noise)` over the steps ts, carrying the TBS cache."""
+  batch = x.shape[0]
+  cache = _initial_cache(apply_fn, x, jnp.full((batch,), ts[0]), num_connections)
+
+  def step(carry, inputs):
+    x, cache = carry
+    i, key = inputs
+    out = apply_fn(x, jnp.full((batch,), ts[i], jnp.int32), cache if num_connections else None)
+    x = update(x, out.eps, i, jax.random.normal(key, x.shape, x.dtype))
+    cached = out.features[len(out.features) - num_connections:]
+    return (x, tbs.TBSCache(cached, jnp.ones((), bool))), None
+
+  keys = jax.random.split(rng, len(ts))
+  (x, _), _ = jax.lax.scan(step, (x, cache), (jnp.arange(len(ts)), keys))
+  return x
+
+
+def ddim_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *, steps: int = 100,
+                eta: float = 0.0, num_connections: int = 0) -> Array:
+  """Samples `shape` = (B, H, W, C) images with DDIM; eta = 0 is deterministic given rng."""
+  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps))
+  ts_next = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
+  init_key, rng = jax.random.split(rng)
+  x = jax.random.normal(init_key, shape, jnp.float32)
+  update = lambda x, eps, i, noise: ddim_step(schedule, x, eps, ts[i], ts_next[i], eta, noise)
+  return _run(apply_fn, x, ts, num_connections, rng, update)
+
+
+def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
+                variance: str = "fixedlarge", num_connections: int = 0) -> Array:
+  """Ancestral DDPM sampling over all T steps; variance 'fixedlarge' (beta) or 'fixedsmall'."""
+  if variance not in ("fixedlarge", "fixedsmall"):
+    raise ValueError(f"variance must be 'fixedlarge' or 'fixedsmall', got {variance!r}")
+  betas, abar = schedule.betas, schedule.alphas_cumprod
+  abar_prev = jnp.concatenate([jnp.ones((1,), abar.dtype), abar[:-1]])
+  small = betas * (1 - abar_prev) / (1 - abar)
+  var = betas if variance == "fixedlarge" else small
+  ts = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+  init_key, rng = jax.random.split(rng)
+  x = jax.random.normal(init_key, shape, jnp.float32)
+
+  def update(x, eps, i, noise):
+    t = ts[i]
+    mean = (x - betas[t] / jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(1 - betas[t])
+    return mean + jnp.where(t > 0, jnp.sqrt(var[t]), 0.0) * noise
+
+  return _run(apply_fn, x, ts, num_connections, rng, update)

@@ -1,0 +1,3 @@
+"""Binarizable Flax layers."""
+
+from bidm_jax.layers.binary import BinaryConv, BinaryDense

@@ -1,0 +1,3 @@
+"""Diffusion backbones."""
+
+from bidm_jax.models.unet import UNet, UNetOutput
