@@ -59,23 +59,31 @@ def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Ar
                             x_t: Array, t: Array, num_connections: int, rng: Array):
   """The TBS training forward: the model at t' = t + 1, then at t with the first pass's cache.
 
-  A `lax.scan` over the two timesteps (one trace of the model) whose carry is the TBS cache.
-  The first pass runs on stop-gradient parameters inside a `lax.cond`, so the backward pass
-  skips it: its outputs reach the loss only through the stop-gradient cache anyway.
+  A `lax.scan` over the two timesteps (one trace of the model) whose carry is the TBS cache
+  and the latest output. The first pass runs on stop-gradient parameters, so the backward pass
+  skips it: its outputs reach the loss only through the stop-gradient cache anyway. The scan
+  is unrolled: XLA then sees straight-line code (a rolled loop of convolutions runs tens of
+  times slower on XLA:CPU) and can drop the first pass's backward.
 
   apply_fn(params, x, t, cache, rng) -> UNetOutput; x_prev, x_t: (B, H, W, C); t_prev, t: (B,).
   Returns the second pass's UNetOutput (eps and features at t).
   """
-  shapes = jax.eval_shape(lambda: apply_fn(params, x_t, t, None, rng)).features
+  abstract = jax.eval_shape(lambda: apply_fn(params, x_t, t, None, rng))
+  shapes = abstract.features
   cache0 = empty_cache(shapes[len(shapes) - num_connections:])
-  rngs = jax.random.split(rng, 2)
+  out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
 
-  def step(cache, inputs):
+  def step(carry, inputs):
+    cache, _ = carry
     x, tt, r = inputs
-    run = lambda p: apply_fn(p, x, tt, cache, r)
-    out = jax.lax.cond(cache.valid, run, lambda p: run(jax.lax.stop_gradient(p)), params)
+    # The first pass (no valid cache yet) sees stop-gradient parameters. The scan is unrolled,
+    # so `cache.valid` is a compile-time constant per pass and XLA drops that pass's backward.
+    p = jax.tree_util.tree_map(lambda a: jnp.where(cache.valid, a, jax.lax.stop_gradient(a)),
+                               params)
+    out = apply_fn(p, x, tt, cache, r)
     features = out.features[len(out.features) - num_connections:]
-    return TBSCache(features, jnp.ones((), bool)), out
+    return (TBSCache(features, jnp.ones((), bool)), out), None
 
-  _, outs = jax.lax.scan(step, cache0, (jnp.stack([x_prev, x_t]), jnp.stack([t_prev, t]), rngs))
-  return jax.tree_util.tree_map(lambda a: a[1], outs)
+  xs = (jnp.stack([x_prev, x_t]), jnp.stack([t_prev, t]), jax.random.split(rng, 2))
+  (_, out), _ = jax.lax.scan(step, (cache0, out0), xs, unroll=True)
+  return out

@@ -63,14 +63,29 @@ def sign_identity(x: Array) -> Array:
 sign_identity.defvjp(lambda x: (hard_sign(x), None), lambda _, g: (g,))
 
 
+RESTE_CLIP = 1.5
+"""ReSTE's gradient clipping threshold t: no gradient where |x| > t (authors' code: t = 1.5)."""
+
+RESTE_INTERVAL = 0.1
+"""ReSTE's near-zero interval m: on |x| <= m the power law is replaced by its secant slope."""
+
+
 @jax.custom_vjp
 def sign_reste(x: Array, o: Array) -> Array:
-  """sign(x) with ReSTE's rectified estimator (Wu et al., ICCV 2023).
+  """sign(x) with ReSTE's rectified straight-through estimator (Wu et al., ICCV 2023).
 
-  The backward is the derivative of the power function `s(x) = sign(x) |x|^(1/o)`, clipped to
-  |x| <= 1 and with its value capped at `o` near zero (as the authors' code does):
-  `d/dx = min((1/o) |x|^(1/o - 1), o)`. `o >= 1` is a scalar (traced, not differentiated) that
-  the ReSTE schedule grows from 1 (identity STE) towards a sharper estimator over training.
+  Forward: sign(x) (x >= 0 -> +1). Backward (the derivative of the power function
+  `sign(x) |x|^(1/o)` that ReSTE uses as the estimator, as in the authors' code
+  DravenALG/ReSTE `Binary_ReSTE`):
+
+    d/dx = (1/o) |x|^(1/o - 1)      for m < |x| <= t,
+           m^(1/o) / m              for |x| <= m (secant slope of the power function on [0, m],
+                                    which keeps the gradient finite at 0),
+           0                        for |x| > t,
+
+  with t = RESTE_CLIP = 1.5 and m = RESTE_INTERVAL = 0.1. At o = 1 this is the identity STE
+  clipped at |x| <= 1.5; a larger o approaches sign. `o >= 1` is a scalar (traced, never
+  differentiated) that `reste_schedule` grows from 1 to o_end over training.
   """
   del o
   return hard_sign(x)
@@ -84,12 +99,26 @@ def _reste_bwd(res, g):
   x, o = res
   o = jnp.asarray(o, jnp.float32)
   ax = jnp.abs(x).astype(jnp.float32)
-  slope = jnp.minimum((1.0 / o) * jnp.power(jnp.maximum(ax, 1e-12), 1.0 / o - 1.0), o)
-  grad = jnp.where(ax <= 1.0, slope, 0.0)
+  m = jnp.float32(RESTE_INTERVAL)
+  power = (1.0 / o) * jnp.power(jnp.maximum(ax, m), 1.0 / o - 1.0)
+  secant = jnp.power(m, 1.0 / o) / m
+  grad = jnp.where(ax <= m, secant, jnp.where(ax <= RESTE_CLIP, power, 0.0))
   return (g * grad.astype(g.dtype), jnp.zeros_like(o))
 
 
 sign_reste.defvjp(_reste_fwd, _reste_bwd)
+
+
+def reste_schedule(progress: Array | float, o_end: float) -> Array:
+  """ReSTE's rectification parameter o at a training progress p in [0, 1].
+
+  `o = 1 + (o_end - 1) * (1 - cos(pi/2 * p))`: the authors' schedule (DravenALG/ReSTE
+  main.py, `ReSTE(epoch)` with p = epoch / epochs; here p = step / total_steps, continuous).
+  o = 1 (identity STE) at the start, o_end at the end and at inference (p = 1).
+  """
+  p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+  return 1.0 + (o_end - 1.0) * (1.0 - jnp.cos(0.5 * jnp.pi * p))
+
 
 ESTIMATORS: dict[str, Callable[[Array], Array]] = {
     "ste": sign_ste,
@@ -136,3 +165,84 @@ def binarize_activation(x: Array, threshold: Array | None = None,
   if threshold is not None:
     x = x + threshold.astype(x.dtype)
   return get_estimator(estimator)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binarizers of the baseline methods (see `methods.METHODS` for which method uses which).
+
+
+def sign_with_estimator(name: str, o: Array | float | None = None) -> Callable[[Array], Array]:
+  """The sign function of estimator `name`; 'reste' also takes its parameter o (>= 1)."""
+  if name == "reste":
+    if o is None:
+      raise ValueError("the 'reste' estimator needs its rectification parameter o")
+    o = jnp.asarray(o, jnp.float32)
+    return lambda x: sign_reste(x, o)
+  return get_estimator(name)
+
+
+def binarize_weight_mean(w: Array, sign: Callable[[Array], Array]) -> Array:
+  """ReSTE's weight binarizer `mean(|W|) * sign(W)`, one scalar over the whole tensor.
+
+  As in the authors' code (DravenALG/ReSTE `BinarizeConv2d`), the scalar is NOT stop-gradient:
+  d/dW_i = m * sign'(W_i) * g_i + sign(W_i) / N * sum_j g_j sign(W_j), m = mean |W|, N = W.size.
+  w: any shape -> same shape, entries +-m.
+  """
+  return jnp.mean(jnp.abs(w)) * sign(w)
+
+
+def binarize_weight_dorefa(w: Array, sign: Callable[[Array], Array] = sign_identity) -> Array:
+  """DoReFa-Net's 1-bit weights `E(|W|) * sign(W)`, E one stop-gradient scalar (Zhou 2016).
+
+  Backward as in DoReFa's `_sign` (`lambda dy: dy`): dL/dW = sign'(W) * dL/dWb, without the
+  factor E (with the default identity estimator, dL/dW = dL/dWb exactly).
+  w: any shape -> same shape, entries +-E.
+  """
+  e = jax.lax.stop_gradient(jnp.mean(jnp.abs(w)))
+  s = sign(w)
+  return e * jax.lax.stop_gradient(s) + (s - jax.lax.stop_gradient(s))
+
+
+@jax.custom_vjp
+def dorefa_activation(x: Array) -> Array:
+  """DoReFa-Net's k = 1 activation quantizer: round(clip(x, 0, 1)) in {0, 1}.
+
+  Forward: 1 where x >= 0.5, else 0 (ties round up, like sign(0) = +1; TensorFlow's
+  round-half-to-even would send exactly 0.5 to 0, a set of measure zero).
+  Backward: straight-through the rounding, through the clip: d/dx = 1 on 0 <= x <= 1, else 0.
+  A {0,1} activation is still binary arithmetic: with s = 2a - 1 in {-1,+1},
+  conv(a, Wb) = (conv(s, Wb) + conv(1, Wb)) / 2, an XNOR-popcount conv plus a constant map.
+  """
+  one = jnp.ones((), x.dtype)
+  return jnp.where(x >= 0.5, one, jnp.zeros((), x.dtype))
+
+
+dorefa_activation.defvjp(
+    lambda x: (dorefa_activation(x), x),
+    lambda x, g: (g * ((x >= 0) & (x <= 1)).astype(g.dtype),))
+
+
+def lsq_binarize(x: Array, step: Array,
+                 sign: Callable[[Array], Array] = sign_ste) -> Array:
+  """Binary LSQ quantizer `s * sign(x / s)` = +-s (LSQ, Esser et al. 2020, at one bit).
+
+  Forward: s * sign(x) for s > 0. Backward (LSQ's, with the clipped STE of the levels -1, +1,
+  i.e. Q_N = Q_P = 1): dL/dx = g * 1[|x| <= s]; dL/ds = sum g * (sign(x) - x/s * 1[|x| <= s])
+  over the elements that share s. No LSQ gradient scale 1/sqrt(N Q_P) (EfficientDM's code does
+  not use one; under Adam it would only interact with epsilon).
+  `sign` is the estimator of the normalised sign(x / s) (default: the clipped STE, which gives
+  exactly LSQ's gradients above). Steps are floored at 1e-8 so x / s stays finite.
+  x: (...); step: broadcastable to x, positive -> same shape as x.
+  """
+  step = jnp.maximum(step.astype(x.dtype), jnp.asarray(1e-8, x.dtype))
+  return step * sign(x / step)
+
+
+def timestep_bucket(t: Array, num_buckets: int, num_timesteps: int) -> Array:
+  """Bucket of integer timesteps: t * num_buckets // num_timesteps, clipped. (B,) -> (B,).
+
+  The same rule as the TBS blend table (bidm.tbs.bucket_index): 100 buckets over T = 1000
+  gives t // 10, one bucket per step of a 100-step DDIM sampler.
+  """
+  t = jnp.asarray(t, jnp.int32)
+  return jnp.clip(t * num_buckets // num_timesteps, 0, num_buckets - 1)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import FP, BinarizationMethod, QuantContext
-from bidm_jax.layers.binary import BinaryConv, BinaryDense
+from bidm_jax.layers.binary import BinaryConv, BinaryDense, record_cost
 
 Array = jax.Array
 
@@ -77,6 +77,7 @@ class AttnBlock(nn.Module):
     logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c ** -0.5)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     h = jnp.einsum("bij,bjc->bic", attn, v).reshape(b, hgt, wid, c)
+    record_cost(self, flops=2 * 2.0 * (hgt * wid) ** 2 * c)  # the two FP attention products
     return x + conv("proj_out")(h, ctx)
 
 
@@ -141,8 +142,8 @@ class UNet(nn.Module):
         blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
 
     temb = timestep_embedding(t, self.ch)
-    temb = nn.Dense(self.ch * 4, name="temb_dense0")(temb)
-    temb = nn.Dense(self.ch * 4, name="temb_dense1")(nn.swish(temb)).astype(dtype)
+    temb = BinaryDense(self.ch * 4, name="temb_dense0")(temb)
+    temb = BinaryDense(self.ch * 4, name="temb_dense1")(nn.swish(temb)).astype(dtype)
 
     features = []
     hs = [BinaryConv(self.ch, dtype=dtype, name="conv_in")(x)]

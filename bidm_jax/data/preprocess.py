@@ -1,0 +1,113 @@
+"""Per-example work done by grain (in worker processes when num_workers > 0): decode, resize
+and center-crop, random flip, scaling of training batches."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class BadImageError(OSError):
+  """An image file or record could not be decoded (data.on_bad_file='fail')."""
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  """uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> PIL image."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected uint8 image, got {image.dtype} {image.shape}")
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  return Image.fromarray(image)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+  """Resizes the shorter side to `size` (bilinear, antialiased when shrinking), then center-crops
+  to size x size."""
+  w, h = img.size
+  if (w, h) == (size, size):
+    return img
+  scale = size / min(w, h)
+  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+  if (nw, nh) != (w, h):
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  return img.crop((left, top, left + size, top + size))
+
+
+def load(record: dict, *, image_size: int, channels: int, skip_bad: bool) -> dict:
+  """Source record -> `{'image': uint8 (image_size, image_size, channels)[, 'label': int]}`.
+
+  A file that PIL cannot decode raises BadImageError naming it, or (skip_bad) becomes the
+  marker `{'bad': path, 'error': message}` that the batcher drops and counts.
+  """
+  if "bad" in record:
+    return record
+  try:
+    if "path" in record:
+      with Image.open(record["path"]) as f:
+        f.load()
+        img = f.copy()
+    else:
+      img = _to_pil(record["image"])
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+    name = record.get("path", "<array>")
+    if skip_bad:
+      return {"bad": name, "error": f"{type(e).__name__}: {e}"}
+    raise BadImageError(f"cannot decode image file {name}: {type(e).__name__}: {e}") from e
+  img = img.convert("L" if channels == 1 else "RGB")
+  img = resize_center_crop(img, image_size)
+  image = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
+  out = {"image": image}
+  if "label" in record:
+    out["label"] = record["label"]
+  return out
+
+
+def random_flip(example: dict, rng: np.random.Generator) -> dict:
+  """Mirrors the image left-right with probability 1/2 (grain seeds `rng` per seed and index)."""
+  if "bad" in example or rng.random() >= 0.5:
+    return example
+  return {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
+
+
+class LoadedSource:
+  """Random access to loaded examples (see `load`) of `source`, for training.
+
+  With skip_bad, an undecodable file is replaced by the next decodable one in the source
+  (logged), so batches keep their size and stay a pure function of the index; each example
+  carries `'skipped'`: how many files were passed over to produce it.
+  """
+
+  def __init__(self, source, *, image_size: int, channels: int, skip_bad: bool):
+    self.source, self.skip_bad = source, skip_bad
+    self.image_size, self.channels = image_size, channels
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    n = len(self.source)
+    for k in range(n):
+      ex = load(self.source[(i + k) % n], image_size=self.image_size, channels=self.channels,
+                skip_bad=self.skip_bad)
+      if "bad" not in ex:
+        ex["skipped"] = k
+        return ex
+      log.warning("skipping undecodable image %s (%s)", ex["bad"], ex["error"])
+    raise BadImageError(f"no image of {self.source!r} can be decoded")
+
+  def __repr__(self) -> str:
+    return f"LoadedSource({self.source!r})"
+
+
+def scale_batch(batch: dict) -> dict:
+  """uint8 images (B, H, W, C) -> float32 in [-1, 1]; labels -> int32."""
+  out = {**batch, "image": batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1)}
+  if "label" in batch:
+    out["label"] = np.asarray(batch["label"], dtype=np.int32)
+  return out

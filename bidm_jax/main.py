@@ -1,0 +1,115 @@
+"""Command line: `python -m bidm_jax.main --config=configs/<name>.py --workdir=DIR --mode=MODE`.
+
+Every config field can be overridden, e.g. `--config.training.steps=1000`.
+Modes:
+  train     FP training or QAT (by config.binarization.method), resuming from DIR
+  sample    config.sampling.num_samples images from DIR (or config.sampling.checkpoint) to
+            DIR/samples.png and DIR/samples.npz
+  pipeline  the demo: FP training, BiDM QAT, sampling, report.json and samples.png
+  convert   a public PyTorch DDPM checkpoint (config.convert.source) to an Orbax folder DIR
+  report    size / BOPs / FLOPs / OPs of the config's FP and binary models to DIR/efficiency.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bidm_jax import config as config_lib
+from bidm_jax import demo
+from bidm_jax.binarize.methods import FP
+from bidm_jax.evaluation.efficiency import efficiency_report
+from bidm_jax.training import checkpoint as ckpt_lib
+from bidm_jax.training import train as train_lib
+from bidm_jax.training.logging import save_grid, to_uint8
+
+MODES = ("train", "sample", "pipeline", "convert", "report")
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and reports.")
+flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def sample(config, workdir: str) -> dict:
+  """Samples from a trained model; writes samples.png, samples.npz (uint8) and returns stats."""
+  source = config.sampling.checkpoint or workdir
+  method = config_lib.method_from_config(config)
+  params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
+  if meta.get("method", {}).get("name", method.name) != method.name:
+    raise ckpt_lib.CheckpointError(
+        f"{source} holds a {meta['method']['name']!r} model; set "
+        f"--config.binarization.method={meta['method']['name']}")
+  model = train_lib.make_model(config, method)
+  images, rate = train_lib.generate(config, model, params, config.sampling.num_samples,
+                                    seed=config.seed)
+  os.makedirs(workdir, exist_ok=True)
+  save_grid(images[:64], os.path.join(workdir, "samples.png"))
+  if config.sampling.save_npz:
+    np.savez(os.path.join(workdir, "samples.npz"), images=to_uint8(images))
+  return {"num_samples": len(images), "images_per_s": rate}
+
+
+def convert(config, workdir: str) -> dict:
+  from bidm_jax.export import convert_ddpm
+  if not config.convert.source:
+    raise ValueError("config.convert.source: give the PyTorch checkpoint to convert")
+  convert_ddpm.convert_checkpoint(config.convert.source, workdir,
+                                  config_lib.model_description(config),
+                                  layout=config.convert.layout or None)
+  return {"converted": config.convert.source, "to": workdir}
+
+
+def report(config, workdir: str) -> dict:
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  result = efficiency_report(train_lib.make_model(config, FP),
+                             train_lib.make_model(config, config_lib.method_from_config(config)),
+                             shape)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "efficiency.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def run(config, workdir: str, mode: str) -> dict:
+  """Runs one mode; the library entry point behind the command line."""
+  config_lib.validate(config)
+  if mode == "train":
+    summary = train_lib.train(config, workdir)
+    summary.pop("state")
+    return summary
+  if mode == "pipeline":
+    return demo.run_pipeline(config, workdir)
+  return {"sample": sample, "convert": convert, "report": report}[mode](config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info("devices: %s", jax.devices())
+  try:
+    result = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError,
+          train_lib.TrainingDiverged) as e:
+    print(f"bidm_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)

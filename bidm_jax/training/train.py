@@ -1,0 +1,421 @@
+"""Training: full-precision DDPM pretraining and W1A1 QAT (BiDM and the baselines).
+
+One jitted train step serves both: the loss is L_DM (epsilon MSE) plus, for a binary method
+with distillation, lambda * L_SPD (or L2) against a frozen FP teacher; methods with TBS run the
+paired-timestep forward. The step runs data-parallel under a device mesh: parameters
+replicated, batches sharded over the 'data' axis, on any number of devices and hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import struct
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from bidm_jax import config as config_lib
+from bidm_jax import data as data_lib
+from bidm_jax.bidm import spd, tbs
+from bidm_jax.binarize.methods import FP, BinarizationMethod
+from bidm_jax.diffusion import samplers
+from bidm_jax.diffusion.schedules import Schedule, epsilon_loss, q_sample
+from bidm_jax.models.unet import UNet
+from bidm_jax.training import checkpoint as ckpt_lib
+from bidm_jax.training.logging import MetricWriter, save_grid
+
+Array = jax.Array
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradients became non-finite; parameters were left at their last good values."""
+
+
+class TrainState(struct.PyTreeNode):
+  """step: () int32 steps done; params, ema_params: model trees; opt_state: optax state."""
+  step: Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_model(config, method: BinarizationMethod = FP) -> UNet:
+  """The U-Net of `config.model` binarized by `method` (FP for the teacher)."""
+  m = config.model
+  return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+              out_ch=config.data.channels, method=method,
+              tbs_connections=config.tbs.connections, tbs_buckets=config.tbs.buckets,
+              tbs_init=config.tbs.init, num_timesteps=config.diffusion.num_timesteps,
+              dtype=jnp.dtype(m.compute_dtype))
+
+
+def image_shape(config, batch: int) -> tuple[int, int, int, int]:
+  return (batch, config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def init_params(model: UNet, config, rng: Array):
+  """Fresh parameters of `model` for the config's image shape."""
+  x = jnp.zeros(image_shape(config, 1), jnp.float32)
+  return jax.jit(model.init)(rng, x, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def overlay_params(base, update):
+  """`base` with every leaf that `update` also has replaced by update's (same shape).
+
+  Initialises a binary student (whose tree contains the FP tree) from an FP model.
+  """
+  flat_base = flax.traverse_util.flatten_dict(flax.core.unfreeze(base))
+  flat_update = flax.traverse_util.flatten_dict(flax.core.unfreeze(update))
+  missing = [k for k in flat_update if k not in flat_base]
+  bad = [k for k, v in flat_update.items() if k in flat_base and v.shape != flat_base[k].shape]
+  if missing or bad:
+    raise ckpt_lib.CheckpointError(
+        f"FP parameters do not fit the student: unknown {['/'.join(k) for k in missing][:5]}, "
+        f"shape mismatch {['/'.join(k) for k in bad][:5]}")
+  flat_base.update({k: jnp.array(v) for k, v in flat_update.items()})  # copies: never aliased
+  return flax.traverse_util.unflatten_dict(flat_base)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam or AdamW with linear warm-up and global-norm gradient clipping (0 = no clipping)."""
+  t = config.training
+  lr = (optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps) if t.warmup_steps
+        else t.learning_rate)
+  opt = (optax.adamw(lr, weight_decay=t.weight_decay) if t.optimizer == "adamw"
+         else optax.adam(lr))
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
+
+
+def create_state(params, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
+
+
+def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
+  """loss_fn(params, teacher_params, images, rng, progress) -> (loss, metrics).
+
+  images: (B, H, W, C) in [-1, 1]. Samples t ~ U{0..T-1} and noise; for a TBS model the
+  binary student runs at t+1 then at t with the cache (paired-timestep forward); the teacher
+  (when the method distils) sees the same (x_t, t).
+  """
+  method = model.method
+  n = model.num_connections
+  num_t = schedule.num_timesteps
+  distill = method.distillation if method.binary else "none"
+  if distill != "none" and teacher is None:
+    raise ValueError(f"method {method.name!r} distils from a teacher, but none was given")
+
+  def loss_fn(params, teacher_params, images, rng, progress):
+    k_t, k_noise, k_drop = jax.random.split(rng, 3)
+    t = jax.random.randint(k_t, (images.shape[0],), 0, num_t)
+    noise = jax.random.normal(k_noise, images.shape, jnp.float32)
+    x_t = q_sample(schedule, images, t, noise)
+
+    def apply(p, x, tt, cache, r):
+      return model.apply({"params": p}, x, tt, cache=cache, train=True, progress=progress,
+                         rngs={"dropout": r})
+
+    if n:
+      t_prev = jnp.minimum(t + 1, num_t - 1)
+      out = tbs.paired_timestep_forward(apply, params, q_sample(schedule, images, t_prev, noise),
+                                        t_prev, x_t, t, n, k_drop)
+    else:
+      out = apply(params, x_t, t, None, k_drop)
+    loss_dm = epsilon_loss(out.eps, noise)
+    metrics = {"loss_dm": loss_dm}
+    loss = loss_dm
+    if distill != "none":
+      target = teacher.apply({"params": teacher_params}, x_t, t).features
+      if distill == "spd":
+        loss_distill = spd.spd_loss(out.features, target, config.distill.patches)
+      else:
+        loss_distill = spd.l2_distillation_loss(out.features, target)
+      metrics["loss_distill"] = loss_distill
+      loss = loss + config.distill.weight * loss_distill
+    metrics["loss"] = loss
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientTransformation,
+                    teacher: UNet | None = None) -> Callable:
+  """train_step(state, images, rng, teacher_params) -> (state, metrics); pure, jittable.
+
+  `rng` is the run's base key: the step folds in state.step, so a resumed run draws the same
+  timesteps and noise. A non-finite loss or gradient leaves parameters, optimizer and EMA
+  unchanged and reports metrics['finite'] = False.
+  """
+  loss_fn = make_loss_fn(config, model, schedule, teacher)
+  total, decay = config.training.steps, config.training.ema_decay
+
+  def train_step(state: TrainState, images: Array, rng: Array, teacher_params):
+    progress = state.step.astype(jnp.float32) / total
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, teacher_params, images,
+                                     jax.random.fold_in(rng, state.step), progress)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
+                                 params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                       ema_params=keep(ema, state.ema_params),
+                       opt_state=keep(opt_state, state.opt_state))
+    return state, dict(metrics, grad_norm=grad_norm, finite=finite)
+
+  return train_step
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over config.mesh.data devices (-1: all devices of all hosts)."""
+  devices = jax.devices()
+  n = len(devices) if config.mesh.data == -1 else config.mesh.data
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"config.mesh.data: {config.mesh.data} devices requested, "
+                     f"{len(devices)} available")
+  return jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def global_batch(mesh, local: np.ndarray) -> Array:
+  """Assembles each host's (B_local, ...) rows into one batch sharded over 'data'."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+
+
+def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
+  """sample(params, rng, batch) -> (batch, H, W, C) images in about [-1, 1], batch-sharded.
+
+  Runs config.sampling's sampler (DDIM with `steps` and `eta`, or DDPM) as one jitted scan,
+  carrying the TBS cache of models that have connections.
+  """
+  s = config.sampling
+  data_sharding = NamedSharding(mesh, P("data"))
+  n = model.num_connections
+
+  def sample(params, rng, batch):
+    def apply(x, t, cache):
+      x = jax.lax.with_sharding_constraint(x, data_sharding)
+      return model.apply({"params": params}, x, t, cache=cache)
+
+    shape = image_shape(config, batch)
+    if s.sampler == "ddim":
+      return samplers.ddim_sample(apply, schedule, shape, rng, steps=s.steps, eta=s.eta,
+                                  num_connections=n)
+    return samplers.ddpm_sample(apply, schedule, shape, rng, num_connections=n)
+
+  return jax.jit(sample, static_argnums=2, out_shardings=data_sharding)
+
+
+def generate(config, model: UNet, params, num: int, *, seed: int, mesh=None,
+             progress_bar: bool = True) -> tuple[np.ndarray, float]:
+  """`num` samples (num, H, W, C) float32 on the host, and the sampling rate in images/s.
+
+  Batches of config.sampling.batch_size (rounded up to the mesh size) run sharded over all
+  devices; the rate excludes the first batch's compilation.
+  """
+  mesh = mesh or make_mesh(config)
+  sample = make_sampler(config, model, config_lib.schedule_from_config(config), mesh)
+  devices = mesh.devices.size
+  batch = -(-min(config.sampling.batch_size, num) // devices) * devices
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  key = jax.random.PRNGKey(seed)
+  out, timed, elapsed = [], 0, 0.0
+  batches = -(-num // batch)
+  for i in tqdm(range(batches), desc="sampling", disable=not progress_bar, unit="batch"):
+    start = time.perf_counter()
+    images = jax.block_until_ready(sample(params, jax.random.fold_in(key, i), batch))
+    if i:
+      timed, elapsed = timed + batch, elapsed + time.perf_counter() - start
+    out.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
+  rate = timed / elapsed if elapsed else float("nan")
+  return np.concatenate(out)[:num], rate
+
+
+def run_meta(config, method: BinarizationMethod, model: UNet) -> dict:
+  return {"model": config_lib.model_description(config), "method": dataclasses.asdict(method),
+          "tbs_connections": model.num_connections, "image_size": config.data.image_size}
+
+
+def load_teacher(config, mesh):
+  """The frozen FP teacher: (model, replicated params) from config.training.teacher."""
+  path = config.training.teacher
+  if not path:
+    raise ckpt_lib.CheckpointError(
+        f"config.training.teacher: QAT of method {config.binarization.method!r} starts from a "
+        "full-precision model; point it at an FP training workdir or an exported/converted "
+        "checkpoint (see README, 'Start from the public DDPM CIFAR-10 model')")
+  params, meta = ckpt_lib.load_params(path, config_lib.model_description(config))
+  if meta.get("method", {}).get("binary"):
+    raise ckpt_lib.CheckpointError(f"config.training.teacher: {path} holds a binary model "
+                                   f"({meta['method']['name']}), not a full-precision one")
+  return make_model(config, FP), jax.device_put(params, NamedSharding(mesh, P()))
+
+
+def sample_grid(config, model: UNet, state: TrainState, mesh, workdir: str) -> None:
+  """Writes 64 samples of the EMA parameters to workdir/samples_<step>.png."""
+  images, _ = generate(config, model, state.ema_params, 64, seed=config.seed, mesh=mesh,
+                       progress_bar=False)
+  if jax.process_index() == 0:
+    save_grid(images, os.path.join(workdir, f"samples_{int(state.step)}.png"))
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks once per step (saved, then exit 0)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dict:
+  """Trains the model of `config` in `workdir`, resuming from its latest checkpoint.
+
+  FP training when config.binarization.method is 'fp', else QAT from config.training.teacher.
+  `data_iterator` replaces the config's data: it yields {'image': (B_local, H, W, C)}; its
+  position is checkpointed when it is a `grain.DatasetIterator`. Returns a summary: last losses, steps, steps/s, whether the run
+  was preempted. Raises TrainingDiverged on a non-finite loss, CheckpointError when the
+  workdir or teacher holds a different model.
+  """
+  config_lib.validate(config)
+  method = config_lib.method_from_config(config)
+  model = make_model(config, method)
+  schedule = config_lib.schedule_from_config(config)
+  mesh = make_mesh(config)
+  t = config.training
+  if t.batch_size % mesh.devices.size:
+    raise ValueError(f"config.training.batch_size: {t.batch_size} is not divisible by the "
+                     f"{mesh.devices.size} devices of the mesh")
+  repl = NamedSharding(mesh, P())
+  os.makedirs(workdir, exist_ok=True)
+  meta = run_meta(config, method, model)
+  mngr = ckpt_lib.make_manager(workdir, keep=t.keep_checkpoints)
+  latest = mngr.latest_step()
+  if latest is not None:
+    found = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if found != meta:
+      ckpt_lib.check_model_matches(found["model"], meta["model"], f"workdir {workdir}")
+      raise ckpt_lib.CheckpointError(
+          f"workdir {workdir} holds a run of method {found['method']['name']!r} "
+          f"({found['tbs_connections']} TBS connections), the config asks for "
+          f"{method.name!r} ({model.num_connections}); use another --workdir")
+
+  teacher, teacher_params = None, None
+  if method.binary:
+    teacher, teacher_params = load_teacher(config, mesh)
+  tx = make_optimizer(config)
+  rng = jax.random.PRNGKey(config.seed)
+  if latest is None:
+    params = init_params(model, config, jax.random.fold_in(rng, 1))
+    if teacher_params is not None:
+      params = overlay_params(params, teacher_params)
+    state = create_state(params, tx)
+  else:
+    abstract = jax.eval_shape(
+        lambda: create_state(init_params(model, config, jax.random.fold_in(rng, 1)), tx))
+    state = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  state = jax.device_put(state, repl)
+
+  if data_iterator is None:
+    data_iterator = data_lib.make_train_iterator(config.data, global_batch_size=t.batch_size,
+                                                 seed=config.seed)
+  checkpoint_data = isinstance(data_iterator, grain.DatasetIterator)
+  if latest is not None and checkpoint_data:
+    mngr.restore(latest, args=ocp.args.Composite(data=data_lib.orbax_restore_args(data_iterator)))
+
+  step_fn = jax.jit(make_train_step(config, model, schedule, tx, teacher), donate_argnums=0)
+  writer = MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
+  start = int(state.step)
+  summary = {"preempted": False, "start_step": start}
+
+  def save(step: int) -> None:
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if checkpoint_data:
+      items["data"] = data_lib.orbax_save_args(data_iterator)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def check(metrics, step):
+    if not bool(metrics["finite"]):
+      mngr.wait_until_finished()
+      good = mngr.latest_step()
+      where = (f"the last good checkpoint is step {good} in {workdir}/checkpoints" if good
+               is not None else "no checkpoint was written yet")
+      raise TrainingDiverged(f"non-finite loss at step {step} (loss={float(metrics['loss'])}); "
+                             f"parameters were not updated; {where}")
+
+  window, last_log, pending = [], time.perf_counter(), None
+  with _Preemption() as preemption, tqdm(total=t.steps, initial=start, desc=method.name,
+                                         unit="step", disable=not t.progress_bar) as bar:
+    try:
+      for step in range(start, t.steps):
+        batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
+        state, metrics = step_fn(state, batch, rng, teacher_params)
+        if pending is not None:  # inspect the previous step while this one runs
+          check(*pending)
+          window.append(pending[0])
+        pending = (jax.device_get(metrics), step)
+        done = step + 1
+        stop = (preemption.requested if jax.process_count() == 1
+                else mngr.reached_preemption(done))
+        if done % t.checkpoint_every == 0 or done == t.steps or stop:
+          check(*pending)
+          save(done)
+        if done % t.log_every == 0 or done == t.steps or stop:
+          check(*pending)
+          window.append(pending[0])
+          pending = None
+          now = time.perf_counter()
+          scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]
+                     if k != "finite"}
+          scalars["steps_per_sec"] = len(window) / (now - last_log)
+          window, last_log = [], now
+          summary.update(scalars)
+          if writer:
+            writer.write_scalars(done, scalars)
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+        bar.update(1)
+        if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+          sample_grid(config, model, state, mesh, workdir)
+        if stop:
+          summary["preempted"] = True
+          logging.warning("preemption requested: saved step %d, exiting", done)
+          break
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+      if writer:
+        writer.close()
+  summary["step"] = int(state.step)
+  summary["state"] = state
+  return summary

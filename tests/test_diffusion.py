@@ -1,0 +1,272 @@
+"""Schedules, q_sample, and the DDIM / DDPM `lax.scan` samplers against Python loops."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TBS_CONNECTIONS, TINY_SHAPE
+
+from bidm_jax.bidm import tbs
+from bidm_jax.diffusion import (ddim_sample, ddim_step, ddim_timesteps, ddpm_sample,
+                                epsilon_loss, make_schedule, q_sample)
+from bidm_jax.models.unet import UNetOutput
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and the forward process
+
+
+def test_linear_betas():
+  s = make_schedule("linear", 1000, 1e-4, 0.02)
+  i = np.arange(1000)
+  betas = 1e-4 + (0.02 - 1e-4) * i / 999
+  np.testing.assert_allclose(np.asarray(s.betas), betas, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s.alphas_cumprod), np.cumprod(1 - betas), rtol=1e-5)
+  assert s.num_timesteps == 1000 and s.betas.dtype == jnp.float32
+  assert float(s.betas[0]) == pytest.approx(1e-4) and float(s.betas[-1]) == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("start,end", [(0.0015, 0.0195), (0.0015, 0.0155)])
+def test_ldm_linear_betas(start, end):
+  s = make_schedule("ldm_linear", 1000, start, end)
+  i = np.arange(1000)
+  betas = (np.sqrt(start) + (np.sqrt(end) - np.sqrt(start)) * i / 999) ** 2
+  np.testing.assert_allclose(np.asarray(s.betas), betas, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s.alphas_cumprod), np.cumprod(1 - betas), rtol=1e-5)
+  assert float(s.betas[0]) == pytest.approx(start) and float(s.betas[-1]) == pytest.approx(end)
+  # differs from the plain linear schedule in the middle
+  lin = np.linspace(start, end, 1000)
+  assert betas[500] < lin[500] - 1e-4
+
+
+def test_bad_schedules_raise():
+  with pytest.raises(ValueError):
+    make_schedule("cosine")
+  with pytest.raises(ValueError):
+    make_schedule("linear", 10, 0.5, 1.5)
+
+
+def test_q_sample_closed_form():
+  s = make_schedule()
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((4, 6, 6, 3)).astype(np.float32)
+  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  t = np.array([0, 1, 500, 999])
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t][:, None, None, None]
+  expected = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+  got = jax.jit(q_sample)(s, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  # at t = 0 almost the clean image, at T - 1 almost pure noise
+  assert np.abs(np.asarray(got)[0] - x0[0]).max() < 0.05  # sqrt(1 - abar_0) = 0.01
+  assert np.abs(np.asarray(got)[3] - noise[3]).max() < 0.05
+
+
+def test_epsilon_loss_is_mse():
+  rng = np.random.default_rng(1)
+  a, b = rng.standard_normal((2, 3, 4, 4, 3)).astype(np.float32)
+  np.testing.assert_allclose(float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))),
+                             np.mean((a.astype(np.float64) - b) ** 2), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM
+
+
+@pytest.mark.parametrize("steps", [1, 10, 100, 200, 1000])
+def test_ddim_timesteps_uniform(steps):
+  ts = ddim_timesteps(1000, steps)
+  # the ddim repo's 'uniform' skip: range(0, T, T // steps), walked backwards
+  expected = np.arange(0, 1000, 1000 // steps)[::-1]
+  np.testing.assert_array_equal(ts, expected)
+  assert ts.dtype == np.int32 and len(ts) == steps and ts[-1] == 0
+
+
+def test_ddim_timesteps_properties_and_errors():
+  for steps in (3, 7, 300, 999):
+    ts = ddim_timesteps(1000, steps)
+    assert len(ts) == steps and ts[-1] == 0 and ts.max() < 1000
+    assert np.all(np.diff(ts) < 0)
+  np.testing.assert_array_equal(ddim_timesteps(1000, 100)[:3], [990, 980, 970])
+  for bad in (0, 1001):
+    with pytest.raises(ValueError):
+      ddim_timesteps(1000, bad)
+
+
+def np_ddim_step(abar, x, eps, t, t_next, eta, noise):
+  """Song et al. 2021 Eq. 12 in float64; t_next = -1 means alpha_bar = 1 (the clean image)."""
+  a = abar[t]
+  an = abar[t_next] if t_next >= 0 else 1.0
+  x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  sigma = eta * np.sqrt((1 - an) / (1 - a)) * np.sqrt(1 - a / an)
+  return np.sqrt(an) * x0 + np.sqrt(1 - an - sigma ** 2) * eps + sigma * noise
+
+
+@pytest.mark.parametrize("t,t_next", [(990, 980), (500, 250), (10, 0), (0, -1), (30, -1)])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_formula(t, t_next, eta):
+  s = make_schedule()
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  rng = np.random.default_rng(t)
+  x, eps, noise = rng.standard_normal((3, 2, 4, 4, 3)).astype(np.float32)
+  got = ddim_step(s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta,
+                  jnp.asarray(noise))
+  np.testing.assert_allclose(np.asarray(got), np_ddim_step(abar, x, eps, t, t_next, eta, noise),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_step_eta1_is_ddpm_posterior_variance():
+  """With eta = 1 and consecutive steps, sigma^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t)."""
+  s = make_schedule()
+  t = 400
+  x = jnp.zeros((1, 1, 1, 1))
+  eps = jnp.zeros_like(x)
+  noise = jnp.ones_like(x)
+  sigma = float(ddim_step(s, x, eps, jnp.int32(t), jnp.int32(t - 1), 1.0, noise).squeeze())
+  betas = np.linspace(1e-4, 0.02, 1000)
+  abar = np.cumprod(1 - betas)
+  np.testing.assert_allclose(sigma ** 2, betas[t] * (1 - abar[t - 1]) / (1 - abar[t]), rtol=1e-3)
+
+
+def test_ddim_step_eta0_ignores_noise():
+  s = make_schedule()
+  rng = np.random.default_rng(2)
+  x, eps, n1, n2 = (jnp.asarray(a) for a in rng.standard_normal((4, 2, 4, 4, 3)))
+  a = ddim_step(s, x, eps, jnp.int32(500), jnp.int32(490), 0.0, n1)
+  b = ddim_step(s, x, eps, jnp.int32(500), jnp.int32(490), 0.0, n2)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def toy_apply(x, t, cache):
+  """A deterministic stand-in for a model with one TBS connection point."""
+  h = jnp.tanh(x) + 1e-4 * t[:, None, None, None].astype(jnp.float32)
+  if cache is not None:
+    h = tbs.blend(h, cache.features[0], jnp.where(cache.valid, 0.5, 0.0) * jnp.ones(x.shape[0]))
+  return UNetOutput(0.5 * h, (x, h))
+
+
+def ddim_loop(apply_fn, schedule, shape, rng, steps, eta, num_connections, noise_rng=None):
+  """The sampler as a Python loop, with the sampler's key splitting; cache carried by hand."""
+  ts = ddim_timesteps(schedule.num_timesteps, steps)
+  init_key, rng = jax.random.split(rng)
+  x = jax.random.normal(init_key, shape, jnp.float32)
+  keys = jax.random.split(rng if noise_rng is None else noise_rng, len(ts))
+  cache = None
+  for i, t in enumerate(ts):
+    t_next = int(ts[i + 1]) if i + 1 < len(ts) else -1
+    out = apply_fn(x, jnp.full((shape[0],), t, jnp.int32), cache)
+    noise = jax.random.normal(keys[i], shape, jnp.float32)
+    x = ddim_step(schedule, x, out.eps, jnp.int32(t), jnp.int32(t_next), eta, noise)
+    if num_connections:
+      cache = tbs.TBSCache(tuple(out.features[-num_connections:]), jnp.ones((), bool))
+  return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("num_connections", [0, 1])
+def test_ddim_sample_matches_python_loop_toy(eta, num_connections):
+  s = make_schedule()
+  shape, rng = (2, 4, 4, 3), jax.random.key(3)
+  got = ddim_sample(toy_apply, s, shape, rng, steps=20, eta=eta,
+                    num_connections=num_connections)
+  ref = ddim_loop(toy_apply, s, shape, rng, 20, eta, num_connections)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # the carried cache changes the result (the blend is active after the first step)
+  if num_connections:
+    plain = ddim_loop(toy_apply, s, shape, rng, 20, eta, 0)
+    assert not np.allclose(np.asarray(got), np.asarray(plain), atol=1e-3)
+
+
+def test_ddim_eta0_is_deterministic():
+  s = make_schedule()
+  shape, rng = (2, 4, 4, 3), jax.random.key(4)
+  a = ddim_sample(toy_apply, s, shape, rng, steps=5, eta=0.0)
+  b = ddim_sample(toy_apply, s, shape, rng, steps=5, eta=0.0)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # same initial x, different per-step noise keys: identical at eta = 0, not at eta > 0
+  k1, k2 = jax.random.key(10), jax.random.key(11)
+  for eta, same in ((0.0, True), (1.0, False)):
+    x1 = ddim_loop(toy_apply, s, shape, rng, 5, eta, 0, noise_rng=k1)
+    x2 = ddim_loop(toy_apply, s, shape, rng, 5, eta, 0, noise_rng=k2)
+    assert np.allclose(np.asarray(x1), np.asarray(x2), atol=0) == same
+  # and a different rng gives a different sample (it draws a different x_T)
+  c = ddim_sample(toy_apply, s, shape, jax.random.key(5), steps=5, eta=0.0)
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_ddim_sample_tiny_unet_matches_loop(tiny_fp):
+  s = make_schedule()
+  params, rng = tiny_fp.params, jax.random.key(6)
+  scan_apply = lambda x, t, cache: tiny_fp.model.apply(params, x, t, cache=cache)
+  got = jax.jit(lambda r: ddim_sample(scan_apply, s, TINY_SHAPE, r, steps=3, eta=0.5))(rng)
+  loop_apply = lambda x, t, cache: tiny_fp.apply(params, x, t)
+  ref = ddim_loop(loop_apply, s, TINY_SHAPE, rng, 3, 0.5, 0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(tiny_bidm):
+  """TBS sampling: step i blends with step i - 1's (blended) connection features."""
+  s = make_schedule()
+  params, rng = tiny_bidm.params, jax.random.key(7)
+  n = TBS_CONNECTIONS
+  assert tiny_bidm.model.num_connections == n
+  scan_apply = lambda x, t, cache: tiny_bidm.model.apply(params, x, t, cache=cache)
+  got = jax.jit(lambda r: ddim_sample(scan_apply, s, TINY_SHAPE, r, steps=3, eta=0.0,
+                                      num_connections=n))(rng)
+
+  def loop_apply(x, t, cache):
+    if cache is None:  # the first step runs without a cache
+      return tiny_bidm.apply(params, x, t)
+    return tiny_bidm.apply_cache(params, x, t, cache)
+
+  ref = ddim_loop(loop_apply, s, TINY_SHAPE, rng, 3, 0.0, n)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM
+
+
+def np_ddpm_loop(shape, rng, betas32, variance, num_connections):
+  """Ancestral sampling with the posterior mean written through x0 (DDPM Eq. 6-7), float64."""
+  betas = np.asarray(betas32, np.float64)
+  T = len(betas)
+  abar = np.cumprod(1 - betas)
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  init_key, rng = jax.random.split(rng)
+  x = np.asarray(jax.random.normal(init_key, shape, jnp.float32), np.float64)
+  keys = jax.random.split(rng, T)
+  cache = None
+  for i, t in enumerate(range(T - 1, -1, -1)):
+    h = np.tanh(x) + 1e-4 * t
+    if cache is not None:
+      h = 0.5 * h + 0.5 * cache
+    eps = 0.5 * h
+    if num_connections:
+      cache = h
+    x0 = (x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t])
+    mean = (np.sqrt(abar_prev[t]) * betas[t] * x0
+            + np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x) / (1 - abar[t])
+    var = betas[t] if variance == "fixedlarge" else betas[t] * (1 - abar_prev[t]) / (1 - abar[t])
+    noise = np.asarray(jax.random.normal(keys[i], shape, jnp.float32), np.float64)
+    x = mean + (np.sqrt(var) * noise if t > 0 else 0.0)
+  return x
+
+
+@pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
+@pytest.mark.parametrize("num_connections", [0, 1])
+def test_ddpm_sample_matches_python_loop_toy(variance, num_connections):
+  s = make_schedule("linear", 40, 1e-3, 0.2)
+  shape, rng = (2, 4, 4, 3), jax.random.key(8)
+  got = ddpm_sample(toy_apply, s, shape, rng, variance=variance,
+                    num_connections=num_connections)
+  assert got.shape == shape and np.all(np.isfinite(np.asarray(got)))
+  ref = np_ddpm_loop(shape, rng, s.betas, variance, num_connections)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_bad_variance_raises():
+  with pytest.raises(ValueError):
+    ddpm_sample(toy_apply, make_schedule("linear", 10, 1e-3, 0.2), (1, 2, 2, 1),
+                jax.random.key(0), variance="learned")

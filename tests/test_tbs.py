@@ -1,0 +1,214 @@
+"""TBS cross-timestep connections (spec section 3): bucket, blend, cached forward, paired forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import MICRO_SHAPE, TBS_CONNECTIONS, TINY_SHAPE, tiny_inputs
+
+from bidm_jax.bidm import tbs
+from bidm_jax.binarize.estimators import timestep_bucket
+
+N = TBS_CONNECTIONS
+
+
+def with_table(params, table):
+  p = {"params": dict(params["params"])}  # shallow copy
+  p["params"]["tbs_table"] = jnp.asarray(table, jnp.float32)
+  return p
+
+
+def random_cache(bundle, x, t, seed, valid=True):
+  """A cache of random features shaped like the model's last N features."""
+  shapes = jax.eval_shape(bundle.apply, bundle.params, x, t).features[-N:]
+  rng = np.random.default_rng(seed)
+  feats = tuple(jnp.asarray(rng.standard_normal(s.shape), jnp.float32) for s in shapes)
+  return tbs.TBSCache(feats, jnp.asarray(valid))
+
+
+def assert_outputs_equal(a, b, atol=0.0):
+  check = (np.testing.assert_array_equal if atol == 0 else
+           lambda u, v: np.testing.assert_allclose(u, v, rtol=0, atol=atol))
+  check(np.asarray(a.eps), np.asarray(b.eps))
+  assert len(a.features) == len(b.features)
+  for u, v in zip(a.features, b.features):
+    check(np.asarray(u), np.asarray(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# Table indexing and the blend
+
+
+def test_bucket_index():
+  t = jnp.arange(1000)
+  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(t, 1000, 100)), np.arange(1000) // 10)
+  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(t, 1000, 100)),
+                                np.arange(1000) * 100 // 1000)
+  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(jnp.arange(500), 500, 100)),
+                                np.arange(500) // 5)
+  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(jnp.arange(1000), 1000, 8)),
+                                np.arange(1000) * 8 // 1000)
+  assert int(tbs.bucket_index(jnp.int32(1000), 1000, 100)) == 99  # clipped
+  # the timestep-aware quantizers use the same rule
+  np.testing.assert_array_equal(np.asarray(timestep_bucket(t, 100, 1000)),
+                                np.arange(1000) // 10)
+
+
+def test_blend_weights():
+  table = jnp.asarray(np.random.default_rng(0).uniform(size=(100, 3)), jnp.float32)
+  t = jnp.array([0, 9, 10, 555, 999])
+  a = np.asarray(tbs.blend_weights(table, t, jnp.array(True), 1000))
+  np.testing.assert_array_equal(a, np.asarray(table)[[0, 0, 1, 55, 99]])
+  np.testing.assert_array_equal(
+      np.asarray(tbs.blend_weights(table, t, jnp.array(False), 1000)), np.zeros((5, 3)))
+  valid = jnp.array([True, False, True, False, True])
+  a = np.asarray(tbs.blend_weights(table, t, valid, 1000))
+  np.testing.assert_array_equal(a[[1, 3]], 0.0)
+  np.testing.assert_array_equal(a[[0, 2, 4]], np.asarray(table)[[0, 1, 99]])
+
+
+def test_blend_formula_and_stop_gradient():
+  rng = np.random.default_rng(1)
+  h, c = rng.standard_normal((2, 3, 4, 4, 5)).astype(np.float32)
+  a = np.array([0.0, 0.3, 1.0], np.float32)
+  got = np.asarray(tbs.blend(jnp.asarray(h), jnp.asarray(c), jnp.asarray(a)))
+  ar = a[:, None, None, None]
+  np.testing.assert_allclose(got, (1 - ar) * h + ar * c, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got[0], h[0])  # a = 0: exactly h
+  np.testing.assert_array_equal(got[2], c[2])  # a = 1: exactly the cache
+  g = rng.standard_normal(h.shape).astype(np.float32)
+  gh, gc, ga = jax.grad(lambda hh, cc, aa: jnp.sum(tbs.blend(hh, cc, aa) * g), argnums=(0, 1, 2))(
+      jnp.asarray(h), jnp.asarray(c), jnp.asarray(a))
+  np.testing.assert_allclose(np.asarray(gh), (1 - ar) * g, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(gc), 0.0)
+  np.testing.assert_allclose(np.asarray(ga), ((c - h) * g).sum((1, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached forward of the U-Net
+
+
+def test_zero_table_cached_forward_equals_plain_forward(tiny_bidm):
+  x, t = tiny_inputs(seed=1)
+  params = with_table(tiny_bidm.params, np.zeros((100, N)))
+  cache = random_cache(tiny_bidm, x, t, seed=2)
+  plain = tiny_bidm.apply(params, x, t)
+  cached = tiny_bidm.apply_cache(params, x, t, cache)
+  assert_outputs_equal(cached, plain)
+
+
+def test_invalid_cache_is_the_identity(tiny_bidm):
+  x, t = tiny_inputs(seed=3)
+  cache = random_cache(tiny_bidm, x, t, seed=4, valid=False)
+  plain = tiny_bidm.apply(tiny_bidm.params, x, t)
+  assert_outputs_equal(tiny_bidm.apply_cache(tiny_bidm.params, x, t, cache), plain)
+  # (per-sample validity is covered by test_blend_weights, without another U-Net compile)
+
+
+def test_unit_table_connection_features_equal_cache(tiny_bidm):
+  x, t = tiny_inputs(seed=5)
+  params = with_table(tiny_bidm.params, np.ones((100, N)))
+  cache = random_cache(tiny_bidm, x, t, seed=6)
+  out = tiny_bidm.apply_cache(params, x, t, cache)
+  plain = tiny_bidm.apply(params, x, t)
+  for got, c in zip(out.features[-N:], cache.features):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(c))
+  # the blocks before the connection points are untouched
+  for got, ref in zip(out.features[:-N], plain.features[:-N]):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  # the eps then depends on the cache only through the last point: a different input gives the
+  # same eps (everything after the last connection point reads only the cached feature)
+  x2 = x + 1.0
+  out2 = tiny_bidm.apply_cache(params, x2, t, cache)
+  np.testing.assert_allclose(np.asarray(out2.eps), np.asarray(out.eps), rtol=0, atol=1e-6)
+
+
+def test_first_connection_point_blend_uses_table_row_of_bucket(tiny_bidm):
+  x, t = tiny_inputs(seed=7)
+  t = jnp.array([17, 804], jnp.int32)  # buckets 1 and 80
+  table = np.random.default_rng(8).uniform(0.1, 0.9, (100, N)).astype(np.float32)
+  params = with_table(tiny_bidm.params, table)
+  cache = random_cache(tiny_bidm, x, t, seed=9)
+  out = tiny_bidm.apply_cache(params, x, t, cache)
+  plain = tiny_bidm.apply(params, x, t)
+  first = len(plain.features) - N
+  a = table[[1, 80], 0][:, None, None, None]
+  expected = (1 - a) * np.asarray(plain.features[first]) + a * np.asarray(cache.features[0])
+  np.testing.assert_allclose(np.asarray(out.features[first]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_gradient_into_cache(micro_bidm):
+  x, t = tiny_inputs(MICRO_SHAPE, seed=10)
+  cache = random_cache(micro_bidm, x, t, seed=11)
+  g = jnp.asarray(np.random.default_rng(12).standard_normal(MICRO_SHAPE), jnp.float32)
+
+  def loss(params, feats):
+    out = micro_bidm.model.apply(params, x, t, cache=tbs.TBSCache(feats, cache.valid))
+    return jnp.sum(out.eps * g) + sum(jnp.mean(f ** 2) for f in out.features)
+
+  g_params, g_cache = jax.jit(jax.grad(loss, argnums=(0, 1)))(micro_bidm.params, cache.features)
+  for gc in g_cache:
+    np.testing.assert_array_equal(np.asarray(gc), 0.0)
+  assert np.any(np.asarray(g_params["params"]["tbs_table"]) != 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paired-timestep training forward
+
+
+def paired_inputs(shape, seed):
+  rng = np.random.default_rng(seed)
+  x_prev, x_t = (jnp.asarray(a, jnp.float32) for a in rng.standard_normal((2,) + shape))
+  t = jnp.asarray([3, 999][:shape[0]] + [500] * (shape[0] - 2), jnp.int32)
+  t_prev = jnp.minimum(t + 1, 999)
+  return x_prev, t_prev, x_t, t
+
+
+def test_paired_forward_equals_two_explicit_calls(tiny_bidm):
+  model, params = tiny_bidm.model, tiny_bidm.params
+  x_prev, t_prev, x_t, t = paired_inputs(TINY_SHAPE, seed=13)
+  apply_fn = lambda p, x, tt, cache, rng: model.apply(p, x, tt, cache=cache)
+  paired = jax.jit(lambda p, r: tbs.paired_timestep_forward(
+      apply_fn, p, x_prev, t_prev, x_t, t, N, r))(params, jax.random.key(0))
+
+  first = tiny_bidm.apply(params, x_prev, t_prev)  # at t + 1, no cache
+  cache = tbs.TBSCache(tuple(first.features[-N:]), jnp.ones((), bool))
+  second = tiny_bidm.apply_cache(params, x_t, t, cache)
+  assert_outputs_equal(paired, second, atol=1e-5)
+  # and the cache did matter
+  alone = tiny_bidm.apply(params, x_t, t)
+  assert not np.allclose(np.asarray(paired.eps), np.asarray(alone.eps), atol=1e-4)
+
+
+def test_paired_forward_gradient_equals_explicit_stop_gradient(micro_bidm):
+  model, params = micro_bidm.model, micro_bidm.params
+  x_prev, t_prev, x_t, t = paired_inputs(MICRO_SHAPE, seed=14)
+  noise = jnp.asarray(np.random.default_rng(15).standard_normal(MICRO_SHAPE), jnp.float32)
+  apply_fn = lambda p, x, tt, cache, rng: model.apply(p, x, tt, cache=cache)
+
+  def loss_of(out):
+    return jnp.mean((out.eps - noise) ** 2) + 0.1 * sum(jnp.mean(f ** 2) for f in out.features)
+
+  def paired_loss(p):
+    return loss_of(tbs.paired_timestep_forward(apply_fn, p, x_prev, t_prev, x_t, t, N,
+                                               jax.random.key(1)))
+
+  def explicit_loss(p):
+    first = model.apply(p, x_prev, t_prev)
+    cache = tbs.TBSCache(tuple(jax.lax.stop_gradient(f) for f in first.features[-N:]),
+                         jnp.ones((), bool))
+    return loss_of(model.apply(p, x_t, t, cache=cache))
+
+  lp, gp = jax.jit(jax.value_and_grad(paired_loss))(params)
+  le, ge = jax.jit(jax.value_and_grad(explicit_loss))(params)
+  np.testing.assert_allclose(float(lp), float(le), rtol=1e-5)
+  flat_p = jax.tree_util.tree_flatten_with_path(gp)[0]
+  flat_e = dict(jax.tree_util.tree_flatten_with_path(ge)[0])
+  assert len(flat_p) == len(flat_e)
+  for path, g in flat_p:
+    np.testing.assert_allclose(np.asarray(g), np.asarray(flat_e[path]), rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  assert np.any(np.asarray(gp["params"]["tbs_table"]) != 0)

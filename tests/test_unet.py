@@ -1,0 +1,174 @@
+"""The DDPM U-Net: shapes, the CIFAR-10 parameter count, features, FP/binary tree sharing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY_CONFIG, TINY_SHAPE, path_str, tiny_inputs
+
+from bidm_jax.binarize.methods import get_method
+from bidm_jax.models.unet import UNet, UNetOutput
+
+CIFAR_SHAPE = (1, 32, 32, 3)
+
+
+def param_shapes(model, x_shape):
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  t = jax.ShapeDtypeStruct(x_shape[:1], jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+
+
+def flat_shapes(tree):
+  return {path_str(p): tuple(v.shape)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def expected_feature_shapes(cfg, x_shape):
+  """Encoder units, downsamples, middle, decoder units (ddim repo order)."""
+  b, res, _, _ = x_shape
+  ch, mult, nrb = cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"]
+  shapes = []
+  for i, m in enumerate(mult):
+    shapes += [(b, res, res, ch * m)] * nrb
+    if i != len(mult) - 1:
+      res //= 2
+      shapes.append((b, res, res, ch * m))
+  shapes.append((b, res, res, ch * mult[-1]))
+  for i in reversed(range(len(mult))):
+    for j in range(nrb + 1):
+      if j == nrb and i != 0:
+        shapes.append((b, res * 2, res * 2, ch * mult[i]))
+        res *= 2
+      else:
+        shapes.append((b, res, res, ch * mult[i]))
+  return shapes
+
+
+def test_cifar10_parameter_count():
+  """Spec section 1: ~35.7M parameters (the ddim repo's CIFAR-10 model has 35,746,307)."""
+  n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(param_shapes(UNet(),
+                                                                                  CIFAR_SHAPE)))
+  assert abs(n - 35.7e6) <= 0.01 * 35.7e6, n
+  assert n == 35_746_307
+
+
+def test_cifar10_features_and_output_shapes():
+  model = UNet(method=get_method("bidm"), tbs_connections=2)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  out = jax.eval_shape(model.apply, params, x, t)
+  assert out.eps.shape == (2, 32, 32, 3)
+  cfg = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2)
+  # 8 encoder units + 3 downsamples + 1 middle + 12 decoder units
+  assert len(out.features) == 8 + 3 + 1 + 12
+  assert [f.shape for f in out.features] == expected_feature_shapes(cfg, (2, 32, 32, 3))
+
+
+def test_tiny_output_and_feature_shapes(tiny_fp, tiny_bidm):
+  x, t = tiny_inputs()
+  expected = expected_feature_shapes(TINY_CONFIG, TINY_SHAPE)
+  assert expected == [(2, 16, 16, 32), (2, 8, 8, 32), (2, 8, 8, 64), (2, 8, 8, 64),
+                      (2, 8, 8, 64), (2, 16, 16, 64), (2, 16, 16, 32), (2, 16, 16, 32)]
+  for bundle in (tiny_fp, tiny_bidm):
+    out = bundle.apply(bundle.params, x, t)
+    assert isinstance(out, UNetOutput)
+    assert out.eps.shape == TINY_SHAPE and out.eps.dtype == jnp.float32
+    assert [f.shape for f in out.features] == expected
+    assert np.all(np.isfinite(np.asarray(out.eps)))
+    assert bundle.model.num_decoder_blocks == 4
+
+
+def test_binary_tree_contains_fp_tree_cifar():
+  fp = flat_shapes(param_shapes(UNet(), CIFAR_SHAPE))
+  for method in ("xnor", "bidm"):
+    binary = flat_shapes(param_shapes(UNet(method=get_method(method), tbs_connections=2),
+                                      CIFAR_SHAPE))
+    missing = [k for k in fp if k not in binary]
+    assert not missing, missing[:5]
+    assert all(binary[k] == fp[k] for k in fp)
+    extra = set(binary) - set(fp)
+    assert extra and all(k.rsplit("/", 1)[-1] in {"threshold", "scale_kernel", "shortcut_scale",
+                                                  "shortcut_kernel", "tbs_table"}
+                         for k in extra), sorted(extra)[:10]
+    assert ("tbs_table" in binary) == (method == "bidm")
+    if method == "bidm":
+      assert binary["tbs_table"] == (100, 2)
+
+
+def test_full_precision_layers_stay_full_precision():
+  """Spec section 2: first/last conv, time MLP, nin shortcuts are FP; q/k/v/proj_out binary."""
+  params = param_shapes(UNet(**TINY_CONFIG, method=get_method("bidm"), tbs_connections=2),
+                        TINY_SHAPE)
+  leaves = flat_shapes(params)
+  modules = {}
+  for path in leaves:
+    if "/" not in path:  # tbs_table
+      continue
+    mod, name = path.rsplit("/", 1)
+    modules.setdefault(mod, set()).add(name)
+  fp_modules = [m for m in modules if m.split("/")[-1] in
+                ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")]
+  # 4 FP layers + the nin shortcuts of the 5 res blocks whose channel count changes
+  assert len(fp_modules) == 4 + 5
+  for m in fp_modules:
+    assert modules[m] == {"kernel", "bias"}, m
+  binary = [m for m in modules if m.split("/")[-1] in
+            ("q", "k", "v", "proj_out", "conv1", "conv2", "temb_proj")
+            or m.endswith("sample")]
+  assert len(binary) == 4 * 4 + 8 * 3 + 2  # 4 attn blocks, 8 res blocks, down + upsample
+  for m in binary:
+    assert "threshold" in modules[m], m
+    if not m.endswith("temb_proj"):
+      assert "scale_kernel" in modules[m], m  # learnable k under BiDM
+
+
+def test_fp_model_runs_on_binary_tree(tiny_fp, tiny_bidm):
+  """A binary student's tree is a superset of the FP tree: the FP teacher applies to it."""
+  x, t = tiny_inputs(seed=5)
+  fp_paths = set(flat_shapes(tiny_fp.params))
+  binary = tiny_bidm.params
+  def prune(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+      path = prefix + (k,)
+      if isinstance(v, dict):
+        sub = prune(v, path)
+        if sub:
+          out[k] = sub
+      elif "/".join(path) in fp_paths:
+        out[k] = v
+    return out
+
+  subtree = prune(binary)
+  assert set(flat_shapes(subtree)) == fp_paths
+  on_binary = tiny_fp.apply(binary, x, t)
+  on_subtree = tiny_fp.apply(subtree, x, t)
+  np.testing.assert_allclose(np.asarray(on_binary.eps), np.asarray(on_subtree.eps), rtol=0,
+                             atol=1e-6)
+  for a, b in zip(on_binary.features, on_subtree.features):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+  # and the binary model computes something else from the same tree
+  student = tiny_bidm.apply(binary, x, t)
+  assert not np.allclose(np.asarray(student.eps), np.asarray(on_binary.eps), atol=1e-3)
+
+
+def test_timestep_changes_output(tiny_fp):
+  x, t = tiny_inputs(seed=6)
+  a = tiny_fp.apply(tiny_fp.params, x, t).eps
+  b = tiny_fp.apply(tiny_fp.params, x, (t + 300) % 1000).eps
+  assert not np.allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def test_invalid_configurations_raise():
+  x = jax.ShapeDtypeStruct(TINY_SHAPE, jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  too_many = UNet(**TINY_CONFIG, method=get_method("bidm"), tbs_connections=5)
+  with pytest.raises(ValueError):
+    jax.eval_shape(too_many.init, jax.random.key(0), x, t)
+  with pytest.raises(ValueError):
+    jax.eval_shape(UNet(**TINY_CONFIG).init, jax.random.key(0),
+                   jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32), t)
