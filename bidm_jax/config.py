@@ -45,8 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampling = dict(sampler="ddim", steps=100, eta=0.0, num_samples=64, batch_size=64,
                     checkpoint="", save_npz=True)
   c.eval = dict(num_samples=50_000, batch_size=500, inception_weights="", reference="",
-                keep_samples=False)
-  c.convert = dict(source="", layout="")
+                keep_samples=False, num_reference=0, pr_reference=50_000, progress_bar=True)
+  c.convert = dict(source="", layout="", use_ema=True)
   c.mesh = dict(data=-1)
   return c
 
@@ -117,4 +117,12 @@ def validate(config) -> None:
   need(s.eta >= 0, "sampling.eta", f"must be >= 0, got {s.eta}")
   need(s.num_samples >= 1 and s.batch_size >= 1, "sampling.num_samples",
        "num_samples and batch_size must be >= 1")
+  ev = config.eval
+  need(ev.num_samples >= 4, "eval.num_samples",
+       f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.num_samples}")
+  need(ev.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {ev.batch_size}")
+  need(ev.num_reference >= 0, "eval.num_reference",
+       f"must be >= 0 (0 = the whole split), got {ev.num_reference}")
+  need(ev.pr_reference >= 4, "eval.pr_reference",
+       f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.pr_reference}")
   method_from_config(config)

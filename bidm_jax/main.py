@@ -8,6 +8,9 @@ Modes:
   pipeline  the demo: FP training, BiDM QAT, sampling, report.json and samples.png
   convert   a public PyTorch DDPM checkpoint (config.convert.source) to an Orbax folder DIR
   report    size / BOPs / FLOPs / OPs of the config's FP and binary models to DIR/efficiency.json
+  evaluate  config.eval.num_samples samples from DIR: FID, sFID, IS, precision/recall to
+            DIR/metrics.json against the reference statistics config.eval.reference
+  ref_stats reference statistics of config.data's images to config.eval.reference
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from ml_collections import config_flags
 from bidm_jax import config as config_lib
 from bidm_jax import demo
 from bidm_jax.binarize.methods import FP
+from bidm_jax.data.preprocess import BadImageError
+from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation.efficiency import efficiency_report
+from bidm_jax.export import convert_ddpm
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_grid, to_uint8
 
-MODES = ("train", "sample", "pipeline", "convert", "report")
+MODES = ("train", "sample", "pipeline", "convert", "report", "evaluate", "ref_stats")
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
                                 lock_config=True)
@@ -61,12 +67,14 @@ def sample(config, workdir: str) -> dict:
 
 
 def convert(config, workdir: str) -> dict:
-  from bidm_jax.export import convert_ddpm
   if not config.convert.source:
     raise ValueError("config.convert.source: give the PyTorch checkpoint to convert")
   convert_ddpm.convert_checkpoint(config.convert.source, workdir,
                                   config_lib.model_description(config),
-                                  layout=config.convert.layout or None)
+                                  layout=config.convert.layout or None,
+                                  image_size=config.data.image_size,
+                                  in_channels=config.data.channels,
+                                  use_ema=config.convert.use_ema)
   return {"converted": config.convert.source, "to": workdir}
 
 
@@ -90,7 +98,8 @@ def run(config, workdir: str, mode: str) -> dict:
     return summary
   if mode == "pipeline":
     return demo.run_pipeline(config, workdir)
-  return {"sample": sample, "convert": convert, "report": report}[mode](config, workdir)
+  return {"sample": sample, "convert": convert, "report": report, "evaluate": eval_lib.evaluate,
+          "ref_stats": eval_lib.ref_stats}[mode](config, workdir)
 
 
 def main(argv):
@@ -103,7 +112,7 @@ def main(argv):
   logging.info("devices: %s", jax.devices())
   try:
     result = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError,
+  except (ValueError, FileNotFoundError, BadImageError, ckpt_lib.CheckpointError,
           train_lib.TrainingDiverged) as e:
     print(f"bidm_jax: error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -111,5 +120,23 @@ def main(argv):
     print(json.dumps(result, indent=2, default=str))
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with an unknown `--config.<field>` reported in one line.
+
+  ml_collections raises AttributeError/KeyError (not a flags.Error) for an override of a
+  field the config does not have, which absl would show as a traceback.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    detail = " ".join(str(e.args[0] if e.args else e).split())
+    bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    print(f"FATAL Flags parsing error: unknown config field {detail} "
+          f"(overrides given: {' '.join(bad)})", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -28,8 +28,13 @@ TINY_CONFIG = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,
 TINY_SHAPE = (2, 16, 16, 3)
 """Batch of the tiny U-Net's inputs (B, H, W, C)."""
 
-MICRO_CONFIG = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-"""An even smaller U-Net (one level, 2 decoder blocks) for the tests that differentiate it."""
+MICRO_CONFIG = dict(ch=64, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+"""An even smaller U-Net (one level, 2 decoder blocks) for the tests that differentiate it.
+
+ch = 64, not 32: with 32 channels GroupNorm(32) normalises every channel on its own, which
+removes the per-channel time-embedding shift of the res blocks entirely, and the output would
+not depend on t.
+"""
 MICRO_SHAPE = (2, 8, 8, 3)
 
 TBS_CONNECTIONS = 2

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TBS_CONNECTIONS, TINY_SHAPE
+from conftest import MICRO_SHAPE, TBS_CONNECTIONS, TINY_SHAPE
 
 from bidm_jax.bidm import tbs
 from bidm_jax.diffusion import (ddim_sample, ddim_step, ddim_timesteps, ddpm_sample,
@@ -205,22 +205,25 @@ def test_ddim_sample_tiny_unet_matches_loop(tiny_fp):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(tiny_bidm):
-  """TBS sampling: step i blends with step i - 1's (blended) connection features."""
+def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(micro_bidm):
+  """TBS sampling: step i blends with step i - 1's (blended) connection features.
+
+  The micro BiDM U-Net (conftest) has 2 connection points, its two decoder blocks.
+  """
   s = make_schedule()
-  params, rng = tiny_bidm.params, jax.random.key(7)
+  params, rng = micro_bidm.params, jax.random.key(7)
   n = TBS_CONNECTIONS
-  assert tiny_bidm.model.num_connections == n
-  scan_apply = lambda x, t, cache: tiny_bidm.model.apply(params, x, t, cache=cache)
-  got = jax.jit(lambda r: ddim_sample(scan_apply, s, TINY_SHAPE, r, steps=3, eta=0.0,
+  assert micro_bidm.model.num_connections == n
+  scan_apply = lambda x, t, cache: micro_bidm.model.apply(params, x, t, cache=cache)
+  got = jax.jit(lambda r: ddim_sample(scan_apply, s, MICRO_SHAPE, r, steps=3, eta=0.0,
                                       num_connections=n))(rng)
 
   def loop_apply(x, t, cache):
     if cache is None:  # the first step runs without a cache
-      return tiny_bidm.apply(params, x, t)
-    return tiny_bidm.apply_cache(params, x, t, cache)
+      return micro_bidm.apply(params, x, t)
+    return micro_bidm.apply_cache(params, x, t, cache)
 
-  ref = ddim_loop(loop_apply, s, TINY_SHAPE, rng, 3, 0.0, n)
+  ref = ddim_loop(loop_apply, s, MICRO_SHAPE, rng, 3, 0.0, n)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 

@@ -1,4 +1,9 @@
-"""TBS cross-timestep connections (spec section 3): bucket, blend, cached forward, paired forward."""
+"""TBS cross-timestep connections (spec section 3): bucket, blend, cached forward, paired forward.
+
+The U-Net tests use the micro BiDM U-Net of conftest (one level; its 2 decoder blocks are the 2
+connection points; a down block and the middle block precede them): the cached-forward logic
+is the same as in the larger models and its compiles are a fraction of the tiny U-Net's.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import MICRO_SHAPE, TBS_CONNECTIONS, TINY_SHAPE, tiny_inputs
+from conftest import MICRO_SHAPE, TBS_CONNECTIONS, tiny_inputs
 
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.estimators import timestep_bucket
@@ -91,29 +96,29 @@ def test_blend_formula_and_stop_gradient():
 # The cached forward of the U-Net
 
 
-def test_zero_table_cached_forward_equals_plain_forward(tiny_bidm):
-  x, t = tiny_inputs(seed=1)
-  params = with_table(tiny_bidm.params, np.zeros((100, N)))
-  cache = random_cache(tiny_bidm, x, t, seed=2)
-  plain = tiny_bidm.apply(params, x, t)
-  cached = tiny_bidm.apply_cache(params, x, t, cache)
+def test_zero_table_cached_forward_equals_plain_forward(micro_bidm):
+  x, t = tiny_inputs(MICRO_SHAPE, seed=1)
+  params = with_table(micro_bidm.params, np.zeros((100, N)))
+  cache = random_cache(micro_bidm, x, t, seed=2)
+  plain = micro_bidm.apply(params, x, t)
+  cached = micro_bidm.apply_cache(params, x, t, cache)
   assert_outputs_equal(cached, plain)
 
 
-def test_invalid_cache_is_the_identity(tiny_bidm):
-  x, t = tiny_inputs(seed=3)
-  cache = random_cache(tiny_bidm, x, t, seed=4, valid=False)
-  plain = tiny_bidm.apply(tiny_bidm.params, x, t)
-  assert_outputs_equal(tiny_bidm.apply_cache(tiny_bidm.params, x, t, cache), plain)
+def test_invalid_cache_is_the_identity(micro_bidm):
+  x, t = tiny_inputs(MICRO_SHAPE, seed=3)
+  cache = random_cache(micro_bidm, x, t, seed=4, valid=False)
+  plain = micro_bidm.apply(micro_bidm.params, x, t)
+  assert_outputs_equal(micro_bidm.apply_cache(micro_bidm.params, x, t, cache), plain)
   # (per-sample validity is covered by test_blend_weights, without another U-Net compile)
 
 
-def test_unit_table_connection_features_equal_cache(tiny_bidm):
-  x, t = tiny_inputs(seed=5)
-  params = with_table(tiny_bidm.params, np.ones((100, N)))
-  cache = random_cache(tiny_bidm, x, t, seed=6)
-  out = tiny_bidm.apply_cache(params, x, t, cache)
-  plain = tiny_bidm.apply(params, x, t)
+def test_unit_table_connection_features_equal_cache(micro_bidm):
+  x, t = tiny_inputs(MICRO_SHAPE, seed=5)
+  params = with_table(micro_bidm.params, np.ones((100, N)))
+  cache = random_cache(micro_bidm, x, t, seed=6)
+  out = micro_bidm.apply_cache(params, x, t, cache)
+  plain = micro_bidm.apply(params, x, t)
   for got, c in zip(out.features[-N:], cache.features):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(c))
   # the blocks before the connection points are untouched
@@ -122,18 +127,18 @@ def test_unit_table_connection_features_equal_cache(tiny_bidm):
   # the eps then depends on the cache only through the last point: a different input gives the
   # same eps (everything after the last connection point reads only the cached feature)
   x2 = x + 1.0
-  out2 = tiny_bidm.apply_cache(params, x2, t, cache)
+  out2 = micro_bidm.apply_cache(params, x2, t, cache)
   np.testing.assert_allclose(np.asarray(out2.eps), np.asarray(out.eps), rtol=0, atol=1e-6)
 
 
-def test_first_connection_point_blend_uses_table_row_of_bucket(tiny_bidm):
-  x, t = tiny_inputs(seed=7)
+def test_first_connection_point_blend_uses_table_row_of_bucket(micro_bidm):
+  x, t = tiny_inputs(MICRO_SHAPE, seed=7)
   t = jnp.array([17, 804], jnp.int32)  # buckets 1 and 80
   table = np.random.default_rng(8).uniform(0.1, 0.9, (100, N)).astype(np.float32)
-  params = with_table(tiny_bidm.params, table)
-  cache = random_cache(tiny_bidm, x, t, seed=9)
-  out = tiny_bidm.apply_cache(params, x, t, cache)
-  plain = tiny_bidm.apply(params, x, t)
+  params = with_table(micro_bidm.params, table)
+  cache = random_cache(micro_bidm, x, t, seed=9)
+  out = micro_bidm.apply_cache(params, x, t, cache)
+  plain = micro_bidm.apply(params, x, t)
   first = len(plain.features) - N
   a = table[[1, 80], 0][:, None, None, None]
   expected = (1 - a) * np.asarray(plain.features[first]) + a * np.asarray(cache.features[0])
@@ -167,20 +172,25 @@ def paired_inputs(shape, seed):
   return x_prev, t_prev, x_t, t
 
 
-def test_paired_forward_equals_two_explicit_calls(tiny_bidm):
-  model, params = tiny_bidm.model, tiny_bidm.params
-  x_prev, t_prev, x_t, t = paired_inputs(TINY_SHAPE, seed=13)
+def test_paired_forward_equals_two_explicit_calls(micro_bidm):
+  model, params = micro_bidm.model, micro_bidm.params
+  x_prev, t_prev, x_t, t = paired_inputs(MICRO_SHAPE, seed=13)
   apply_fn = lambda p, x, tt, cache, rng: model.apply(p, x, tt, cache=cache)
-  paired = jax.jit(lambda p, r: tbs.paired_timestep_forward(
-      apply_fn, p, x_prev, t_prev, x_t, t, N, r))(params, jax.random.key(0))
-
-  first = tiny_bidm.apply(params, x_prev, t_prev)  # at t + 1, no cache
-  cache = tbs.TBSCache(tuple(first.features[-N:]), jnp.ones((), bool))
-  second = tiny_bidm.apply_cache(params, x_t, t, cache)
-  assert_outputs_equal(paired, second, atol=1e-5)
-  # and the cache did matter
-  alone = tiny_bidm.apply(params, x_t, t)
-  assert not np.allclose(np.asarray(paired.eps), np.asarray(alone.eps), atol=1e-4)
+  paired = jax.jit(lambda p, r, tp: tbs.paired_timestep_forward(
+      apply_fn, p, x_prev, tp, x_t, t, N, r))
+  # t' = min(t + 1, T - 1) as in training, and a distant t' (a binary model's output barely
+  # moves between t and t + 1, so only the latter shows that the first pass runs at t')
+  for tp in (t_prev, jnp.asarray([403, 10], jnp.int32)):
+    out = paired(params, jax.random.key(0), tp)
+    first = micro_bidm.apply(params, x_prev, tp)  # at t', no cache
+    cache = tbs.TBSCache(tuple(first.features[-N:]), jnp.ones((), bool))
+    second = micro_bidm.apply_cache(params, x_t, t, cache)
+    assert_outputs_equal(out, second, atol=1e-5)
+  # the cache did matter, and so did t'
+  alone = micro_bidm.apply(params, x_t, t)
+  assert not np.allclose(np.asarray(out.eps), np.asarray(alone.eps), atol=1e-4)
+  adjacent = paired(params, jax.random.key(0), t_prev)
+  assert not np.allclose(np.asarray(out.eps), np.asarray(adjacent.eps), atol=1e-4)
 
 
 def test_paired_forward_gradient_equals_explicit_stop_gradient(micro_bidm):

@@ -176,8 +176,8 @@ channel (the paper's case 1); output_scale='factorised': Gamma = alpha[o] (x) be
 gamma[w_out] (the paper's case 3, its spatial factors sized by the first call's output).
 Gradients: clipped STE for weights and activations, g * 1[|.| <= 1]; dGamma = sum of
 g * conv(sign x, sign W) over the axes Gamma is shared on.
-Choice: Gamma starts at `output_scale_init` = 1 (the paper fixes no initial value; public
-XNOR++ baseline ports initialise every factor to 1); another start is an override away. No
+Choice: Gamma starts at `output_scale_init` = 1 (the paper fixes no initial value; a public
+XNOR++ baseline port initialises every factor to 1); another start is an override away. No
 activation threshold (XNOR++ binarizes with plain sign)."""
 
 DOREFA = BinarizationMethod(

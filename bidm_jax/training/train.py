@@ -260,7 +260,10 @@ def load_teacher(config, mesh):
         f"config.training.teacher: QAT of method {config.binarization.method!r} starts from a "
         "full-precision model; point it at an FP training workdir or an exported/converted "
         "checkpoint (see README, 'Start from the public DDPM CIFAR-10 model')")
-  params, meta = ckpt_lib.load_params(path, config_lib.model_description(config))
+  try:
+    params, meta = ckpt_lib.load_params(path, config_lib.model_description(config))
+  except ckpt_lib.CheckpointError as e:  # missing, unreadable or another architecture
+    raise ckpt_lib.CheckpointError(f"config.training.teacher: {e}") from e
   if meta.get("method", {}).get("binary"):
     raise ckpt_lib.CheckpointError(f"config.training.teacher: {path} holds a binary model "
                                    f"({meta['method']['name']}), not a full-precision one")
@@ -283,6 +286,8 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:  # multi-host: jax's own handler + mngr.reached_preemption
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: leave signals alone

@@ -1,0 +1,187 @@
+"""Speed benchmarks: prints one JSON line per figure (docs/benchmarks.md explains the method).
+
+  python benchmarks/bench.py                       # CIFAR-10 configuration, float32
+  python benchmarks/bench.py --dtype=bfloat16      # bf16 compute, f32 master weights
+  python benchmarks/bench.py --preset=tiny         # small figures on any backend (CPU)
+
+Each timing is the median of --iters calls after --warmup calls, with the device synchronised
+(`block_until_ready`) around every call. The floor of a step is its FLOPs (XLA's cost
+analysis of the compiled step) over the measured dense matmul rate of the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bidm_jax import config as config_lib
+from bidm_jax.binarize.methods import FP
+from bidm_jax.evaluation.efficiency import count_costs
+from bidm_jax.training import train as train_lib
+
+
+def emit(name: str, value, unit: str, **extra) -> None:
+  print(json.dumps(dict(figure=name, value=value, unit=unit, device=jax.devices()[0].device_kind,
+                        backend=jax.default_backend(), **extra)), flush=True)
+
+
+def time_calls(fn, warmup: int, iters: int) -> float:
+  """Median wall seconds of fn() (which must block on its result)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_rate(dtype, n: int, warmup: int, iters: int) -> float:
+  """Measured FLOP/s of an n x n x n matrix product in `dtype` on random data."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(k1, (n, n), dtype)
+  b = jax.random.normal(k2, (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  sec = time_calls(lambda: f(a, b).block_until_ready(), warmup, iters)
+  return 2.0 * n**3 / sec
+
+
+def preset_config(preset: str, dtype: str):
+  config = config_lib.default_config()
+  config.model.compute_dtype = dtype
+  if preset == "tiny":
+    config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+    config.data.image_size = 16
+    config.sampling.steps = 10
+  return config
+
+
+def forward_flops(model, config) -> float:
+  """Arithmetic of one image's forward as the accelerator runs it (binary convs simulated in
+  floating point: 2 FLOPs per binary multiply-accumulate), from the model's own op counter.
+  XLA's cost analysis is not used: it does not count cuDNN convolutions."""
+  costs = count_costs(model, train_lib.image_shape(config, 1)[1:])
+  return costs["flops"] + 2.0 * costs["bops"]
+
+
+def bench_train_step(config, method_name: str, batch: int, args, rate: float) -> float:
+  """Times one QAT/FP train step; returns the median seconds."""
+  c = config.copy_and_resolve_references()
+  c.binarization.method = method_name
+  method = config_lib.method_from_config(c)
+  model = train_lib.make_model(c, method)
+  mesh = train_lib.make_mesh(c)
+  repl = NamedSharding(mesh, P())
+  tx = train_lib.make_optimizer(c)
+  teacher = train_lib.make_model(c, FP) if method.binary else None
+  key = jax.random.PRNGKey(0)
+  params = train_lib.init_params(model, c, key)
+  teacher_params = train_lib.init_params(teacher, c, key) if teacher else None
+  if teacher_params is not None:
+    params = train_lib.overlay_params(params, teacher_params)
+    teacher_params = jax.device_put(teacher_params, repl)
+  state = jax.device_put(train_lib.create_state(params, tx), repl)
+  images = jax.device_put(
+      jax.random.uniform(key, train_lib.image_shape(c, batch), jnp.float32, -1, 1),
+      NamedSharding(mesh, P("data")))
+  step = jax.jit(train_lib.make_train_step(c, model, config_lib.schedule_from_config(c),
+                                           tx, teacher), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step.lower(state, images, key, teacher_params).compile()
+  compile_s = time.perf_counter() - start
+  # forward + backward (2x) of the trained pass; the TBS first pass and the teacher: forward only
+  passes = 3 + (1 if model.num_connections else 0) + (1 if method.binary and
+                                                      method.distillation != "none" else 0)
+  flops = passes * batch * forward_flops(model, c)
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], images, key, teacher_params)
+    jax.block_until_ready(metrics["loss"])
+
+  sec = time_calls(call, args.warmup, args.iters)
+  name = {"fp": "fp_train_step", "xnor": "xnor_qat_step", "bidm": "bidm_qat_step"}[method_name]
+  emit(name, sec * 1e3, "ms", batch=batch, dtype=c.model.compute_dtype, compile_s=compile_s,
+       flops=flops, passes=passes, floor_ms=flops / rate * 1e3,
+       fraction_of_floor=(flops / rate) / sec)
+  if method_name == "bidm":
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      emit("bidm_step_peak_memory", stats["peak_bytes_in_use"] / 2**30, "GiB", batch=batch)
+  return sec
+
+
+def bench_sampling(config, batch: int, args, rate: float) -> None:
+  """DDIM (config.sampling.steps) with the TBS cache of the BiDM model, images/s."""
+  c = config.copy_and_resolve_references()
+  method = config_lib.method_from_config(c)
+  model = train_lib.make_model(c, method)
+  mesh = train_lib.make_mesh(c)
+  params = jax.device_put(train_lib.init_params(model, c, jax.random.PRNGKey(0)),
+                          NamedSharding(mesh, P()))
+  sample = train_lib.make_sampler(c, model, config_lib.schedule_from_config(c), mesh)
+  key = jax.random.PRNGKey(1)
+  start = time.perf_counter()
+  compiled = sample.lower(params, key, batch).compile()
+  compile_s = time.perf_counter() - start
+  flops = c.sampling.steps * batch * forward_flops(model, c)
+  sec = time_calls(lambda: compiled(params, key).block_until_ready(), 1, max(3, args.iters // 4))
+  emit("ddim_sampling_throughput", batch / sec, "images/s", batch=batch,
+       steps=c.sampling.steps, tbs_connections=model.num_connections,
+       dtype=c.model.compute_dtype, compile_s=compile_s, flops=flops,
+       fraction_of_floor=(flops / rate) / sec)
+
+
+def bench_inception(args) -> None:
+  """Inception-v3 pool features of 32x32 images (resized to 299), images/s, random weights."""
+  from bidm_jax.evaluation.inception import InceptionV3
+  model = InceptionV3()
+  batch = 16 if args.preset == "tiny" else 500
+  images = jax.random.uniform(jax.random.PRNGKey(0), (batch, 32, 32, 3), jnp.float32, 0, 255)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+  f = jax.jit(lambda p, x: model.apply(p, x)["pool"])
+  sec = time_calls(lambda: f(params, images).block_until_ready(), 1, max(3, args.iters // 4))
+  emit("inception_feature_throughput", batch / sec, "images/s", batch=batch, dtype="float32")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", choices=("cifar10", "tiny"), default="cifar10")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--train-batch", type=int, default=64)
+  parser.add_argument("--sample-batches", type=int, nargs="+", default=[128, 512])
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--only", nargs="+", default=None,
+                      help="subset of: floor fp xnor bidm sampling inception")
+  args = parser.parse_args()
+  only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))
+  config = preset_config(args.preset, args.dtype)
+  n = 1024 if args.preset == "tiny" else 8192
+  rate = matmul_rate(jnp.dtype(args.dtype), n, 2, 10)
+  if "floor" in only:
+    emit("matmul_rate", rate / 1e12, "TFLOP/s", n=n, dtype=args.dtype)
+  times = {}
+  for name in ("fp", "xnor", "bidm"):
+    if name in only:
+      times[name] = bench_train_step(config, name, args.train_batch, args, rate)
+  if "xnor" in times and "bidm" in times:
+    emit("bidm_over_xnor_step", times["bidm"] / times["xnor"], "ratio")
+  if "sampling" in only:
+    for batch in args.sample_batches:
+      bench_sampling(config, batch, args, rate)
+  if "inception" in only:
+    bench_inception(args)
+
+
+if __name__ == "__main__":
+  main()

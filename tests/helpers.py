@@ -1,0 +1,303 @@
+"""Helpers of the training / CLI / sharding / reliability tests (not fixtures: plain functions).
+
+Compile time dominates on the test CPUs, so:
+- every run of `train()` or the CLI in these tests uses one of a few configs (`tiny_config`,
+  `TINY_FLAGS`) whose jitted programs are identical across tests, and the subprocesses share a
+  session-wide persistent XLA compilation cache (`subprocess_env`): a program compiled by one
+  test's subprocess is loaded, not recompiled, by the next;
+- subprocesses compile at XLA backend optimisation level 0 (about half the compile time;
+  the comparisons in these tests are always between runs under the same flags);
+- parameters are filled with NumPy random values from `jax.eval_shape(model.init)` shapes
+  rather than from a jitted init (which compiles as slowly as a forward pass).
+
+The tiny model is the digits demo's U-Net (ch 32, ch_mult (1, 2), one res block per level)
+without attention on 8x8 images, batch 8: the smallest in which the W1A1 model is still more
+than 5x smaller than the FP one (the demo report's check). `micro=True` drops to one level
+(for in-process compiles, where the cache does not apply).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+from typing import Any, Mapping
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+PYTHON = sys.executable
+
+TINY_OVERRIDES: dict[str, Any] = {
+    "model.attn_resolutions": (),
+    "data.image_size": 8,
+    "training.batch_size": 8,
+    "sampling.batch_size": 8,
+}
+"""The digits `:smoke` config shrunk for the tests (the `pipeline` test's QAT stage compiles
+the same train step as `tiny_config('bidm', steps=10, learning_rate=1e-3)`)."""
+MICRO_OVERRIDES: dict[str, Any] = {**TINY_OVERRIDES, "model.ch_mult": (1,), "sampling.steps": 3}
+
+QAT_STEPS = 10
+"""training.steps of the QAT runs that share one compiled program (the pipeline's qat_steps)."""
+QAT_LR = 1e-3
+"""learning rate of those runs (the digits pipeline's qat_learning_rate)."""
+
+
+def _flag_value(v) -> str:
+  if isinstance(v, tuple):
+    return "(" + "".join(f"{x}," for x in v) + ")"
+  return str(v)
+
+
+def config_flags(overrides: Mapping[str, Any]) -> list[str]:
+  """`--config.<path>=<value>` flags for the command line."""
+  return [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
+
+
+TINY_FLAGS = config_flags(TINY_OVERRIDES)
+QAT_FLAGS = [*TINY_FLAGS, f"--config.training.steps={QAT_STEPS}",
+             f"--config.training.learning_rate={QAT_LR}"]
+"""Command-line flags giving `tiny_config('bidm')` (teacher aside)."""
+
+
+def apply_overrides(config, overrides: Mapping[str, Any]):
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def tiny_config(method: str = "bidm", *, micro: bool = False, teacher: str = "",
+                steps: int = QAT_STEPS, learning_rate: float = QAT_LR, **training):
+  """The digits smoke config with the tiny (or micro) model; `training` overrides fields."""
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  config = digits.get_config("smoke")
+  apply_overrides(config, MICRO_OVERRIDES if micro else TINY_OVERRIDES)
+  config.binarization.method = method
+  config.training.update(steps=steps, learning_rate=learning_rate, teacher=teacher, **training)
+  return config
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def fill_params(shapes, seed: int = 0):
+  """Random float32 values for a tree of ShapeDtypeStructs, by parameter name (sane scales:
+  kernels N(0, 1/fan_in), GroupNorm scales ~1, k filters ~1/(kh kw), TBS table U(0.2, 0.6))."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name, shape = _leaf_name(path), tuple(s.shape)
+    if name in ("kernel", "shortcut_kernel"):
+      v = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[:-1])))
+    elif name == "scale":
+      v = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif name == "scale_kernel":
+      v = (1.0 + 0.2 * rng.standard_normal(shape)) / (shape[0] * shape[1])
+    elif name == "shortcut_scale":
+      v = rng.uniform(0.2, 0.5, shape)
+    elif name == "tbs_table":
+      v = rng.uniform(0.2, 0.6, shape)
+    else:
+      v = 0.1 * rng.standard_normal(shape)
+    return jnp.asarray(v, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def random_params(model, config, seed: int = 0):
+  """Random parameters of `model` for the config's image shape, without compiling init."""
+  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
+  x = jax.ShapeDtypeStruct(train_lib.image_shape(config, 1), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  return fill_params(jax.eval_shape(model.init, jax.random.key(0), x, t)["params"], seed)
+
+
+def export_teacher(config, directory, seed: int = 0) -> str:
+  """Exports random FP parameters of the config's model (a QAT teacher) to `directory`."""
+  from bidm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from bidm_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
+  params = random_params(train_lib.make_model(config), config, seed)
+  ckpt_lib.export_params(directory, params, config_lib.model_description(config))
+  return str(directory)
+
+
+def digits_batch(config, seed: int = 0) -> np.ndarray:
+  """The first training batch (B, H, W, C) of the config's digits pipeline."""
+  from bidm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  it = data_lib.make_train_iterator(config.data, global_batch_size=config.training.batch_size,
+                                    seed=seed)
+  return np.asarray(next(it)["image"], np.float32)
+
+
+class ScriptedIterator(grain.DatasetIterator):
+  """A grain iterator wrapper (train() still checkpoints its position: state is delegated)
+  that counts batches since construction and
+  - replaces the images of batch index `nan_at` (0-based) by NaN;
+  - sends SIGTERM to this process while producing batch number `sigterm_after` (1-based), so
+    train() stops (preempted) after that many steps of this run.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, *, nan_at: int | None = None,
+               sigterm_after: int | None = None):
+    super().__init__(parent)
+    self._inner = parent
+    self.nan_at, self.sigterm_after, self.count = nan_at, sigterm_after, 0
+
+  def __next__(self):
+    batch = dict(next(self._inner))
+    if self.count == self.nan_at:
+      batch["image"] = np.full_like(batch["image"], np.nan)
+    self.count += 1
+    if self.count == self.sigterm_after:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  def get_state(self):
+    return self._inner.get_state()
+
+  def set_state(self, state):
+    self._inner.set_state(state)
+
+
+def scripted_data(config, **kwargs) -> ScriptedIterator:
+  """The config's training iterator (as train() would build it), wrapped in ScriptedIterator."""
+  from bidm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  return ScriptedIterator(data_lib.make_train_iterator(
+      config.data, global_batch_size=config.training.batch_size, seed=config.seed), **kwargs)
+
+
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  """A compilation-cache folder shared by the xdist workers of this session (only)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = base / "bidm_test_xla_cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def shared_result(tmp_path_factory, name: str, compute):
+  """compute() once per session (across xdist workers); its picklable result is shared."""
+  root = cache_dir(tmp_path_factory).parent
+  path, lock = root / f"{name}.pkl", root / f"{name}.lock"
+  with open(lock, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      if path.exists():
+        return pickle.loads(path.read_bytes())
+      result = compute()
+      path.write_bytes(pickle.dumps(result))
+      return result
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def subprocess_env(cache: pathlib.Path | None, *, devices: int | None = None) -> dict:
+  """Environment of a test subprocess: the repo and tests/ importable, CPU, the shared
+  compilation cache, optimisation level 0 and optionally `devices` host devices."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
+  env["JAX_PLATFORMS"] = "cpu"
+  xla = ["--xla_backend_optimization_level=0"]
+  if devices:
+    xla.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(xla)
+  if cache is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env.pop("PYTEST_XDIST_WORKER", None)
+  return env
+
+
+def cli_args(workdir, mode: str, *flags: str, config: str = "configs/digits.py:smoke") -> list:
+  return [PYTHON, "-m", "bidm_jax.main", f"--config={config}", f"--workdir={workdir}",
+          f"--mode={mode}", *flags]
+
+
+def run(args, env, timeout: float = 300) -> subprocess.CompletedProcess:
+  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(script: str, *args, env, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs `script` with `python -c` in the repo; fails the test with its output on error."""
+  proc = run([PYTHON, "-c", script, *map(str, args)], env, timeout)
+  assert proc.returncode == 0, f"script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+  return proc
+
+
+def last_json(stdout: str) -> dict:
+  """The JSON object the CLI prints last (its result)."""
+  start = stdout.rindex("\n{") + 1 if "\n{" in stdout else stdout.index("{")
+  return json.loads(stdout[start:])
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "logs" / "metrics.jsonl"
+  if not path.exists():
+    return []
+  text = path.read_text()
+  if not text.endswith("\n"):  # a line being written right now
+    text = text[:text.rfind("\n") + 1]
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """Steps of the complete checkpoints (orbax renames a finished step folder to its number)."""
+  path = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+def read_state(workdir, step: int) -> dict:
+  """The TrainState tree saved at `step` of a training workdir, as NumPy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  with ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+                             item_names=("state", "meta")) as mngr:
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return jax.tree_util.tree_map(np.asarray, dict(out["state"]))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def assert_trees_equal(a, b, what: str = "") -> None:
+  """Same leaves, bit for bit (NaN never equal)."""
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys(), f"{what}: different trees"
+  bad = [k for k in fa if fa[k].shape != fb[k].shape or not np.array_equal(fa[k], fb[k])]
+  assert not bad, f"{what}: {len(bad)} leaves differ, e.g. {bad[:3]}"
+
+
+def snapshot(directory) -> dict[str, tuple]:
+  """(size, mtime_ns, sha256) of every file under `directory`, by relative path, and every
+  folder (so a created empty folder shows too)."""
+  root = pathlib.Path(directory)
+  out = {}
+  for p in sorted(root.rglob("*")):
+    rel = str(p.relative_to(root))
+    if p.is_dir():
+      out[rel] = ("dir",)
+    else:
+      out[rel] = (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+  return out

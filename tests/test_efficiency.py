@@ -1,0 +1,130 @@
+"""The efficiency counter (evaluation.efficiency) against hand counts.
+
+Conventions (paper appendix A/B, and what `layers.binary` records):
+* BOPs of a binary conv = Hout * Wout * Cin * Cout * k^2 * b_w * b_a with b_w = b_a = 1 (one
+  XNOR-popcount multiply-accumulate per weight use); of a binary dense layer Cin * Cout.
+* FLOPs count a real multiply-add as TWO operations: an FP conv is 2 * Hout * Wout * Cin *
+  Cout * k^2, an FP dense layer 2 * Cin * Cout. (The paper's Table 4 counts one FLOP per
+  multiply-add: its FP LDM-4 has 96.0 GFLOPs against 92.1 G BOPs for the same convolutions.)
+* A binary conv also costs FLOPs for its real-valued parts: the XNOR activation scale
+  K = conv(mean_c |x|, k) and the two multiplies (K, alpha), counted 2 * Hout * Wout *
+  (k^2 + Cin + Cout); and its ReActNet shortcut, a real 1x1 conv when the channels change
+  (2 * Hout * Wout * Cin * Cout; avg-pooled to Hout x Wout when strided). Bias and shortcut
+  additions, thresholds and pooling are not counted. A binary dense layer costs no FLOPs (its
+  per-output scales fold into the bias).
+* OPs = BOPs / 64 + FLOPs (paper appendix A, from ReActNet / Bi-Real Net).
+* size_mb: binary weights at 1 bit, every other parameter of the tree (biases, thresholds, k
+  filters, shortcut kernels and scales, norms, the TBS table) at 32 bits; MB = 2^20 bytes.
+  Scales computed from the weights at inference (XNOR's alpha) are not in the tree and not
+  counted.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bidm_jax.binarize.methods import FP, BinarizationMethod, QuantContext, get_method
+from bidm_jax.evaluation.efficiency import count_costs, efficiency_report
+from bidm_jax.layers.binary import BinaryConv, BinaryDense
+from bidm_jax.models.unet import UNet
+from conftest import TINY_CONFIG, path_str
+
+H = W = 8      # input height and width
+CIN = 4        # input channels
+C1 = 8         # binary conv output channels (!= CIN: the shortcut is a real 1x1 conv)
+C2 = 6         # FP conv output channels
+D = 5          # binary dense output features
+K = 3          # kernel size of both convs
+STRIDE = 2     # stride of the binary conv ('SAME' padding)
+HO = WO = -(-H // STRIDE)  # 4: output size of the binary conv; the FP conv keeps it
+
+
+class Toy(nn.Module):
+  """x (1, H, W, CIN) -> binary 3x3/2 conv (C1) -> FP 3x3 conv (C2); and the binary conv's
+  spatial mean -> binary dense (D)."""
+  method: BinarizationMethod
+
+  @nn.compact
+  def __call__(self, x, t):
+    ctx = QuantContext.create(t)
+    h = BinaryConv(C1, (K, K), strides=STRIDE, method=self.method, name="binary_conv")(x, ctx)
+    y = BinaryConv(C2, (K, K), name="fp_conv")(h)  # always full precision
+    d = BinaryDense(D, method=self.method, name="binary_dense")(h.mean(axis=(1, 2)), ctx)
+    return y, d
+
+
+def _mb(bits: float) -> float:
+  return bits / 8 / 2**20
+
+
+@pytest.mark.parametrize("name", ["xnor", "bidm"])
+def test_binary_toy_matches_hand_count(name):
+  method = get_method(name)
+  costs = count_costs(Toy(method), (H, W, CIN))
+
+  bops = HO * WO * CIN * C1 * K**2 + C1 * D               # binary conv + binary dense
+  flops = (2 * HO * WO * C1 * C2 * K**2                   # FP conv
+           + 2 * HO * WO * (K**2 + CIN + C1)              # XNOR scale K = conv(mean|x|, k)
+           + 2 * HO * WO * CIN * C1)                      # real 1x1 shortcut (CIN -> C1)
+  binary_params = K * K * CIN * C1 + C1 * D
+  real_params = (C1 + CIN + 1 + CIN * C1                  # conv bias, threshold, s, shortcut
+                 + (K * K if method.learnable_k else 0)   # BiDM's learnable k filter
+                 + K * K * C1 * C2 + C2                   # FP conv
+                 + D + C1)                                # dense bias, threshold
+  assert costs["bops"] == bops == 4 * 4 * 4 * 8 * 9 + 8 * 5
+  assert costs["flops"] == flops
+  assert costs["ops"] == pytest.approx(bops / 64 + flops)
+  assert costs["binary_params"] == binary_params
+  assert costs["params"] == binary_params + real_params
+  assert costs["size_mb"] == pytest.approx(_mb(binary_params + 32 * real_params))
+
+
+def test_fp_toy_matches_hand_count():
+  costs = count_costs(Toy(FP), (H, W, CIN))
+  flops = (2 * HO * WO * CIN * C1 * K**2 + 2 * HO * WO * C1 * C2 * K**2 + 2 * C1 * D)
+  params = K * K * CIN * C1 + C1 + K * K * C1 * C2 + C2 + C1 * D + D
+  assert costs["bops"] == 0 and costs["binary_params"] == 0
+  assert costs["flops"] == flops and costs["ops"] == flops
+  assert costs["params"] == params
+  assert costs["size_mb"] == pytest.approx(_mb(32 * params))
+
+
+def test_report_ratios_on_toy():
+  report = efficiency_report(Toy(FP), Toy(get_method("bidm")), (H, W, CIN))
+  assert report["size_ratio"] == pytest.approx(report["fp"]["size_mb"]
+                                               / report["binary"]["size_mb"])
+  assert report["ops_ratio"] == pytest.approx(report["fp"]["ops"] / report["binary"]["ops"])
+
+
+# Layers of the U-Net that stay full precision (spec section 2): first and last conv, the
+# time-embedding MLP, the 1x1 nin shortcuts of res blocks (and the attention products).
+FP_LAYERS = ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")
+
+
+def test_unet_binary_params_are_the_binarized_kernels():
+  shape = (16, 16, 3)
+  method = get_method("bidm")
+  binary_model = UNet(**TINY_CONFIG, method=method, tbs_connections=2)
+  report = efficiency_report(UNet(**TINY_CONFIG), binary_model, shape)
+  fp, binary = report["fp"], report["binary"]
+
+  x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  tree = jax.eval_shape(binary_model.init, jax.random.key(0), x, t)["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  size = lambda s: int(np.prod(s.shape))
+  binarized = sum(size(s) for p, s in leaves if path_str(p).endswith("/kernel")
+                  and not any(f"{name}/" in path_str(p) for name in FP_LAYERS))
+  assert binary["binary_params"] == binarized
+  assert binary["params"] == sum(size(s) for _, s in leaves)
+  assert binary["size_mb"] == pytest.approx(
+      _mb(binarized + 32 * (binary["params"] - binarized)))
+  assert fp["bops"] == 0 and fp["binary_params"] == 0
+  assert binary["bops"] > 0 and 0 < binary["flops"] < fp["flops"]
+  for costs in (fp, binary):
+    assert costs["ops"] == pytest.approx(costs["bops"] / 64 + costs["flops"])
+  assert report["size_ratio"] > 1 and report["ops_ratio"] > 1
