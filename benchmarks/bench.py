@@ -5,8 +5,8 @@
   python benchmarks/bench.py --preset=tiny         # small figures on any backend (CPU)
 
 Each timing is the median of --iters calls after --warmup calls, with the device synchronised
-(`block_until_ready`) around every call. The floor of a step is its FLOPs (XLA's cost
-analysis of the compiled step) over the measured dense matmul rate of the same dtype.
+(`block_until_ready`) around every call. The floor of a step is its arithmetic (the model's own
+op counter times the passes of the step) over the measured dense matmul rate of the same dtype.
 """
 
 from __future__ import annotations

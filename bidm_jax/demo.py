@@ -7,7 +7,6 @@ with binary weights at 1 bit, and the efficiency counts) and samples.png (labell
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ from bidm_jax import config as config_lib
 from bidm_jax.binarize.methods import FP
 from bidm_jax.evaluation.digits import DigitsJudge
 from bidm_jax.evaluation.efficiency import count_costs
+from bidm_jax.io import files
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_labelled_rows
 
@@ -71,7 +71,6 @@ def run_pipeline(config, workdir: str) -> dict:
   report["wall_time_s"] = time.perf_counter() - start
   report["device"] = str(jax.devices()[0].device_kind)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    files.write_json(os.path.join(workdir, "report.json"), report)
     save_labelled_rows(rows, os.path.join(workdir, "samples.png"))
   return report

@@ -20,7 +20,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,6 +30,7 @@ from bidm_jax.data.preprocess import BadImageError
 from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation.efficiency import efficiency_report
 from bidm_jax.export import convert_ddpm
+from bidm_jax.io import files
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_grid, to_uint8
@@ -59,10 +59,10 @@ def sample(config, workdir: str) -> dict:
   model = train_lib.make_model(config, method)
   images, rate = train_lib.generate(config, model, params, config.sampling.num_samples,
                                     seed=config.seed)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   save_grid(images[:64], os.path.join(workdir, "samples.png"))
   if config.sampling.save_npz:
-    np.savez(os.path.join(workdir, "samples.npz"), images=to_uint8(images))
+    files.write_npz(os.path.join(workdir, "samples.npz"), images=to_uint8(images))
   return {"num_samples": len(images), "images_per_s": rate}
 
 
@@ -83,9 +83,7 @@ def report(config, workdir: str) -> dict:
   result = efficiency_report(train_lib.make_model(config, FP),
                              train_lib.make_model(config, config_lib.method_from_config(config)),
                              shape)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "efficiency.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  files.write_json(os.path.join(workdir, "efficiency.json"), result)
   return result
 
 

@@ -202,7 +202,9 @@ def test_ddim_sample_tiny_unet_matches_loop(tiny_fp):
   got = jax.jit(lambda r: ddim_sample(scan_apply, s, TINY_SHAPE, r, steps=3, eta=0.5))(rng)
   loop_apply = lambda x, t, cache: tiny_fp.apply(params, x, t)
   ref = ddim_loop(loop_apply, s, TINY_SHAPE, rng, 3, 0.5, 0)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # float32 round-off of a jitted scan vs eager calls, scaled by |x| (up to ~16 here)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5 * float(np.abs(ref).max()))
 
 
 def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(micro_bidm):

@@ -36,6 +36,7 @@ its own devices (features are identical on all hosts); process 0 writes the file
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -56,6 +57,7 @@ from bidm_jax import data as data_lib
 from bidm_jax.evaluation import inception as inception_lib
 from bidm_jax.evaluation import metrics as metrics_lib
 from bidm_jax.evaluation.metrics import FeatureStats
+from bidm_jax.io import files
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import to_uint8
@@ -227,18 +229,25 @@ class Reference(NamedTuple):
   @classmethod
   def load(cls, path: str | Path) -> "Reference":
     """Reads a ref_stats file, or any npz with mu/sigma (e.g. a guided-diffusion batch)."""
-    path = Path(path)
+    remote = files.is_remote(path)
+    path = epath.Path(path) if remote else Path(path)
+    blob = None
+
+    def source():  # what np.load reads: the local path, or the URI's bytes, read once
+      return io.BytesIO(blob) if remote else path
+
     try:
-      pool = FeatureStats.load(path)
+      blob = files.read_bytes(path) if remote else None
+      pool = FeatureStats.load(source())
     except (OSError, ValueError, EOFError) as e:
       raise ValueError(f"reference {path}: not reference statistics ({e})") from e
-    with np.load(path) as data:
-      files = set(data.files)
-      spatial = FeatureStats.load(path, "_s") if {"mu_s", "sigma_s"} <= files else None
-      pr = np.asarray(data["pr_features"], np.float32) if "pr_features" in files else None
-      desc = json.loads(str(data["description"])) if "description" in files else None
-      weights = str(data["inception_weights"]) if "inception_weights" in files else None
-      count = int(data["count"]) if "count" in files else None
+    with np.load(source()) as data:
+      names = set(data.files)
+      spatial = FeatureStats.load(source(), "_s") if {"mu_s", "sigma_s"} <= names else None
+      pr = np.asarray(data["pr_features"], np.float32) if "pr_features" in names else None
+      desc = json.loads(str(data["description"])) if "description" in names else None
+      weights = str(data["inception_weights"]) if "inception_weights" in names else None
+      count = int(data["count"]) if "count" in names else None
     return cls(str(path), pool, count, spatial, pr, desc, weights)
 
   def summary(self) -> dict:
@@ -248,8 +257,9 @@ class Reference(NamedTuple):
 
 
 def reference_path(config, workdir: str) -> Path:
-  """config.eval.reference, else <workdir>/reference_stats.npz."""
-  return Path(config.eval.reference or os.path.join(workdir, REFERENCE_FILE)).expanduser()
+  """config.eval.reference, else <workdir>/reference_stats.npz (an epath.Path for a URI)."""
+  path = config.eval.reference or os.path.join(workdir, REFERENCE_FILE)
+  return epath.Path(path) if files.is_remote(path) else Path(path).expanduser()
 
 
 def _num_reference(config) -> int:
@@ -314,17 +324,13 @@ def _compute_reference(config, featurizer: Featurizer, path: Path, description: 
 
 
 def _write_reference(ref: Reference, path: Path, skipped: int) -> None:
-  """Writes the reference npz atomically (a temporary file renamed into place)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, mu=ref.pool.mean, sigma=ref.pool.cov, count=np.int64(ref.pool.count),
-             mu_s=ref.spatial.mean, sigma_s=ref.spatial.cov,
-             pr_features=ref.pr_features.astype(np.float32),
-             description=np.array(json.dumps(ref.description, sort_keys=True)),
-             inception_weights=np.array(ref.inception_weights or ""),
-             skipped=np.int64(skipped))
-  os.replace(tmp, path)
+  """Writes the reference npz atomically (files.write_bytes)."""
+  files.write_npz(path, mu=ref.pool.mean, sigma=ref.pool.cov, count=np.int64(ref.pool.count),
+                  mu_s=ref.spatial.mean, sigma_s=ref.spatial.cov,
+                  pr_features=ref.pr_features.astype(np.float32),
+                  description=np.array(json.dumps(ref.description, sort_keys=True)),
+                  inception_weights=np.array(ref.inception_weights or ""),
+                  skipped=np.int64(skipped))
 
 
 def _expected_description(config, *, need_count: bool) -> dict:
@@ -567,7 +573,7 @@ def evaluate(config, workdir: str) -> dict:
   if reference.description is None:
     notes.append(f"reference {reference.path} has no data description (external file)")
 
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   samples_file = os.path.join(workdir, SAMPLES_FILE) if e.keep_samples else None
   result = dict(
       values, pr_k=PR_K, num_samples=int(len(pool)), sampler=s.sampler,
@@ -582,8 +588,7 @@ def evaluate(config, workdir: str) -> dict:
       seconds=time.perf_counter() - start, samples_file=samples_file, notes=notes)
   if jax.process_index() == 0:
     if samples_file:
-      np.savez(samples_file, images=np.concatenate(kept))
-    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
-      json.dump(result, f, indent=2)
+      files.write_npz(samples_file, images=np.concatenate(kept))
+    files.write_json(os.path.join(workdir, METRICS_FILE), result)
   return result
 

@@ -170,11 +170,12 @@ class FeatureStats:
         """Read statistics saved by :meth:`save` or a guided-diffusion reference batch.
 
         Args:
-          path: .npz with ``mu<suffix>`` and ``sigma<suffix>`` (and optionally ``count``).
+          path: .npz with ``mu<suffix>`` and ``sigma<suffix>`` (and optionally ``count``), or
+            an open binary file of one.
           suffix: '' for the pool statistics; '_s' for the sFID statistics of guided-diffusion
             reference batches (``mu_s``, ``sigma_s``).
         """
-        with np.load(Path(path)) as data:
+        with np.load(path if hasattr(path, "read") else Path(path)) as data:
             keys = (f"mu{suffix}", f"sigma{suffix}")
             if not all(k in data.files for k in keys):
                 raise ValueError(f"{path}: needs arrays {keys}, has {data.files}")

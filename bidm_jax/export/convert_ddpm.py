@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from bidm_jax.io import files
 from bidm_jax.io.torch_files import load_torch_state_dict
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
@@ -493,7 +494,8 @@ def convert_checkpoint(source_path, out_dir, model_kwargs: Mapping[str, Any] | N
       architecture, or a checkpoint that does not map onto the U-Net.
     CheckpointError: out_dir already holds exported parameters.
   Nothing is written unless the whole conversion succeeded: the export goes to a temporary
-  folder next to out_dir and is moved into place at the end.
+  folder next to out_dir and is moved into place at the end (a gs:// out_dir is written in
+  place, model.json last).
   """
   desc = model_description(model_kwargs)
   out = epath.Path(out_dir)
@@ -518,7 +520,14 @@ def convert_checkpoint(source_path, out_dir, model_kwargs: Mapping[str, Any] | N
 
 
 def _export_atomically(out: epath.Path, params, desc: Mapping[str, Any]) -> None:
-  """export_params into a temporary sibling folder, then move it (or its entries) to `out`."""
+  """export_params into a temporary sibling folder, then move it (or its entries) to `out`.
+
+  A URI (gs://...) has no atomic folder rename: there export_params writes `out` directly;
+  Orbax commits params/ as a whole and model.json, which readers test, is written last.
+  """
+  if files.is_remote(out):
+    ckpt_lib.export_params(out, params, desc)
+    return
   out = epath.Path(os.path.abspath(os.fspath(out)))
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=os.fspath(out.parent)))

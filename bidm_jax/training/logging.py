@@ -6,6 +6,7 @@ summaries only), encoded by hand: no tensorflow or tensorboard import at run tim
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -15,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from bidm_jax.io import files
 
 
 def _crc32c_table() -> list[int]:
@@ -70,13 +73,25 @@ def _scalar_summary(tag: str, value: float) -> bytes:
 
 
 class MetricWriter:
-  """Appends scalars to `logdir/events.out.tfevents.*` (TensorBoard) and to `metrics.jsonl`."""
+  """Appends scalars to `logdir/events.out.tfevents.*` (TensorBoard) and to `metrics.jsonl`.
+
+  A local logdir's files are opened for appending. A URI logdir (gs://...; object stores cannot
+  append) keeps each file's contents in memory, starting from what the file already holds, and
+  rewrites the whole file on every flush.
+  """
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    files.makedirs(logdir)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._events = open(os.path.join(logdir, name), "ab")
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    paths = (os.path.join(logdir, name), os.path.join(logdir, "metrics.jsonl"))
+    self._remote = {}
+    if files.is_remote(logdir):
+      self._remote = {p: bytearray(files.read_bytes(p) if files.exists(p) else b"")
+                      for p in paths}
+      self._events, self._jsonl = (_Buffer(self._remote[p]) for p in paths)
+    else:
+      self._events = open(paths[0], "ab")
+      self._jsonl = open(paths[1], "a")
     self._write(_event(0, file_version="brain.Event:2"))
 
   def _write(self, record: bytes) -> None:
@@ -91,12 +106,28 @@ class MetricWriter:
     self.flush()
 
   def flush(self) -> None:
-    self._events.flush()
-    self._jsonl.flush()
+    for path, data in self._remote.items():
+      files.write_bytes(path, bytes(data))
+    if not self._remote:
+      self._events.flush()
+      self._jsonl.flush()
 
   def close(self) -> None:
-    self._events.close()
-    self._jsonl.close()
+    if self._remote:
+      self.flush()
+    else:
+      self._events.close()
+      self._jsonl.close()
+
+
+class _Buffer:
+  """A file-like `write` (bytes or str, as UTF-8) appending to a bytearray."""
+
+  def __init__(self, data: bytearray):
+    self._data = data
+
+  def write(self, chunk: bytes | str) -> None:
+    self._data += chunk.encode() if isinstance(chunk, str) else chunk
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -122,7 +153,7 @@ def save_grid(images: np.ndarray, path: str, ncols: int = 8, scale: int = 1) -> 
   img = Image.fromarray(image_grid(to_uint8(images), ncols))
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  _save_image(img, path)
 
 
 def save_labelled_rows(rows: Mapping[str, np.ndarray], path: str, ncols: int = 8,
@@ -142,4 +173,12 @@ def save_labelled_rows(rows: Mapping[str, np.ndarray], path: str, ncols: int = 8
   for b in blocks:
     out.paste(b, (0, y))
     y += b.height
-  out.save(path)
+  _save_image(out, path)
+
+
+def _save_image(img: Image.Image, path: str) -> None:
+  """img.save(path), through files.write_bytes (the format from the extension, else PNG)."""
+  fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower(), "PNG")
+  buf = io.BytesIO()
+  img.save(buf, format=fmt)
+  files.write_bytes(path, buf.getvalue())

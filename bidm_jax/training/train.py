@@ -33,6 +33,7 @@ from bidm_jax.bidm import spd, tbs
 from bidm_jax.binarize.methods import FP, BinarizationMethod
 from bidm_jax.diffusion import samplers
 from bidm_jax.diffusion.schedules import Schedule, epsilon_loss, q_sample
+from bidm_jax.io import files
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training.logging import MetricWriter, save_grid
@@ -322,7 +323,7 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
     raise ValueError(f"config.training.batch_size: {t.batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices of the mesh")
   repl = NamedSharding(mesh, P())
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   meta = run_meta(config, method, model)
   mngr = ckpt_lib.make_manager(workdir, keep=t.keep_checkpoints)
   latest = mngr.latest_step()
@@ -371,6 +372,8 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def check(metrics, step):
+    """Fetches one step's metrics (waiting for that step only) and stops on a non-finite loss."""
+    metrics = jax.device_get(metrics)
     if not bool(metrics["finite"]):
       mngr.wait_until_finished()
       good = mngr.latest_step()
@@ -378,6 +381,7 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
                is not None else "no checkpoint was written yet")
       raise TrainingDiverged(f"non-finite loss at step {step} (loss={float(metrics['loss'])}); "
                              f"parameters were not updated; {where}")
+    return metrics
 
   window, last_log, pending = [], time.perf_counter(), None
   with _Preemption() as preemption, tqdm(total=t.steps, initial=start, desc=method.name,
@@ -386,20 +390,20 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
       for step in range(start, t.steps):
         batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
         state, metrics = step_fn(state, batch, rng, teacher_params)
-        if pending is not None:  # inspect the previous step while this one runs
-          check(*pending)
-          window.append(pending[0])
-        pending = (jax.device_get(metrics), step)
+        if pending is not None:  # fetch the previous step's metrics while this one runs
+          window.append(check(*pending))
+        pending = (metrics, step)
         done = step + 1
         stop = (preemption.requested if jax.process_count() == 1
                 else mngr.reached_preemption(done))
         if done % t.checkpoint_every == 0 or done == t.steps or stop:
-          check(*pending)
+          window.append(check(*pending))
+          pending = None
           save(done)
         if done % t.log_every == 0 or done == t.steps or stop:
-          check(*pending)
-          window.append(pending[0])
-          pending = None
+          if pending is not None:
+            window.append(check(*pending))
+            pending = None
           now = time.perf_counter()
           scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]
                      if k != "finite"}
