@@ -72,5 +72,6 @@ def run_pipeline(config, workdir: str) -> dict:
   report["device"] = str(jax.devices()[0].device_kind)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "report.json"), report)
-    save_labelled_rows(rows, os.path.join(workdir, "samples.png"))
+    save_labelled_rows(rows, os.path.join(workdir, "samples.png"),
+                       scale=max(3, 48 // config.data.image_size))
   return report

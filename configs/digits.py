@@ -1,5 +1,5 @@
-"""The embedded demo: scikit-learn's 8x8 handwritten digits (shipped with the package),
-upsampled to 16x16 grayscale, on a small U-Net that trains on 2 CPU cores.
+"""The embedded demo: scikit-learn's 8x8 grayscale handwritten digits (shipped with the
+package) at their own size, on a small U-Net that trains on 2 CPU cores in a few minutes.
 
 `--mode=pipeline` trains the FP model, then BiDM W1A1 QAT from it, samples both and writes
 report.json and samples.png. The `:smoke` variant shortens everything for the test suite.
@@ -10,14 +10,14 @@ from bidm_jax.config import default_config
 
 def get_config(variant: str = ""):
   config = default_config()
-  config.data.update(source="digits", image_size=16, channels=1, random_flip=False)
+  config.data.update(source="digits", image_size=8, channels=1, random_flip=False)
   config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                       dropout=0.0)
   config.tbs.connections = 2
   config.training.update(steps=1500, batch_size=64, learning_rate=2e-3, ema_decay=0.995,
                          log_every=50, checkpoint_every=500, warmup_steps=100)
   config.sampling.update(steps=50, num_samples=64, batch_size=64)
-  config.pipeline = dict(fp_steps=1500, fp_learning_rate=2e-3, qat_steps=1500,
+  config.pipeline = dict(fp_steps=1500, fp_learning_rate=2e-3, qat_steps=1000,
                          qat_learning_rate=1e-3, eval_samples=256)
   if variant == "smoke":
     config.training.update(log_every=5, checkpoint_every=10, progress_bar=False)
