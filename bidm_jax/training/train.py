@@ -173,7 +173,7 @@ def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientT
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
                                  params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     state = TrainState(step=state.step + 1, params=keep(params, state.params),
