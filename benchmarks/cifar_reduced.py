@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,6 +30,7 @@ import time
 
 import numpy as np
 
+from bidm_jax import config as config_lib
 from bidm_jax import main as cli
 from bidm_jax.training.logging import save_labelled_rows
 
@@ -46,19 +46,12 @@ RUNS = {
     "xnor+spd": dict(method="xnor", distillation="spd"),
 }
 GRID_IMAGES = 10
-
-
-def load_config(variant: str):
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "cifar10.py"
-  spec = importlib.util.spec_from_file_location("cifar10_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+CONFIG_FILE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cifar10.py")
 
 
 def base_config(args, variant: str):
   """configs/cifar10.py with the reduced model, the folder data and the evaluation fields."""
-  c = load_config(variant)
+  c = config_lib.load_config_file(f"{CONFIG_FILE}:{variant}")
   c.model.update(ch=args.ch, ch_mult=tuple(args.ch_mult), compute_dtype=args.dtype)
   c.data.update(source="folder", data_dir=args.data_dir, split="train",
                 num_workers=args.data_workers)

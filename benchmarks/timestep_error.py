@@ -13,7 +13,6 @@ sqrt(alpha_bar_t), so an error at large t costs far more than the loss average s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import jax
@@ -28,14 +27,6 @@ from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 
 
-def load_config(spec: str):
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +36,7 @@ def main():
   parser.add_argument("--num_images", type=int, default=256)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = config_lib.load_config_file(args.config)
   schedule = config_lib.schedule_from_config(config)
   batch = next(iter(data_lib.make_eval_iterator(config.data, batch_size=args.num_images,
                                                 num_examples=args.num_images)))

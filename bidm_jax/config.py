@@ -7,6 +7,8 @@ embedded demo.
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -49,6 +51,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.convert = dict(source="", layout="", use_ema=True)
   c.mesh = dict(data=-1)
   return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of "path/to/config.py[:variant]", as `--config=` on the command line reads it."""
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bidm_config_file", path)
+  if module_spec is None:
+    raise FileNotFoundError(f"no config file at {path!r}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def method_from_config(config) -> BinarizationMethod:

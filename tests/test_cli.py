@@ -135,3 +135,14 @@ def test_demo_pipeline(tmp_path, env):
     assert img.format == "PNG" and img.width > 8 * 8 and img.height > 2 * 8
   for stage in ("fp", "bidm"):
     assert H.checkpoint_steps(tmp_path / stage)[-1] == 10
+
+
+def test_load_config_file_reads_variants_like_the_flag():
+  path = H.REPO / "configs"
+  fp = config_lib.load_config_file(f"{path}/cifar10.py:fp")
+  assert fp.binarization.method == "fp" and fp.training.steps == 800_000
+  assert config_lib.load_config_file(f"{path}/cifar10.py").binarization.method == "bidm"
+  with pytest.raises(ValueError, match="unknown cifar10 variant 'nope'"):
+    config_lib.load_config_file(f"{path}/cifar10.py:nope")
+  with pytest.raises(FileNotFoundError):
+    config_lib.load_config_file(f"{path}/missing.py")
