@@ -17,7 +17,7 @@ def get_config(variant: str = ""):
   config.training.update(steps=1500, batch_size=64, learning_rate=2e-3, ema_decay=0.995,
                          log_every=50, checkpoint_every=500, warmup_steps=100)
   config.sampling.update(steps=50, num_samples=64, batch_size=64)
-  config.pipeline = dict(fp_steps=1500, fp_learning_rate=2e-3, qat_steps=1000,
+  config.pipeline = dict(fp_steps=1200, fp_learning_rate=2e-3, qat_steps=800,
                          qat_learning_rate=1e-3, eval_samples=256)
   if variant == "smoke":
     config.training.update(log_every=5, checkpoint_every=10, progress_bar=False)
