@@ -229,21 +229,16 @@ class Reference(NamedTuple):
   @classmethod
   def load(cls, path: str | Path) -> "Reference":
     """Reads a ref_stats file, or any npz with mu/sigma (e.g. a guided-diffusion batch)."""
-    remote = files.is_remote(path)
-    path = epath.Path(path) if remote else Path(path)
-    blob = None
-
-    def source():  # what np.load reads: the local path, or the URI's bytes, read once
-      return io.BytesIO(blob) if remote else path
-
+    path = epath.Path(path) if files.is_remote(path) else Path(path)
     try:
-      blob = files.read_bytes(path) if remote else None
-      pool = FeatureStats.load(source())
+      blob = files.read_bytes(path)  # read once; np.load parses it from memory below
+      pool = FeatureStats.load(io.BytesIO(blob))
     except (OSError, ValueError, EOFError) as e:
       raise ValueError(f"reference {path}: not reference statistics ({e})") from e
-    with np.load(source()) as data:
+    with np.load(io.BytesIO(blob)) as data:
       names = set(data.files)
-      spatial = FeatureStats.load(source(), "_s") if {"mu_s", "sigma_s"} <= names else None
+      spatial = (FeatureStats.load(io.BytesIO(blob), "_s") if {"mu_s", "sigma_s"} <= names
+                 else None)
       pr = np.asarray(data["pr_features"], np.float32) if "pr_features" in names else None
       desc = json.loads(str(data["description"])) if "description" in names else None
       weights = str(data["inception_weights"]) if "inception_weights" in names else None

@@ -178,7 +178,8 @@ class FeatureStats:
         with np.load(path if hasattr(path, "read") else Path(path)) as data:
             keys = (f"mu{suffix}", f"sigma{suffix}")
             if not all(k in data.files for k in keys):
-                raise ValueError(f"{path}: needs arrays {keys}, has {data.files}")
+                where = getattr(path, "name", "the file") if hasattr(path, "read") else path
+                raise ValueError(f"{where}: needs arrays {keys}, has {data.files}")
             count = int(data["count"]) if "count" in data.files else None
             return cls.from_moments(data[keys[0]], data[keys[1]], count)
 

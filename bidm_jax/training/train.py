@@ -384,26 +384,29 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
     return metrics
 
   window, last_log, pending = [], time.perf_counter(), None
+
+  def settle():
+    """Checks the dispatched-but-unread step, if any, and adds its metrics to the log window."""
+    nonlocal pending
+    if pending is not None:
+      window.append(check(*pending))
+      pending = None
   with _Preemption() as preemption, tqdm(total=t.steps, initial=start, desc=method.name,
                                          unit="step", disable=not t.progress_bar) as bar:
     try:
       for step in range(start, t.steps):
         batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
         state, metrics = step_fn(state, batch, rng, teacher_params)
-        if pending is not None:  # fetch the previous step's metrics while this one runs
-          window.append(check(*pending))
+        settle()  # the previous step's metrics, fetched while this one runs
         pending = (metrics, step)
         done = step + 1
         stop = (preemption.requested if jax.process_count() == 1
                 else mngr.reached_preemption(done))
         if done % t.checkpoint_every == 0 or done == t.steps or stop:
-          window.append(check(*pending))
-          pending = None
+          settle()
           save(done)
         if done % t.log_every == 0 or done == t.steps or stop:
-          if pending is not None:
-            window.append(check(*pending))
-            pending = None
+          settle()
           now = time.perf_counter()
           scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]
                      if k != "finite"}
