@@ -125,7 +125,8 @@ def test_train_sharding_two_hosts_disjoint_first_epoch(tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("source", "imagenet"), ("image_size", 0), ("image_size", -4), ("channels", 2),
-    ("on_bad_file", "ignore"), ("num_workers", -1)])
+    ("on_bad_file", "ignore"), ("num_workers", -1), ("cache_in_memory", "sometimes"),
+    ("cache_budget_mb", -1.0)])
 def test_bad_config_values_raise_value_error_naming_field(field, value):
   cfg = D.default_data_config()
   cfg[field] = value
@@ -199,9 +200,13 @@ def test_folder_fail_names_corrupt_file(tmp_path):
   with closing_iter(evaluate(cfg, batch=4)) as it:
     with pytest.raises(D.BadImageError, match=str(bad)):
       list(it)
+  cfg.cache_in_memory = "never"
   with closing_iter(train(cfg, batch=4)) as it:
     with pytest.raises(D.BadImageError, match=str(bad)):
       take(it, 2)  # 8 examples > one epoch of 7 files
+  cfg.cache_in_memory = "auto"  # decoding the whole split up front finds it at once
+  with pytest.raises(D.BadImageError, match=str(bad)):
+    train(cfg, batch=4)
 
 
 def test_folder_skip_counts_corrupt_file_and_labels_classes(tmp_path, caplog):
@@ -309,3 +314,48 @@ def test_worker_processes_same_order_and_restorable():
     got += [b["image"] for b in take(it, 3)]
   for r, g in zip(reference, got):
     np.testing.assert_array_equal(r, g)
+
+
+# -------------------------------------------------------------------------- memory cache
+
+
+def _values(batches):
+  """The colour code of every image of `batches`, in order (see write_image)."""
+  return [int(round((v[0, -1, 0] + 1) * 127.5)) for b in batches for v in b["image"]]
+
+
+def test_memory_cache_gives_the_streamed_batches(tmp_path):
+  for k in range(10):
+    write_image(tmp_path / f"{k:02d}.png", 20 * k + 3, size=(9, 8))
+  cfg = D.default_data_config("folder")
+  cfg.data_dir, cfg.image_size, cfg.random_flip = str(tmp_path), 8, True
+  for host in range(2):
+    got = {}
+    for policy in ("never", "always"):
+      cfg.cache_in_memory = policy
+      with closing_iter(train(cfg, batch=4, seed=3, process_index=host, process_count=2)) as it:
+        got[policy] = take(it, 6)  # 12 images per host: more than one epoch of its 5
+    for s, c in zip(got["never"], got["always"]):
+      np.testing.assert_array_equal(s["image"], c["image"])
+      np.testing.assert_array_equal(s["label"], c["label"])
+    assert len(set(_values(got["always"]))) == 5
+
+
+def test_memory_cache_auto_streams_over_budget_and_restores(tmp_path, caplog, monkeypatch):
+  for k in range(6):
+    write_image(tmp_path / f"{k:02d}.png", 40 * k)
+  cfg = D.default_data_config("folder")
+  cfg.data_dir, cfg.image_size = str(tmp_path), 8
+  with closing_iter(train(cfg, batch=4, seed=1)) as it:  # 6 x 192 bytes: fits, decoded once
+    monkeypatch.setattr(preprocess, "load", lambda *a, **k: pytest.fail("decoded again"))
+    take(it, 2)
+    state = D.iterator_state(it)
+    expected = take(it, 3)  # two epochs
+  monkeypatch.undo()
+  cfg.cache_budget_mb = 1e-4  # 105 bytes < 6 decoded images
+  with caplog.at_level(logging.INFO), closing_iter(train(cfg, batch=4, seed=1)) as it:
+    D.restore_iterator_state(it, state)
+    got = take(it, 3)
+  assert "streaming the training data" in caplog.text
+  for e, g in zip(expected, got):
+    np.testing.assert_array_equal(e["image"], g["image"])

@@ -6,6 +6,7 @@ import ml_collections
 
 SOURCES = ("digits", "tfds", "folder")
 BAD_FILE_POLICIES = ("fail", "skip")
+CACHE_POLICIES = ("auto", "always", "never")
 CHANNELS = (1, 3)
 
 
@@ -24,6 +25,10 @@ def default_data_config(source: str = "digits") -> ml_collections.ConfigDict:
       images are not digits).
     on_bad_file: 'fail' raises naming an undecodable file; 'skip' drops and counts it.
     num_workers: grain worker processes decoding images (0 = in the main process).
+    cache_in_memory: 'auto' decodes this host's shard of the split once into host memory
+      (uint8) when it fits `cache_budget_mb`, else streams from the source; 'always' /
+      'never' force either. Training batches are the same either way.
+    cache_budget_mb: the host-memory budget of 'auto', in MiB of decoded uint8 pixels.
   """
   if source not in SOURCES:
     raise ValueError(f"data.source={source!r} is invalid; valid values: {', '.join(SOURCES)}")
@@ -38,6 +43,8 @@ def default_data_config(source: str = "digits") -> ml_collections.ConfigDict:
       random_flip=source != "digits",
       on_bad_file="fail",
       num_workers=0,
+      cache_in_memory="auto",
+      cache_budget_mb=4096.0,
   ))
 
 
@@ -55,6 +62,12 @@ def validate(data) -> None:
                      f"{', '.join(BAD_FILE_POLICIES)}")
   if not isinstance(data.num_workers, int) or data.num_workers < 0:
     raise ValueError(f"data.num_workers={data.num_workers!r} is invalid; valid values: an int >= 0")
+  if data.cache_in_memory not in CACHE_POLICIES:
+    raise ValueError(f"data.cache_in_memory={data.cache_in_memory!r} is invalid; valid values: "
+                     f"{', '.join(CACHE_POLICIES)}")
+  if not data.cache_budget_mb >= 0:
+    raise ValueError(f"data.cache_budget_mb={data.cache_budget_mb!r} is invalid; valid values: "
+                     "a number >= 0")
   if data.source == "tfds" and not data.name:
     raise ValueError("data.name='' is invalid for source='tfds'; valid values: a TFDS dataset "
                      "name such as 'cifar10' or 'lsun/church_outdoor'")

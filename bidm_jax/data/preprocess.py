@@ -111,3 +111,48 @@ def scale_batch(batch: dict) -> dict:
   if "label" in batch:
     out["label"] = np.asarray(batch["label"], dtype=np.int32)
   return out
+
+
+class DecodedArraySource:
+  """Examples decoded once into host memory: uint8 images (N, H, W, C), labels and skip counts.
+
+  Indexing returns the same records as the `LoadedSource` (or its shard) it was decoded from,
+  so a pipeline over it yields the same batches as the streaming one, without decoding again.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray):
+    self.images, self.labels, self.skipped = images, labels, skipped
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, i: int) -> dict:
+    out = {"image": self.images[i], "skipped": int(self.skipped[i])}
+    if self.labels is not None:
+      out["label"] = int(self.labels[i])
+    return out
+
+  def __repr__(self) -> str:
+    return f"DecodedArraySource(n={len(self)}, shape={self.images.shape[1:]})"
+
+
+def decode_all(examples, *, threads: int) -> DecodedArraySource:
+  """Loads every example of `examples` (len() and [i] -> `LoadedSource` records) with `threads`
+  threads (PIL decodes without the GIL) into one DecodedArraySource."""
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  n = len(examples)
+  first = examples[0]
+  images = np.empty((n, *first["image"].shape), np.uint8)
+  labels = np.empty((n,), np.int32) if "label" in first else None
+  skipped = np.empty((n,), np.int32)
+
+  def fill(start: int) -> None:
+    for i in range(start, min(start + 256, n)):
+      ex = examples[i]
+      images[i], skipped[i] = ex["image"], ex["skipped"]
+      if labels is not None:
+        labels[i] = ex["label"]
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    list(pool.map(fill, range(0, n, 256)))
+  return DecodedArraySource(images, labels, skipped)

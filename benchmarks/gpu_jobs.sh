@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Background training jobs that outlive one short remote command (e.g. a 10-minute call to a
+# lent GPU machine): each job is `python -m bidm_jax.main` in its own process session, logging
+# to $JOBS/<name>.log; a later command waits for it, stops it (SIGTERM: the run saves a
+# checkpoint at its current step and exits 0) or reads its progress.
+#
+#   benchmarks/gpu_jobs.sh start NAME MAIN_ARGS...   start a job; its workdir is $JOBS/NAME
+#   benchmarks/gpu_jobs.sh wait SECONDS [NAME...]    until those jobs (default: all) end or
+#                                                    SECONDS pass; prints each job's last log line
+#   benchmarks/gpu_jobs.sh stop NAME...              SIGTERM and wait until the job has saved
+#   benchmarks/gpu_jobs.sh status                    the last metrics row of every job
+set -euo pipefail
+JOBS=${JOBS:-/tmp/jobs}
+mkdir -p "$JOBS"
+cmd=${1:?usage: gpu_jobs.sh start|wait|stop|status ...}
+shift
+
+running() { [ -f "$JOBS/$1.pid" ] && kill -0 "$(cat "$JOBS/$1.pid")" 2>/dev/null; }
+names() { if [ $# -gt 0 ]; then echo "$@"; else ls "$JOBS" | sed -n 's/\.pid$//p'; fi; }
+last_row() { tail -n 1 "$JOBS/$1/logs/metrics.jsonl" 2>/dev/null || echo "(no metrics yet)"; }
+
+case "$cmd" in
+  start)
+    name=$1; shift
+    setsid nohup python -m bidm_jax.main --workdir="$JOBS/$name" "$@" \
+      >"$JOBS/$name.log" 2>&1 </dev/null &
+    echo $! >"$JOBS/$name.pid"
+    echo "started $name (pid $!)"
+    ;;
+  wait)
+    deadline=$(( $(date +%s) + ${1:?seconds} )); shift
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+      alive=0
+      for n in $(names "$@"); do running "$n" && alive=1; done
+      [ "$alive" = 0 ] && break
+      sleep 10
+    done
+    for n in $(names "$@"); do
+      state=$(running "$n" && echo running || echo ended)
+      echo "$n: $state: $(last_row "$n")"
+    done
+    ;;
+  stop)
+    for n in "$@"; do running "$n" && kill -TERM "$(cat "$JOBS/$n.pid")"; done
+    for n in "$@"; do
+      while running "$n"; do sleep 1; done
+      echo "$n stopped: $(last_row "$n")"
+    done
+    ;;
+  status)
+    for n in $(names); do echo "$n: $(last_row "$n")"; done
+    ;;
+  *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac
