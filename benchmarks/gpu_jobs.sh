@@ -22,7 +22,7 @@ last_row() { tail -n 1 "$JOBS/$1/logs/metrics.jsonl" 2>/dev/null || echo "(no me
 case "$cmd" in
   start)
     name=$1; shift
-    setsid nohup python -m bidm_jax.main --workdir="$JOBS/$name" "$@" \
+    setsid nohup "${PYTHON:-python3}" -m bidm_jax.main --workdir="$JOBS/$name" "$@" \
       >"$JOBS/$name.log" 2>&1 </dev/null &
     echo $! >"$JOBS/$name.pid"
     echo "started $name (pid $!)"
