@@ -359,3 +359,26 @@ def test_memory_cache_auto_streams_over_budget_and_restores(tmp_path, caplog, mo
   assert "streaming the training data" in caplog.text
   for e, g in zip(expected, got):
     np.testing.assert_array_equal(e["image"], g["image"])
+
+
+def test_epoch_batches_cover_every_example_once_per_epoch():
+  batches = preprocess.EpochBatches(n=10, batch_size=4, seed=3)
+  stream = np.concatenate([batches[b][1] for b in range(10)])  # 40 positions = 4 epochs
+  epochs = stream.reshape(4, 10)
+  for e in epochs:
+    assert sorted(e) == list(range(10))
+  assert len({tuple(e) for e in epochs}) == 4  # a new order every epoch
+  np.testing.assert_array_equal(preprocess.EpochBatches(10, 4, 3)[7][1], batches[7][1])
+
+
+def test_batch_loader_flips_about_half_deterministically():
+  images = np.arange(64 * 2 * 3).reshape(64, 1, 2, 3).astype(np.uint8)
+  source = preprocess.DecodedArraySource(images, None, np.zeros(64, np.int32))
+  item = (5, np.arange(64))
+  a, b = preprocess.BatchLoader(source, 9)(item), preprocess.BatchLoader(source, 9)(item)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  flipped = [not np.array_equal(x, y) for x, y in zip(a["image"], images)]
+  assert 16 <= sum(flipped) <= 48
+  for x, y, f in zip(a["image"], images, flipped):
+    np.testing.assert_array_equal(x, y[:, ::-1] if f else y)
+  np.testing.assert_array_equal(preprocess.BatchLoader(source, None)(item)["image"], images)

@@ -4,12 +4,13 @@ Training, per host (all MapDataset steps are pure functions of the index, so the
 order depends on `seed` only, not on `num_workers`, and resuming is exact):
 
   LoadedSource(source)                        decode, resize + center crop -> uint8
-    [process_index::process_count]            this host's shard (grain slice sharding)
-    .shuffle(seed)                            global within the shard, new order each epoch
-    .random_map(random_flip, seed)            per (seed, epoch, index)
-    .repeat().batch(B, drop_remainder=True)   endless; batches may span epochs
-    .map(scale_batch)                         float32 in [-1, 1]
-    .to_iter_dataset().mp_prefetch(num_workers)
+  HostShard(process_index::process_count)     this host's part of the examples
+  decode_all (data.cache_in_memory)           once, into a uint8 array in host memory
+  EpochBatches(seed)                          batch b -> its indices: a new permutation
+                                              every epoch, endless; batches may span epochs
+  .map(BatchLoader(flip_seed))                gather (one array index when decoded), flip
+  .map(scale_batch)                           float32 in [-1, 1]
+  .to_iter_dataset().mp_prefetch(num_workers) (streaming only)
   -> TrainIterator                            sums the skip counts, holds the state
 
 Evaluation reads the first `num_examples` examples once, in order, and batches them in the
@@ -138,8 +139,7 @@ def _iterate(ds: grain.MapDataset, num_workers: int, *, batched: bool,
 
   Elements that are whole batches get a short read-ahead (grain's default of 500 would hold
   gigabytes of 256x256 batches). Batches of `decoded` (in-memory) images are assembled by one
-  thread: the work is pure Python and NumPy under the GIL, where more threads only contend
-  (one thread: 24k CIFAR images/s, two: 14k, eight: 13k on a 2-core CPU).
+  thread: the work is a few NumPy calls under the GIL, where more threads only contend.
   """
   read = grain.ReadOptions()
   if batched:
@@ -183,20 +183,18 @@ def make_train_iterator(data, *, global_batch_size: int, seed: int,
     raise ValueError(f"{source!r} has fewer examples than process_count={process_count}")
   loaded = preprocess.LoadedSource(source, image_size=data.image_size, channels=data.channels,
                                    skip_bad=data.on_bad_file == "skip")
-  shard = grain.MapDataset.source(loaded)[process_index::process_count]
-  cached = _cache_shard(data, len(shard))
+  examples = preprocess.HostShard(loaded, process_index, process_count)
+  cached = _cache_shard(data, len(examples))
   if cached:
     start = time.perf_counter()
-    shard = grain.MapDataset.source(
-        preprocess.decode_all(shard, threads=max(data.num_workers, os.cpu_count() or 1)))
-    log.info("decoded %d examples of %r into host memory in %.1f s", len(shard), source,
+    examples = preprocess.decode_all(examples, threads=max(data.num_workers, os.cpu_count() or 1))
+    log.info("decoded %d examples of %r into host memory in %.1f s", len(examples), source,
              time.perf_counter() - start)
   shuffle_seed, flip_seed = _seeds(seed)
-  ds = shard.shuffle(seed=shuffle_seed)
-  if data.random_flip:
-    ds = ds.random_map(preprocess.random_flip, seed=flip_seed)
   local_batch = global_batch_size // process_count
-  ds = ds.repeat(None).batch(local_batch, drop_remainder=True).map(preprocess.scale_batch)
+  ds = grain.MapDataset.source(preprocess.EpochBatches(len(examples), local_batch, shuffle_seed))
+  ds = ds.map(preprocess.BatchLoader(examples, flip_seed if data.random_flip else None))
+  ds = ds.map(preprocess.scale_batch)
   # Decoded batches need no worker processes: threads in this process assemble them.
   return TrainIterator(_iterate(ds, 0 if cached else data.num_workers, batched=True,
                                decoded=cached), local_batch)

@@ -68,13 +68,6 @@ def load(record: dict, *, image_size: int, channels: int, skip_bad: bool) -> dic
   return out
 
 
-def random_flip(example: dict, rng: np.random.Generator) -> dict:
-  """Mirrors the image left-right with probability 1/2 (grain seeds `rng` per seed and index)."""
-  if "bad" in example or rng.random() >= 0.5:
-    return example
-  return {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
-
-
 class LoadedSource:
   """Random access to loaded examples (see `load`) of `source`, for training.
 
@@ -132,6 +125,13 @@ class DecodedArraySource:
       out["label"] = int(self.labels[i])
     return out
 
+  def gather(self, indices: np.ndarray) -> dict:
+    """The examples at `indices` (B,) as one batch, by array indexing."""
+    out = {"image": self.images[indices], "skipped": self.skipped[indices]}
+    if self.labels is not None:
+      out["label"] = self.labels[indices]
+    return out
+
   def __repr__(self) -> str:
     return f"DecodedArraySource(n={len(self)}, shape={self.images.shape[1:]})"
 
@@ -156,3 +156,77 @@ def decode_all(examples, *, threads: int) -> DecodedArraySource:
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     list(pool.map(fill, range(0, n, 256)))
   return DecodedArraySource(images, labels, skipped)
+
+
+class HostShard:
+  """Examples `process_index::process_count` of `examples` (len() and [i]): one host's part."""
+
+  def __init__(self, examples, process_index: int, process_count: int):
+    self.examples, self.start, self.step = examples, process_index, process_count
+
+  def __len__(self) -> int:
+    return len(range(self.start, len(self.examples), self.step))
+
+  def __getitem__(self, i: int) -> dict:
+    return self.examples[self.start + i * self.step]
+
+  def __repr__(self) -> str:
+    return f"HostShard({self.examples!r}, {self.start}::{self.step})"
+
+
+class EpochBatches:
+  """Batch indices of an endless sequence of epochs over `n` examples.
+
+  Position p = b * batch_size + j of the stream is example perm_e[p % n], e = p // n, where
+  perm_e is a permutation drawn from (seed, e): every epoch sees every example once in a new
+  order, and a batch may span two epochs. `[b]` -> (b, (batch_size,) int64 indices), a pure
+  function of (seed, b), so the order does not depend on workers and resuming is exact.
+  """
+
+  def __init__(self, n: int, batch_size: int, seed: int):
+    self.n, self.batch_size, self.seed = n, batch_size, seed
+    self._perms: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return 2**62 // self.batch_size  # endless in practice
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) >= 2:
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    return self._perms[epoch]
+
+  def __getitem__(self, b: int) -> tuple[int, np.ndarray]:
+    pos = b * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    epochs = pos // self.n
+    indices = np.empty_like(pos)
+    for e in range(int(epochs[0]), int(epochs[-1]) + 1):
+      at = epochs == e
+      indices[at] = self._perm(e)[pos[at] % self.n]
+    return b, indices
+
+
+class BatchLoader:
+  """(b, indices) -> `{'image': uint8 (B, H, W, C), 'skipped': (B,)[, 'label': (B,)]}`.
+
+  Reads the examples (a DecodedArraySource by one array gather, anything else example by
+  example) and, with `flip_seed`, mirrors each image left-right with probability 1/2, drawn
+  from (flip_seed, b).
+  """
+
+  def __init__(self, examples, flip_seed: int | None):
+    self.examples, self.flip_seed = examples, flip_seed
+
+  def __call__(self, item: tuple[int, np.ndarray]) -> dict:
+    b, indices = item
+    if isinstance(self.examples, DecodedArraySource):
+      batch = self.examples.gather(indices)
+    else:
+      rows = [self.examples[int(i)] for i in indices]
+      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if self.flip_seed is not None:
+      flip = np.random.default_rng([self.flip_seed, b]).random(len(indices)) < 0.5
+      batch["image"] = np.where(flip[:, None, None, None], batch["image"][:, :, ::-1],
+                                batch["image"])
+    return batch
