@@ -1,20 +1,27 @@
-"""The reduced-scale CIFAR-10 reproduction of the paper's Table 1 and Table 3 orderings.
+"""The reduced-scale CIFAR-10 study: the paper's Table 1 and Table 3 orderings on one GPU.
 
-One protocol for every method (docs/results.md states it with the figures):
-  1. an FP DDPM trained from scratch on the training images (`--fp_steps`);
-  2. W1A1 QAT of each method from that FP model, same steps / learning rate / batch for all;
-  3. FID, sFID, precision and recall of `--eval_samples` DDIM samples against the training
-     images, with the FID Inception network of `--inception_weights`.
+One protocol for every run (docs/results.md states it with the figures):
+  1. the FP teacher: `--teacher=PATH` (an FP workdir or exported folder), else trained here
+     with `configs/cifar10.py:small_fp` for `--fp_steps`;
+  2. W1A1 QAT of each run of `--runs`, once per seed of `--seeds`, from that teacher with
+     `configs/cifar10.py:small` for `--qat_steps` (the same recipe for all; `--set` overrides
+     any config field of every stage, e.g. `--set training.learning_rate=1e-4`, applied after
+     the script's own settings);
+  3. FID, sFID, precision, recall and the image-health figures of `--eval_samples` DDIM
+     samples of each model against the training images, with x0 clipping off, on, or both
+     (`--clip`).
 
-  python benchmarks/cifar_reduced.py --data_dir=/data/cifar10 \
-      --inception_weights=fid-inception-2015-12-05-fp16.npz --workdir=/tmp/cifar_reduced
+  python benchmarks/cifar_reduced.py --data_dir=CIFAR_JPEG --workdir=/tmp/cr \
+      --inception_weights=fid-inception-2015-12-05-fp16.npz --teacher=TEACHER \
+      --runs xnor bidm xnor+tbs xnor+spd --seeds 0 1 --clip both --parallel 4
 
 `--data_dir` is an image folder with `train/<class>/*.jpg` (or PNG). Every stage goes through
 `bidm_jax.main.run`, the command line's entry point, in a child process (`--parallel` of them
-share the accelerator, which one small model leaves mostly idle; their step rates are therefore
-not speed figures: benchmarks/bench.py measures those). A stage whose record exists is skipped,
-so a rerun continues where an interrupted one stopped (training resumes from its checkpoint).
-Writes <workdir>/results.json and <workdir>/samples.png (one labelled row per run).
+share the accelerator, which one small model leaves mostly idle; their step rates are
+therefore not speed figures: benchmarks/bench.py measures those). A stage whose record exists
+is skipped, so a rerun continues where an interrupted one stopped (training resumes from its
+checkpoint). Writes one record per evaluated model, <workdir>/<run>-s<seed>/<eval>.json,
+<workdir>/results.json and <workdir>/samples.png (one labelled row per evaluation).
 """
 
 from __future__ import annotations
@@ -41,29 +48,63 @@ RUNS = {
     "dorefa": dict(method="dorefa"),
     "reactnet": dict(method="reactnet"),
     "reste": dict(method="reste"),
+    "bbcu": dict(method="bbcu"),
+    "efficientdm": dict(method="efficientdm"),
     "bidm": dict(method="bidm"),
     "xnor+tbs": dict(method="xnor", learnable_k=True, cross_timestep=True),
     "xnor+spd": dict(method="xnor", distillation="spd"),
 }
+CLIP = {"off": [False], "on": [True], "both": [False, True]}
 GRID_IMAGES = 10
 CONFIG_FILE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cifar10.py")
 
 
+def parse_value(text: str):
+  """A --set value: a Python literal (number, bool, tuple) where it parses, else the string."""
+  import ast  # pylint: disable=import-outside-toplevel
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def base_config(args, variant: str):
-  """configs/cifar10.py with the reduced model, the folder data and the evaluation fields."""
+  """configs/cifar10.py:<variant> with the folder data and the evaluation fields."""
   c = config_lib.load_config_file(f"{CONFIG_FILE}:{variant}")
-  c.model.update(ch=args.ch, ch_mult=tuple(args.ch_mult), compute_dtype=args.dtype)
-  c.data.update(source="folder", data_dir=args.data_dir, split="train",
-                num_workers=args.data_workers)
-  c.training.update(progress_bar=False, log_every=250, checkpoint_every=args.checkpoint_every,
-                    keep_checkpoints=1)
+  c.data.update(source="folder", data_dir=args.data_dir, split="train")
+  c.training.update(checkpoint_every=args.checkpoint_every, keep_checkpoints=1)
   c.sampling.update(steps=args.ddim_steps, batch_size=args.eval_batch)
   c.eval.update(num_samples=args.eval_samples, batch_size=args.eval_batch,
                 inception_weights=args.inception_weights, keep_samples=True,
                 reference=os.path.join(args.workdir, "reference_stats.npz"),
                 num_reference=args.num_reference, pr_reference=args.eval_samples,
                 progress_bar=False)
+  for item in args.set:
+    key, _, value = item.partition("=")
+    *groups, field = key.split(".")
+    node = c
+    for g in groups:
+      node = node[g]
+    node[field] = parse_value(value)
   return c
+
+
+def teacher_path(args) -> str:
+  return args.teacher or os.path.join(args.workdir, "fp")
+
+
+def fp_config(args):
+  config = base_config(args, "small_fp")
+  config.training.steps = args.fp_steps
+  return config
+
+
+def qat_config(args, run: str, seed: int):
+  config = base_config(args, "small")
+  config.seed = seed
+  config.binarization.update(RUNS[run])
+  config.training.update(steps=args.qat_steps, teacher=teacher_path(args))
+  return config
 
 
 def stage(name: str, record: str, fn) -> dict:
@@ -82,23 +123,28 @@ def stage(name: str, record: str, fn) -> dict:
     return json.load(f)
 
 
-def fp_config(args):
-  config = base_config(args, "fp")
-  config.training.update(steps=args.fp_steps, batch_size=args.fp_batch, learning_rate=args.fp_lr,
-                         warmup_steps=min(1000, args.fp_steps // 10), ema_decay=args.ema_decay)
-  return config
+def evaluations(args, config, model: str, records: str) -> None:
+  """Evaluates the model in `model` once per clip setting, keeping the records (and a few
+  samples for the grid) in the folder `records`."""
+  for clip in CLIP[args.clip]:
+    name = "evaluate_clip" if clip else "evaluate"
+    c = config.copy_and_resolve_references()
+    c.sampling.update(clip_x0=clip, checkpoint=model)
+    eval_dir = os.path.join(records, name)
+    stage(f"{records}/{name}", os.path.join(records, f"{name}.json"),
+          lambda c=c, eval_dir=eval_dir: cli.run(c, eval_dir, "evaluate"))
+    samples = os.path.join(eval_dir, "eval_samples.npz")
+    if os.path.exists(samples):
+      np.save(os.path.join(records, f"{name}_grid.npy"), np.load(samples)["images"][:GRID_IMAGES])
+      os.remove(samples)
 
 
-def qat_config(args, name: str):
-  config = base_config(args, "bidm")
-  config.binarization.update(RUNS[name])
-  config.training.update(steps=args.qat_steps, batch_size=args.qat_batch, learning_rate=args.qat_lr,
-                         ema_decay=args.ema_decay, teacher=os.path.join(args.workdir, "fp"))
-  return config
+def job_name(run: str, seed: int) -> str:
+  return f"{run}-s{seed}"
 
 
 def run_job(args, job: str) -> None:
-  """One stage in this process: 'reference', 'fp' (training), 'fp-eval', or a run of RUNS."""
+  """One stage in this process: 'reference', 'fp' (training), 'fp-eval', or '<run>-s<seed>'."""
   w = args.workdir
   if job == "reference":
     stage(job, os.path.join(w, "reference.json"), lambda: cli.run(fp_config(args), w, "ref_stats"))
@@ -106,21 +152,14 @@ def run_job(args, job: str) -> None:
     stage(job, os.path.join(w, "fp", "train.json"),
           lambda: cli.run(fp_config(args), os.path.join(w, "fp"), "train"))
   elif job == "fp-eval":
-    evaluate_run(fp_config(args), os.path.join(w, "fp"), "fp")
+    evaluations(args, fp_config(args), teacher_path(args), os.path.join(w, "fp-eval"))
   else:
-    config = qat_config(args, job)
-    stage(f"{job}/train", os.path.join(w, job, "train.json"),
-          lambda: cli.run(config, os.path.join(w, job), "train"))
-    evaluate_run(config, os.path.join(w, job), job)
-
-
-def evaluate_run(config, workdir: str, name: str) -> None:
-  stage(f"{name}/evaluate", os.path.join(workdir, "evaluate.json"),
-        lambda: cli.run(config, workdir, "evaluate"))
-  samples = os.path.join(workdir, "eval_samples.npz")
-  if os.path.exists(samples):
-    np.save(os.path.join(workdir, "grid.npy"), np.load(samples)["images"][:GRID_IMAGES])
-    os.remove(samples)
+    run, _, seed = job.rpartition("-s")
+    config = qat_config(args, run, int(seed))
+    workdir = os.path.join(w, job)
+    stage(f"{job}/train", os.path.join(workdir, "train.json"),
+          lambda: cli.run(config, workdir, "train"))
+    evaluations(args, config, workdir, workdir)
 
 
 def launch(argv: list[str], job: str, workdir: str, parallel: int) -> None:
@@ -137,23 +176,31 @@ def launch(argv: list[str], job: str, workdir: str, parallel: int) -> None:
     raise RuntimeError(f"job {job} failed (exit {code}); see {log}")
 
 
-def summarize(args, wall_s: float) -> dict:
+def summarize(args, jobs: list[str], wall_s: float) -> dict:
   def load(path):
     with open(path) as f:
       return json.load(f)
 
   runs, rows = {}, {}
-  for name in ["fp", *args.runs]:
-    d = os.path.join(args.workdir, name)
-    train, metrics = load(os.path.join(d, "train.json")), load(os.path.join(d, "evaluate.json"))
-    runs[name] = dict(loss=train.get("loss"), steps=train.get("step"),
-                      steps_per_sec=train.get("steps_per_sec"), train_wall_s=train.get("wall_s"),
-                      **{k: metrics.get(k) for k in ("fid", "sfid", "precision", "recall",
-                                                     "num_samples", "images_per_s", "wall_s")})
-    if os.path.exists(os.path.join(d, "grid.npy")):
-      images = np.load(os.path.join(d, "grid.npy")).astype(np.float32) / 127.5 - 1
-      rows[f"{name}\nFID {metrics['fid']:.1f}"] = images
-  save_labelled_rows(rows, os.path.join(args.workdir, "samples.png"), ncols=GRID_IMAGES, scale=2)
+  for job in ["fp", *jobs]:
+    d = os.path.join(args.workdir, "fp-eval" if job == "fp" else job)
+    train_file = os.path.join(args.workdir, job, "train.json")
+    train = load(train_file) if os.path.exists(train_file) else {}
+    for clip in CLIP[args.clip]:
+      name = "evaluate_clip" if clip else "evaluate"
+      metrics = load(os.path.join(d, f"{name}.json"))
+      key = f"{job}{' clip' if clip else ''}"
+      runs[key] = dict(loss=train.get("loss"), steps=train.get("step"),
+                       steps_per_sec=train.get("steps_per_sec"), train_wall_s=train.get("wall_s"),
+                       **{k: metrics.get(k) for k in (
+                           "fid", "sfid", "precision", "recall", "saturated_fraction",
+                           "mean_image_std", "num_samples", "checkpoint_step", "wall_s")})
+      grid = os.path.join(d, f"{name}_grid.npy")
+      if os.path.exists(grid):
+        rows[f"{key}\nFID {metrics['fid']:.1f}"] = np.load(grid).astype(np.float32) / 127.5 - 1
+  if rows:
+    save_labelled_rows(rows, os.path.join(args.workdir, "samples.png"), ncols=GRID_IMAGES,
+                       scale=2)
   summary = dict(protocol={k: v for k, v in vars(args).items() if k != "job"},
                  reference=load(os.path.join(args.workdir, "reference.json")),
                  wall_s=wall_s, runs=runs)
@@ -168,38 +215,41 @@ def main():
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--inception_weights", required=True)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-  parser.add_argument("--ch", type=int, default=64)
-  parser.add_argument("--ch_mult", type=int, nargs="+", default=[1, 2, 2, 2])
-  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-  parser.add_argument("--fp_steps", type=int, default=10_000)
-  parser.add_argument("--fp_batch", type=int, default=128)
-  parser.add_argument("--fp_lr", type=float, default=2e-4)
-  parser.add_argument("--qat_steps", type=int, default=2_000)
-  parser.add_argument("--qat_batch", type=int, default=64)
-  parser.add_argument("--qat_lr", type=float, default=2e-4)
-  parser.add_argument("--ema_decay", type=float, default=0.999)
+  parser.add_argument("--teacher", default="", help="an FP workdir or exported folder; "
+                      "empty: train configs/cifar10.py:small_fp here")
+  parser.add_argument("--runs", nargs="+", default=["xnor", "bidm"], choices=list(RUNS))
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+  parser.add_argument("--fp_steps", type=int, default=16_000)
+  parser.add_argument("--qat_steps", type=int, default=10_000)
+  parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                      help="config overrides of every stage, e.g. training.learning_rate=1e-4")
+  parser.add_argument("--clip", default="both", choices=list(CLIP),
+                      help="evaluate with the x0 prediction clipped to [-1, 1], not, or both")
   parser.add_argument("--ddim_steps", type=int, default=100)
   parser.add_argument("--eval_samples", type=int, default=10_000)
-  parser.add_argument("--eval_batch", type=int, default=500)
+  parser.add_argument("--eval_batch", type=int, default=1000)
   parser.add_argument("--num_reference", type=int, default=0, help="0: all training images")
-  parser.add_argument("--data_workers", type=int, default=4)
-  parser.add_argument("--checkpoint_every", type=int, default=1000)
+  parser.add_argument("--checkpoint_every", type=int, default=2500)
   parser.add_argument("--parallel", type=int, default=3,
                       help="jobs sharing the accelerator at once (small models leave it idle)")
   parser.add_argument("--job", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  jobs = [job_name(r, s) for r in args.runs for s in args.seeds]
+  for run in args.runs:  # a bad --set fails here, before anything runs
+    config_lib.validate(qat_config(args, run, 0))
+  config_lib.validate(fp_config(args))
   if args.job:
     run_job(args, args.job)
     return
   os.makedirs(args.workdir, exist_ok=True)
   argv = [a for a in sys.argv[1:] if not a.startswith("--job")]
   start = time.perf_counter()
+  first = ["reference"] + ([] if args.teacher else ["fp"])
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-    for wave in (["reference", "fp"], ["fp-eval", *args.runs]):
+    for wave in (first, ["fp-eval", *jobs]):
       for future in [pool.submit(launch, argv, job, args.workdir, args.parallel) for job in wave]:
         future.result()
-  summary = summarize(args, time.perf_counter() - start)
+  summary = summarize(args, jobs, time.perf_counter() - start)
   print(json.dumps(summary["runs"], indent=1), flush=True)
 
 
