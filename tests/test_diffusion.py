@@ -9,10 +9,14 @@ import pytest
 
 from conftest import MICRO_SHAPE, TBS_CONNECTIONS, TINY_SHAPE
 
+import helpers as H
+from bidm_jax import config as config_lib
 from bidm_jax.bidm import tbs
 from bidm_jax.diffusion import (ddim_sample, ddim_step, ddim_timesteps, ddpm_sample,
-                                epsilon_loss, make_schedule, q_sample)
+                                dynamic_threshold_x0, epsilon_loss, make_schedule, process_x0,
+                                q_sample)
 from bidm_jax.models.unet import UNetOutput
+from bidm_jax.training import train as train_lib
 
 # ---------------------------------------------------------------------------------------------
 # Schedules and the forward process
@@ -68,6 +72,19 @@ def test_epsilon_loss_is_mse():
   a, b = rng.standard_normal((2, 3, 4, 4, 3)).astype(np.float32)
   np.testing.assert_allclose(float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))),
                              np.mean((a.astype(np.float64) - b) ** 2), rtol=1e-6)
+
+
+def test_epsilon_loss_sum_reduction():
+  """'sum': summed over each example's values, averaged over the batch (the ddim repo)."""
+  rng = np.random.default_rng(1)
+  a, b = rng.standard_normal((2, 3, 4, 4, 3)).astype(np.float32)
+  sq = (a.astype(np.float64) - b) ** 2
+  got = float(epsilon_loss(jnp.asarray(a), jnp.asarray(b), "sum"))
+  np.testing.assert_allclose(got, sq.sum(axis=(1, 2, 3)).mean(), rtol=1e-6)
+  np.testing.assert_allclose(got, 48 * float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="reduction"):
+    epsilon_loss(jnp.asarray(a), jnp.asarray(b), "max")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,3 +292,123 @@ def test_ddpm_bad_variance_raises():
   with pytest.raises(ValueError):
     ddpm_sample(toy_apply, make_schedule("linear", 10, 1e-3, 0.2), (1, 2, 2, 1),
                 jax.random.key(0), variance="learned")
+
+
+# ---------------------------------------------------------------------------------------------
+# x0 clipping and dynamic thresholding (sampling.clip_x0, sampling.dynamic_threshold)
+
+
+def test_dynamic_threshold_exact():
+  # sample 0: |x0| = 0.5, 1, 2, 4 -> 50th percentile (linear) 1.5 -> clip to [-1.5, 1.5], / 1.5
+  # sample 1: all |x0| <= 1 -> s = max(s, 1) = 1: unchanged
+  x0 = np.array([[0.5, -1.0, 2.0, -4.0], [0.2, -0.9, 1.0, 0.0]], np.float32).reshape(2, 2, 2, 1)
+  got = np.asarray(dynamic_threshold_x0(jnp.asarray(x0), 50.0))
+  expected = np.array([[0.5 / 1.5, -1.0 / 1.5, 1.0, -1.0], [0.2, -0.9, 1.0, 0.0]])
+  np.testing.assert_allclose(got.reshape(2, 4), expected, rtol=1e-6)
+  # percentile 100: s is the max |x0| (4), every value divided by it
+  got = np.asarray(dynamic_threshold_x0(jnp.asarray(x0), 100.0))
+  np.testing.assert_allclose(got[0].ravel(), [0.125, -0.25, 0.5, -1.0], rtol=1e-6)
+  # process_x0: off is the identity; clip is [-1, 1]; thresholding first, then the clip
+  np.testing.assert_array_equal(np.asarray(process_x0(jnp.asarray(x0))), x0)
+  np.testing.assert_array_equal(np.asarray(process_x0(jnp.asarray(x0), clip_x0=True)),
+                                np.clip(x0, -1, 1))
+  np.testing.assert_allclose(np.asarray(process_x0(jnp.asarray(x0), True, 50.0)).reshape(2, 4),
+                             expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip,percentile", [(True, 0.0), (False, 90.0)])
+@pytest.mark.parametrize("t,t_next,eta", [(500, 250, 0.0), (500, 490, 1.0), (30, -1, 0.0)])
+def test_ddim_step_with_x0_processing(clip, percentile, t, t_next, eta):
+  """x0 processed, eps recomputed from it, then Eq. 12 (guided-diffusion's ddim_sample)."""
+  s = make_schedule()
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  rng = np.random.default_rng(t)
+  x, eps, noise = (3 * rng.standard_normal((3, 2, 4, 4, 3))).astype(np.float32)
+  x0 = (x.astype(np.float64) - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t])
+  if percentile:
+    q = np.maximum(np.percentile(np.abs(x0), percentile, axis=(1, 2, 3), keepdims=True), 1.0)
+    x0 = np.clip(x0, -q, q) / q
+  else:
+    x0 = np.clip(x0, -1, 1)
+  assert np.abs(x0).max() <= 1 and (np.abs(x0) == 1).any()  # the processing is active
+  eps_c = (x - np.sqrt(abar[t]) * x0) / np.sqrt(1 - abar[t])
+  an = abar[t_next] if t_next >= 0 else 1.0
+  sigma = eta * np.sqrt((1 - an) / (1 - abar[t])) * np.sqrt(1 - abar[t] / an)
+  expected = np.sqrt(an) * x0 + np.sqrt(1 - an - sigma ** 2) * eps_c + sigma * noise
+  got = ddim_step(s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta,
+                  jnp.asarray(noise), clip_x0=clip, dynamic_threshold=percentile)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+  plain = ddim_step(s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta,
+                    jnp.asarray(noise))
+  assert not np.allclose(np.asarray(plain), expected, atol=1e-3)
+  if t_next == -1:  # the last step returns the processed x0 itself
+    np.testing.assert_allclose(np.asarray(got), x0, rtol=1e-5, atol=1e-5)
+
+
+def big_apply(x, t, cache):
+  """A stand-in model whose x0 predictions leave [-1, 1]: eps = -x."""
+  del t, cache
+  return UNetOutput(-x, (x,))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samplers_clip_x0_bounds_the_sample(sampler):
+  s = make_schedule("linear", 40, 1e-3, 0.2)
+  shape, rng = (2, 4, 4, 3), jax.random.key(12)
+  run = ((lambda **kw: ddim_sample(big_apply, s, shape, rng, steps=10, **kw)) if sampler == "ddim"
+         else (lambda **kw: ddpm_sample(big_apply, s, shape, rng, **kw)))
+  plain, clipped, thresholded = run(), run(clip_x0=True), run(dynamic_threshold=99.5)
+  assert np.abs(np.asarray(plain)).max() > 2
+  for out in (clipped, thresholded):  # DDPM's last mean is x0 up to float32 round-off
+    assert np.abs(np.asarray(out)).max() <= 1 + 1e-4
+  assert not np.allclose(np.asarray(clipped), np.asarray(thresholded))
+  with pytest.raises(ValueError, match="percentile"):
+    run(dynamic_threshold=101.0)
+
+
+def test_ddpm_clip_matches_posterior_mean_loop():
+  """DDPM with clip_x0: the posterior mean of the clipped x0 (DDPM's clip_denoised=True)."""
+  s = make_schedule("linear", 40, 1e-3, 0.2)
+  shape, rng = (2, 4, 4, 3), jax.random.key(13)
+  betas = np.asarray(s.betas, np.float64)
+  abar = np.cumprod(1 - betas)
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  init_key, key = jax.random.split(rng)
+  x = np.asarray(jax.random.normal(init_key, shape, jnp.float32), np.float64)
+  keys = jax.random.split(key, len(betas))
+  for i, t in enumerate(range(len(betas) - 1, -1, -1)):
+    eps = 0.5 * (np.tanh(x) + 1e-4 * t)  # toy_apply without a cache
+    x0 = np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+    mean = (np.sqrt(abar_prev[t]) * betas[t] * x0
+            + np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x) / (1 - abar[t])
+    noise = np.asarray(jax.random.normal(keys[i], shape, jnp.float32), np.float64)
+    x = mean + (np.sqrt(betas[t]) * noise if t > 0 else 0.0)
+  got = ddpm_sample(toy_apply, s, shape, rng, clip_x0=True)
+  np.testing.assert_allclose(np.asarray(got), x, rtol=1e-4, atol=1e-4)
+
+
+def test_make_sampler_passes_x0_options():
+  """config.sampling.clip_x0 / dynamic_threshold reach the jitted sampler; validation."""
+  config = H.tiny_config("fp", micro=True)
+  config.sampling.steps = 1
+  model = train_lib.make_model(config)
+  params = H.random_params(model, config, seed=4)
+  params = jax.tree_util.tree_map(lambda p: 20 * p, params)  # x0 predictions far outside [-1, 1]
+  mesh = train_lib.make_mesh(config)
+  schedule = config_lib.schedule_from_config(config)
+  out = {}
+  for clip, percentile in ((False, 0.0), (True, 0.0), (False, 99.5)):
+    config.sampling.update(clip_x0=clip, dynamic_threshold=percentile)
+    config_lib.validate(config)
+    sample = train_lib.make_sampler(config, model, schedule, mesh)
+    out[clip, percentile] = np.asarray(sample(params, jax.random.key(0), 2))
+  assert np.abs(out[False, 0.0]).max() > 1
+  # one DDIM step from T - 1 to the clean image returns the processed x0
+  np.testing.assert_allclose(out[True, 0.0], np.clip(out[False, 0.0], -1, 1), rtol=1e-4,
+                             atol=1e-4)
+  q = np.maximum(np.percentile(np.abs(out[False, 0.0]), 99.5, axis=(1, 2, 3), keepdims=True), 1)
+  np.testing.assert_allclose(out[False, 99.5], np.clip(out[False, 0.0], -q, q) / q, rtol=1e-4,
+                             atol=1e-4)
+  config.sampling.dynamic_threshold = 150.0
+  with pytest.raises(ValueError, match="sampling.dynamic_threshold"):
+    config_lib.validate(config)

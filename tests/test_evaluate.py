@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from bidm_jax import config as config_lib
+from bidm_jax import data as data_lib
 from bidm_jax.data import default_data_config
 from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation import inception
-from bidm_jax.evaluation.metrics import FeatureStats, frechet_distance
+from bidm_jax.evaluation.metrics import FeatureStats, frechet_distance, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from conftest import random_params
@@ -33,6 +34,8 @@ METRIC_KEYS = {
     "num_samples", "sampler", "steps", "eta", "seed", "method", "checkpoint", "checkpoint_step",
     "reference", "reference_description", "reference_count", "reference_pr_features",
     "inception_weights", "images_per_s", "seconds", "samples_file", "notes",
+    "clip_x0", "dynamic_threshold", "saturated_fraction", "mean_image_std",
+    "reference_saturated_fraction", "reference_mean_image_std",
 }
 DESCRIPTION_KEYS = {"source", "name", "split", "data_dir", "image_size", "channels", "count"}
 NUM_REFERENCE = 24
@@ -115,6 +118,11 @@ def test_metrics_json_has_every_key_and_finite_values(run):
       count=NUM_REFERENCE)
   assert written["inception_weights"] == str(WEIGHTS)
   assert written["samples_file"] is None
+  assert written["clip_x0"] is False and written["dynamic_threshold"] == 0.0
+  for key in ("saturated_fraction", "reference_saturated_fraction"):
+    assert 0.0 <= written[key] <= 1.0, key
+  for key in ("mean_image_std", "reference_mean_image_std"):
+    assert 0.0 < written[key] < 128.0, key
   assert not (run["workdir"] / eval_lib.SAMPLES_FILE).exists()
 
 
@@ -128,6 +136,15 @@ def test_reference_file_contents(run):
     assert data["pr_features"].shape == (PR_REFERENCE, 2048)
     assert set(json.loads(str(data["description"]))) == DESCRIPTION_KEYS
     assert str(data["inception_weights"]) == WEIGHTS.name
+    health = {k: float(data[k]) for k in ("saturated_fraction", "mean_image_std")}
+  # the image health of exactly the reference images (the first 24 digits, as uint8)
+  it = data_lib.make_eval_iterator(run["config"].data, batch_size=NUM_REFERENCE,
+                                   num_examples=NUM_REFERENCE)
+  expected = image_health(np.concatenate([b["image"] for b in it]))
+  assert health == pytest.approx({k: expected[k] for k in health})
+  assert run["metrics"]["reference_saturated_fraction"] == pytest.approx(
+      expected["saturated_fraction"])
+  assert run["ref_again"]["health"] == pytest.approx(health)
   # Readable by FeatureStats as the pool and sFID statistics.
   assert FeatureStats.load(run["reference"]).count == NUM_REFERENCE
   assert FeatureStats.load(run["reference"], "_s").dim == 2023
@@ -151,6 +168,10 @@ def test_second_evaluation_keeps_samples(run):
   with np.load(path) as data:
     images = data["images"]
   assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
+  # the sample health is that of exactly the evaluated uint8 samples
+  expected = image_health(images)
+  assert m["saturated_fraction"] == pytest.approx(expected["saturated_fraction"])
+  assert m["mean_image_std"] == pytest.approx(expected["mean_image_std"])
   with open(run["workdir2"] / eval_lib.METRICS_FILE) as f:
     assert set(json.load(f)) == METRIC_KEYS
 
@@ -267,3 +288,20 @@ def test_compute_metrics_with_and_without_classifier():
   values3, notes3 = eval_lib.compute_metrics(no_pr, pool, spatial, None)
   assert values3["precision"] is None and values3["sfid"] is None
   assert any("precision/recall" in n for n in notes3) and any("sfid" in n for n in notes3)
+
+
+def test_reference_without_health_still_loads(run, tmp_path):
+  """A reference file written before the image-health fields is used, with a note."""
+  with np.load(run["reference"]) as data:
+    arrays = {k: data[k] for k in data.files if k not in ("saturated_fraction", "mean_image_std")}
+  old = tmp_path / "old_ref.npz"
+  np.savez(old, **arrays)
+  ref = eval_lib.Reference.load(old)
+  assert ref.health is None and ref.count == NUM_REFERENCE
+  assert eval_lib.Reference.load(run["reference"]).health is not None
+  config = make_config(num_samples=6, reference=str(old))
+  config.sampling.checkpoint = str(run["export"])
+  m = eval_lib.evaluate(config, str(tmp_path / "work"))
+  assert m["reference_saturated_fraction"] is None and m["reference_mean_image_std"] is None
+  assert m["saturated_fraction"] is not None
+  assert any("no image health" in n for n in m["notes"])

@@ -248,3 +248,51 @@ def test_binary_conv_bf16_compute():
   # bf16 rounding of x + tau may flip the odd near-zero sign; everything else agrees closely
   close = np.abs(np.asarray(y.astype(jnp.float32)) - ref) <= 0.05 + 0.02 * np.abs(ref)
   assert close.mean() > 0.97, close.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# binary_bias=False: the release's binary layers without the real bias
+
+
+@pytest.mark.parametrize("method_name", ["xnor", "bidm", "xnorpp"])
+def test_binary_bias_false_drops_the_bias(method_name):
+  """The output is the default layer's minus b, the 'bias' parameter stays (unused, zero
+  gradient) and is no longer counted as stored; FP layers keep their bias."""
+  keep, drop = get_method(method_name), get_method(method_name, binary_bias=False)
+  assert keep.binary_bias and not drop.binary_bias
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 8)), jnp.float32)
+  xd = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+  for layer_cls, inp, cout in ((BinaryConv, x, 16), (BinaryDense, xd, 8)):
+    with_b, without_b = layer_cls(cout, method=keep), layer_cls(cout, method=drop)
+    variables = random_layer_params(with_b, inp, seed=11)
+    assert "bias" in variables["params"]
+    assert (jax.tree_util.tree_structure(random_layer_params(without_b, inp, seed=11))
+            == jax.tree_util.tree_structure(variables))
+    bias = np.asarray(variables["params"]["bias"])
+    assert np.abs(bias).min() > 0
+    y_keep = np.asarray(with_b.apply(variables, inp))
+    y_drop = np.asarray(without_b.apply(variables, inp))
+    np.testing.assert_allclose(y_drop, y_keep - bias, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda v: jnp.sum(without_b.apply(v, inp) ** 2))(variables)["params"]
+    np.testing.assert_array_equal(np.asarray(grads["bias"]), np.zeros(cout))
+    costs = [np.asarray(jax.tree_util.tree_leaves(
+        layer.apply({"params": variables["params"]}, inp, mutable=["costs"])[1]["costs"])[0])
+             for layer in (with_b, without_b)]
+    assert costs[0][3] - costs[1][3] == cout  # real_params: the bias is not stored
+    np.testing.assert_array_equal(costs[0][:3], costs[1][:3])
+  fp = BinaryConv(16, method=get_method("fp", binary_bias=False))
+  variables = random_layer_params(fp, x, seed=12)
+  np.testing.assert_allclose(
+      np.asarray(fp.apply(variables, x)),
+      np.asarray(BinaryConv(16).apply(variables, x)), rtol=1e-6)
+
+
+def test_binary_bias_from_config():
+  from bidm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  c = config_lib.default_config()
+  assert config_lib.method_from_config(c).binary_bias
+  c.binarization.binary_bias = False
+  assert not config_lib.method_from_config(c).binary_bias
+  c.binarization.fp_init = "none"
+  assert config_lib.method_from_config(c).fp_init == "none"

@@ -18,7 +18,8 @@ import optax
 import pytest
 
 from bidm_jax.binarize import estimators as est
-from bidm_jax.binarize.methods import METHOD_DOCS, METHODS, QuantContext, get_method
+from bidm_jax.binarize.methods import (ACTIVATION_MEAN_ABS, FP_INITS, METHOD_DOCS, METHODS,
+                                       QuantContext, get_method)
 from bidm_jax.layers.binary import BinaryConv, BinaryDense
 from bidm_jax.models.unet import UNet
 
@@ -301,6 +302,54 @@ def test_xnorpp_factorised_output_scale():
   yd = np.asarray(dense.apply({"params": dp}, xd, CTX))
   np.testing.assert_allclose(yd, (_np_sign(xd) @ _np_sign(dp["kernel"])) * dp["output_scale"],
                              rtol=1e-5)
+
+
+def test_xnorpp_init_from_fp_gives_the_xnor_output():
+  """fp_init='xnor_scales': Gamma[o] = mean|W[..., o]| / sqrt(2 pi), so on inputs with
+  |x| = 1/sqrt(2 pi) everywhere XNOR++ computes exactly XNOR's conv (away from the zero-padded
+  border, where XNOR's K is smaller)."""
+  assert ACTIVATION_MEAN_ABS == pytest.approx(1 / math.sqrt(2 * math.pi))
+  assert METHODS["xnorpp"].fp_init == "xnor_scales"
+  assert all(METHODS[n].fp_init == "none" for n in METHODS if n != "xnorpp")
+  assert set(FP_INITS) == {"none", "xnor_scales"}
+  x = ACTIVATION_MEAN_ABS * _np_sign(_x())
+  xnorpp, xnor = (BinaryConv(8, method=METHODS[n]) for n in ("xnorpp", "xnor"))
+  fp = _params(BinaryConv(8), x)  # the FP layer's kernel and bias: the teacher
+  fp = {"kernel": fp["kernel"], "bias": jnp.asarray(_uniform((8,), -0.5, 0.5, 11))}
+  dense = BinaryDense(5, method=METHODS["xnorpp"])
+  xd = _x((2, 7), seed=8)
+  dense_fp = _params(BinaryDense(5), xd)
+  tree = {"conv": _params(xnorpp, x, **fp), "dense": _params(dense, xd, **dense_fp),
+          "other": {"kernel": jnp.ones((3, 2))}}
+  assert float(tree["conv"]["output_scale"][0]) == 1.0  # the Flax init before the FP init
+  out = METHODS["xnorpp"].init_from_fp(tree)
+  alpha = np.mean(np.abs(np.asarray(fp["kernel"])), axis=(0, 1, 2))
+  np.testing.assert_allclose(np.asarray(out["conv"]["output_scale"]),
+                             alpha * ACTIVATION_MEAN_ABS, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(out["dense"]["output_scale"]),
+      np.mean(np.abs(np.asarray(dense_fp["kernel"])), axis=0) * ACTIVATION_MEAN_ABS, rtol=1e-6)
+  for layer in ("conv", "dense"):
+    for name in tree[layer]:
+      if name != "output_scale":
+        np.testing.assert_array_equal(np.asarray(out[layer][name]), np.asarray(tree[layer][name]))
+  np.testing.assert_array_equal(np.asarray(out["other"]["kernel"]), np.ones((3, 2)))
+  y_pp = np.asarray(xnorpp.apply({"params": out["conv"]}, x, CTX))
+  y_xnor = np.asarray(xnor.apply({"params": _params(xnor, x, **fp)}, x, CTX))
+  np.testing.assert_allclose(y_pp[:, 1:-1, 1:-1], y_xnor[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(y_pp[:, 0], y_xnor[:, 0], atol=1e-4)  # the border differs (K < c)
+  # Without the FP init (or for a method without output scales) nothing changes.
+  assert get_method("xnorpp", fp_init="none").init_from_fp(tree) is tree
+  same = get_method("xnor", fp_init="xnor_scales").init_from_fp({"conv": _params(xnor, x, **fp)})
+  np.testing.assert_array_equal(np.asarray(same["conv"]["kernel"]), np.asarray(fp["kernel"]))
+  # A factorised Gamma: the channel factor gets the scale, the spatial factors stay 1.
+  fact = BinaryConv(8, method=get_method("xnorpp", output_scale="factorised"))
+  out = fact.method.init_from_fp(_params(fact, x, **fp))
+  np.testing.assert_allclose(np.asarray(out["output_scale"]), alpha * ACTIVATION_MEAN_ABS,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["output_scale_h"]), np.ones(6))
+  with pytest.raises(ValueError, match="fp_init"):
+    get_method("xnorpp", fp_init="magic")
 
 
 def test_dorefa_layer_weights_are_plus_minus_mean_abs():

@@ -156,3 +156,25 @@ def test_input_validation():
         precision_recall(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError):
         metrics.knn_radii(np.zeros((3, 2)), k=3)
+
+
+def test_image_health_exact():
+    # image 0: values 0, 255, 100, 155 (2 of 4 saturated), std = sqrt(mean((v - 127.5)^2))
+    # image 1: constant 7 (none saturated), std 0
+    images = np.array([[0, 255, 100, 155], [7, 7, 7, 7]], np.uint8).reshape(2, 2, 2, 1)
+    out = metrics.image_health(images)
+    assert out["num_images"] == 2
+    assert out["saturated_fraction"] == pytest.approx(2 / 8)
+    std0 = np.sqrt(np.mean(np.square([-127.5, 127.5, -27.5, 27.5])))
+    assert out["mean_image_std"] == pytest.approx(std0 / 2)
+    # RGB replication of gray changes nothing; streaming equals one call
+    rgb = np.repeat(images, 3, axis=-1)
+    assert metrics.image_health(rgb) == pytest.approx(out)
+    health = metrics.ImageHealth()
+    health.update(images[:1]).update(images[1:]).update(images[:0])
+    assert health.result() == pytest.approx(out)
+    assert metrics.ImageHealth().result()["saturated_fraction"] is None
+    with pytest.raises(ValueError, match="uint8"):
+        metrics.image_health(images.astype(np.float32))
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.image_health(images[:0])

@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import MICRO_SHAPE, TBS_CONNECTIONS, tiny_inputs
+from conftest import MICRO_SHAPE, TBS_CONNECTIONS, random_params, tiny_inputs
 
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.estimators import timestep_bucket
+from bidm_jax.binarize.methods import get_method
+from bidm_jax.diffusion import ddim_sample, ddim_step, ddim_timesteps, make_schedule
+from bidm_jax.models.unet import UNet, UNetOutput
 
 N = TBS_CONNECTIONS
 
@@ -222,3 +225,123 @@ def test_paired_forward_gradient_equals_explicit_stop_gradient(micro_bidm):
     np.testing.assert_allclose(np.asarray(g), np.asarray(flat_e[path]), rtol=1e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
   assert np.any(np.asarray(gp["params"]["tbs_table"]) != 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's TBS structure (tbs_structure='release')
+
+RELEASE_CONFIG = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                      dropout=0.0)
+"""Three levels (16, 8, 4) with attention at level 1, like CIFAR-10's (32, 16, 8, 4) with
+attention at 16x16: up_2_upsample enters level 1, up_1_upsample leaves it."""
+RELEASE_SHAPE = (2, 16, 16, 3)
+
+
+@pytest.fixture(scope="module")
+def release_bidm():
+  model = UNet(**RELEASE_CONFIG, method=get_method("bidm"), tbs_connections=5,
+               tbs_structure="release")
+  params = random_params(model, RELEASE_SHAPE, seed=21)
+  apply = jax.jit(lambda p, x, t, cache: model.apply(p, x, t, cache=cache,
+                                                     capture_intermediates=True,
+                                                     mutable=["intermediates"]))
+  return model, params, apply
+
+
+def test_release_structure_names_and_cifar_shapes():
+  model = UNet(method=get_method("bidm"), tbs_connections=8, tbs_structure="release")
+  assert model.release_connections == ("up_2_upsample", "up_1_upsample")
+  assert model.num_connections == 2  # tbs_connections is the 'blocks' count: ignored here
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  assert variables["params"]["tbs_release_table"].shape == (100, 4)
+  assert "tbs_table" not in variables["params"]
+  out = jax.eval_shape(model.apply, variables, x, t)
+  assert [c.shape for c in out.connections] == [(2, 16, 16, 256), (2, 32, 32, 256)]
+  # no TBS without a cross-timestep method
+  assert UNet(tbs_structure="release").num_connections == 0
+
+
+def test_release_zero_table_and_invalid_cache_are_the_identity(release_bidm):
+  model, params, apply = release_bidm
+  x, t = tiny_inputs(RELEASE_SHAPE, seed=22)
+  plain, _ = apply(params, x, t, None)
+  assert len(plain.connections) == 2
+  np.testing.assert_array_equal(np.asarray(plain.connections[1]),
+                                np.asarray(plain.points["up_1_upsample"]))
+  rng = np.random.default_rng(23)
+  feats = tuple(jnp.asarray(rng.standard_normal(c.shape), jnp.float32) for c in plain.connections)
+  assert np.all(np.asarray(params["params"]["tbs_release_table"]) != 0)  # random, non-zero
+  invalid, _ = apply(params, x, t, tbs.TBSCache(feats, jnp.asarray(False)))
+  assert_outputs_equal(invalid, plain)
+  zero = {"params": dict(params["params"], tbs_release_table=jnp.zeros((100, 3)))}
+  assert_outputs_equal(apply(zero, x, t, tbs.TBSCache(feats, jnp.asarray(True)))[0],
+                       apply(zero, x, t, None)[0])
+  # the model's own init is the release's: zero
+  init = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  assert init["params"]["tbs_release_table"].shape == (100, 3)
+
+
+def test_release_blends_level1_attention_and_upsample(release_bidm):
+  """Level 1's attention outputs blend with the cached up_2_upsample, the up_1_upsample output
+  with its own cached output, both with a[bucket(t), 1]; columns 0 and 2 are unused."""
+  _, params, apply = release_bidm
+  x, _ = tiny_inputs(RELEASE_SHAPE, seed=24)
+  t = jnp.array([17, 804], jnp.int32)  # buckets 1 and 80
+  table = np.random.default_rng(25).uniform(0.1, 0.9, (100, 3)).astype(np.float32)
+  p = {"params": dict(params["params"], tbs_release_table=jnp.asarray(table))}
+  rng = np.random.default_rng(26)
+  shapes = [(2, 8, 8, 64), (2, 16, 16, 64)]
+  feats = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+  out, inter = apply(p, x, t, tbs.TBSCache(feats, jnp.asarray(True)))
+  inter = inter["intermediates"]
+  a = table[[1, 80], 1][:, None, None, None]
+  blend = lambda h, c: (1 - a) * np.asarray(h) + a * np.asarray(c)
+  # decoder features: level 2 (2 blocks, the second with up_2_upsample), level 1 (2 blocks, each
+  # with attention, the second with up_1_upsample), level 0 (2 blocks)
+  dec = out.features[-6:]
+  attn0 = inter["up_1_attn_0"]["__call__"][0]
+  np.testing.assert_allclose(np.asarray(dec[2]), blend(attn0, feats[0]), rtol=1e-5, atol=1e-5)
+  up1 = inter["up_1_upsample"]["__call__"][0]
+  np.testing.assert_allclose(np.asarray(dec[3]), blend(up1, feats[1]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out.points["up_1_upsample"]), np.asarray(dec[3]))
+  np.testing.assert_array_equal(np.asarray(out.connections[1]), np.asarray(dec[3]))
+  # up_2_upsample is carried unblended (level 2 >= 2); so are the level-2 blocks
+  up2 = inter["up_2_upsample"]["__call__"][0]
+  np.testing.assert_array_equal(np.asarray(dec[1]), np.asarray(up2))
+  np.testing.assert_array_equal(np.asarray(out.connections[0]), np.asarray(up2))
+  # only column 1 of the table matters
+  other = table.copy()
+  other[:, [0, 2]] = 0.5
+  p2 = {"params": dict(params["params"], tbs_release_table=jnp.asarray(other))}
+  assert_outputs_equal(apply(p2, x, t, tbs.TBSCache(feats, jnp.asarray(True)))[0], out)
+
+
+def test_samplers_and_paired_forward_carry_the_models_connections():
+  """A model's `connections` (not its last features) are what the next step blends with."""
+
+  def apply_fn(x, t, cache):
+    h = jnp.tanh(x) + 1e-3 * t[:, None, None, None].astype(jnp.float32)
+    if cache is not None:
+      h = tbs.blend(h, cache.features[0], jnp.where(cache.valid, 0.5, 0.0) * jnp.ones(x.shape[0]))
+    return UNetOutput(0.5 * h, (x, -x), None, (h,))
+
+  s, shape = make_schedule(), (2, 4, 4, 1)
+  got = ddim_sample(apply_fn, s, shape, jax.random.key(0), steps=4, num_connections=1)
+  init_key, _ = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(init_key, shape, jnp.float32)
+  cache = None
+  ts = ddim_timesteps(1000, 4)
+  for i, ti in enumerate(ts):
+    out = apply_fn(x, jnp.full((2,), ti, jnp.int32), cache)
+    x = ddim_step(s, x, out.eps, jnp.int32(ti), jnp.int32(ts[i + 1] if i + 1 < 4 else -1), 0.0,
+                  jnp.zeros(shape))
+    cache = tbs.TBSCache(out.connections, jnp.ones((), bool))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-5, atol=1e-5)
+  paired = tbs.paired_timestep_forward(lambda p, x, t, c, r: apply_fn(x, t, c), None,
+                                       x, jnp.array([5, 6]), x + 1, jnp.array([4, 5]), 1,
+                                       jax.random.key(1))
+  first = apply_fn(x, jnp.array([5, 6]), None)
+  second = apply_fn(x + 1, jnp.array([4, 5]), tbs.TBSCache(first.connections, jnp.ones((), bool)))
+  np.testing.assert_allclose(np.asarray(paired.eps), np.asarray(second.eps), rtol=1e-6)

@@ -18,7 +18,9 @@ import pytest
 
 import helpers as H
 from bidm_jax import config as config_lib
-from bidm_jax.binarize.methods import FP
+from bidm_jax.bidm import spd, tbs
+from bidm_jax.binarize.methods import ACTIVATION_MEAN_ABS, FP
+from bidm_jax.diffusion.schedules import q_sample
 from bidm_jax.training import train as train_lib
 
 QAT_UPDATES = 20
@@ -195,3 +197,102 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path, tmp_path_factory):
   assert H.checkpoint_steps(tmp_path / "split") == [n, 2 * n]
   H.assert_trees_equal(H.read_state(tmp_path / "split", 2 * n),
                        H.read_state(tmp_path / "whole", 2 * n), "final state")
+
+
+def test_train_applies_the_method_fp_init(tmp_path):
+  """train() runs method.init_from_fp right after loading the teacher: XNOR++ starts its Gamma
+  at mean|W_teacher| / sqrt(2 pi) (one step at lr 1e-9 moves it by ~1e-9)."""
+  teacher = H.export_teacher(H.tiny_config("fp", micro=True), tmp_path / "teacher", seed=5)
+  config = H.tiny_config("xnorpp", micro=True, teacher=teacher, steps=1, learning_rate=1e-9,
+                         warmup_steps=0, log_every=1, checkpoint_every=1000)
+  state = train_lib.train(config, str(tmp_path / "run"))["state"]
+  flat = H.flat(jax.device_get(state.params))
+  scales = [k for k in flat if k.endswith("['output_scale']")]
+  assert len(scales) >= 5  # the res block convs, its time projection, the decoder convs
+  for key in scales:
+    kernel = flat[key.replace("['output_scale']", "['kernel']")]
+    alpha = np.mean(np.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
+    np.testing.assert_allclose(flat[key], alpha * ACTIVATION_MEAN_ABS, rtol=1e-4, atol=1e-7,
+                               err_msg=key)
+
+
+def test_loss_reduction_sum():
+  """distill.reduction='sum': L_DM summed over each image's H*W*C values (the authors' CIFAR
+  code), the distillation term unchanged; 'eps_mse' reports the per-value MSE."""
+  config = H.tiny_config("bidm", micro=True)
+  method = config_lib.method_from_config(config)
+  model, teacher = train_lib.make_model(config, method), train_lib.make_model(config, FP)
+  teacher_params = H.random_params(teacher, config, seed=0)
+  params = train_lib.overlay_params(H.random_params(model, config, seed=1), teacher_params)
+  schedule = config_lib.schedule_from_config(config)
+  images = jnp.asarray(H.digits_batch(config))
+  fns = {}
+  for reduction in ("mean", "sum"):
+    config.distill.reduction = reduction
+    config_lib.validate(config)
+    fns[reduction] = train_lib.make_loss_fn(config, model, schedule, teacher)
+  both = jax.jit(lambda r: {k: f(params, teacher_params, images, r, 0.5)[1]
+                            for k, f in fns.items()})(jax.random.PRNGKey(3))
+  mean, total = jax.device_get(both["mean"]), jax.device_get(both["sum"])
+  values = int(np.prod(images.shape[1:]))
+  assert values == 64
+  np.testing.assert_allclose(total["loss_dm"], values * mean["loss_dm"], rtol=1e-5)
+  np.testing.assert_allclose(total["eps_mse"], mean["loss_dm"], rtol=1e-5)
+  assert "eps_mse" not in mean
+  np.testing.assert_allclose(total["loss_distill"], mean["loss_distill"], rtol=1e-6)
+  w = config.distill.weight
+  np.testing.assert_allclose(total["loss"], total["loss_dm"] + w * total["loss_distill"],
+                             rtol=1e-6)
+  config.distill.reduction = "none"
+  with pytest.raises(ValueError, match="distill.reduction"):
+    config_lib.validate(config)
+
+
+def test_release_spd_points_and_tbs_structure_in_the_loss():
+  """distill.points='release' distils the model's release points (not the block outputs);
+  tbs.structure='release' makes the student carry its upsample output between the passes."""
+  config = H.tiny_config("bidm")
+  config.tbs.structure = "release"
+  config.distill.points = "release"
+  config_lib.validate(config)
+  method = config_lib.method_from_config(config)
+  model, teacher = train_lib.make_model(config, method), train_lib.make_model(config, FP)
+  assert model.tbs_structure == "release" and model.num_connections == 1
+  assert model.release_points == ("down_0_downsample", "down_1_block_0/conv2",
+                                  "mid_block_2/conv2", "up_1_upsample")
+  teacher_params = H.random_params(teacher, config, seed=0)
+  params = train_lib.overlay_params(H.random_params(model, config, seed=1), teacher_params)
+  assert "tbs_release_table" in params and "tbs_table" not in params
+  schedule = config_lib.schedule_from_config(config)
+  images = jnp.asarray(H.digits_batch(config))
+  loss_fn = train_lib.make_loss_fn(config, model, schedule, teacher)
+  rng = jax.random.PRNGKey(5)
+
+  def reference():
+    k_t, k_noise, k_drop = jax.random.split(rng, 3)
+    t = jax.random.randint(k_t, (images.shape[0],), 0, 1000)
+    noise = jax.random.normal(k_noise, images.shape, jnp.float32)
+    x_t = q_sample(schedule, images, t, noise)
+    t_prev = jnp.minimum(t + 1, 999)
+    apply = lambda p, x, tt, cache, r: model.apply({"params": p}, x, tt, cache=cache, train=True,
+                                                   progress=0.5, rngs={"dropout": r})
+    out = tbs.paired_timestep_forward(apply, params, q_sample(schedule, images, t_prev, noise),
+                                      t_prev, x_t, t, 1, k_drop)
+    target = teacher.apply({"params": teacher_params}, x_t, t)
+    names = model.release_points
+    return (spd.spd_loss([out.points[k] for k in names], [target.points[k] for k in names], 4),
+            spd.spd_loss(out.features, target.features, 4))
+
+  metrics, (release, blocks) = jax.jit(
+      lambda: (loss_fn(params, teacher_params, images, rng, 0.5)[1], reference()))()
+  np.testing.assert_allclose(float(metrics["loss_distill"]), float(release), rtol=1e-5)
+  assert abs(float(release) - float(blocks)) > 1e-3
+  config.distill.points = "all"
+  with pytest.raises(ValueError, match="distill.points"):
+    config_lib.validate(config)
+  config.distill.points, config.tbs.structure = "blocks", "chain"
+  with pytest.raises(ValueError, match="tbs.structure"):
+    config_lib.validate(config)
+  config.tbs.structure, config.model.ch_mult = "release", (1,)
+  with pytest.raises(ValueError, match="at least 2 levels"):
+    config_lib.validate(config)

@@ -172,3 +172,42 @@ def test_invalid_configurations_raise():
   with pytest.raises(ValueError):
     jax.eval_shape(UNet(**TINY_CONFIG).init, jax.random.key(0),
                    jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32), t)
+
+
+def test_release_points_cifar10():
+  """The authors' 8 SPD points: three downsample convs, the last encoder block's and the middle
+  block's conv2, three upsamples."""
+  model = UNet(method=get_method("bidm"), tbs_connections=2)
+  assert model.release_points == (
+      "down_0_downsample", "down_1_downsample", "down_2_downsample", "down_3_block_1/conv2",
+      "mid_block_2/conv2", "up_3_upsample", "up_2_upsample", "up_1_upsample")
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  out = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0), x, t), x, t)
+  assert set(out.points) == set(model.release_points)  # (jax returns dicts key-sorted)
+  assert [out.points[k].shape[1:] for k in model.release_points] == [
+      (16, 16, 128), (8, 8, 256), (4, 4, 256), (4, 4, 256), (4, 4, 256), (8, 8, 256),
+      (16, 16, 256), (32, 32, 256)]
+  assert len(out.connections) == 2
+
+
+def test_points_are_the_named_layer_outputs(tiny_bidm):
+  """points[name] is the output of that layer (Flax's captured intermediates): conv2 before
+  the res block's skip addition; connections are the last n features (the 'blocks' TBS)."""
+  model, params = tiny_bidm.model, tiny_bidm.params
+  x, t = tiny_inputs()
+  assert model.release_points == ("down_0_downsample", "down_1_block_0/conv2",
+                                  "mid_block_2/conv2", "up_1_upsample")
+  out, inter = jax.jit(lambda p: model.apply(p, x, t, capture_intermediates=True,
+                                             mutable=["intermediates"]))(params)
+  inter = inter["intermediates"]
+  for name in model.release_points:
+    node = inter
+    for key in name.split("/"):
+      node = node[key]
+    np.testing.assert_array_equal(np.asarray(out.points[name]), np.asarray(node["__call__"][0]))
+  mid = inter["mid_block_2"]["__call__"][0]
+  assert not np.allclose(np.asarray(mid[1]), np.asarray(mid[0]))  # conv2 != block output
+  assert len(out.connections) == 2
+  for c, f in zip(out.connections, out.features[-2:]):
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(f))

@@ -3,6 +3,8 @@
 At each connection point p (the output of one of the last n decoder blocks) the model blends
 its output with the same block's output from the previous denoising step:
 `h <- (1 - a[bucket(t), p]) * h + a[bucket(t), p] * stop_gradient(cache_p)`.
+The model says which tensors the next step blends with (`UNetOutput.connections`; the U-Net's
+'release' structure carries upsample outputs instead of the last blocks', `models/unet.py`).
 The other half of TBS, the learnable k of the activation scale, lives in the binary layers.
 """
 
@@ -24,6 +26,14 @@ class TBSCache(NamedTuple):
   """
   features: tuple[Array, ...]
   valid: Array
+
+
+def connection_features(out, num_connections: int) -> tuple:
+  """The tensors of a model output that the next step blends with: `out.connections`, or the
+  last `num_connections` features for outputs that do not say (stand-in models)."""
+  if getattr(out, "connections", None) is not None:
+    return tuple(out.connections)
+  return tuple(out.features[len(out.features) - num_connections:])
 
 
 def empty_cache(feature_shapes) -> TBSCache:
@@ -69,8 +79,7 @@ def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Ar
   Returns the second pass's UNetOutput (eps and features at t).
   """
   abstract = jax.eval_shape(lambda: apply_fn(params, x_t, t, None, rng))
-  shapes = abstract.features
-  cache0 = empty_cache(shapes[len(shapes) - num_connections:])
+  cache0 = empty_cache(connection_features(abstract, num_connections))
   out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
 
   def step(carry, inputs):
@@ -81,7 +90,7 @@ def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Ar
     p = jax.tree_util.tree_map(lambda a: jnp.where(cache.valid, a, jax.lax.stop_gradient(a)),
                                params)
     out = apply_fn(p, x, tt, cache, r)
-    features = out.features[len(out.features) - num_connections:]
+    features = connection_features(out, num_connections)
     return (TBSCache(features, jnp.ones((), bool)), out), None
 
   xs = (jnp.stack([x_prev, x_t]), jnp.stack([t_prev, t]), jax.random.split(rng, 2))

@@ -2,7 +2,16 @@
 
 A sampler takes `apply_fn(x, t, cache) -> UNetOutput` (a model with its parameters bound) and
 `num_connections`, the number of TBS connection points of that model (0 for models without
-TBS); step i then blends with the connection features of step i - 1, the first step with none.
+TBS); step i then blends with the connection features (`tbs.connection_features`) of step
+i - 1, the first step with none.
+
+Both samplers can post-process the model's x0 prediction at every step (`process_x0`):
+`clip_x0` clips it to [-1, 1] (DDPM's `clip_denoised`, diffusers' `clip_sample`), and
+`dynamic_threshold` = p in (0, 100] applies Imagen's dynamic thresholding (per sample,
+s = max(p-th percentile of |x0|, 1); x0 <- clip(x0, -s, s) / s). Both are off by default, the
+paper's sampler. With either on, the step continues from the processed x0: DDIM recomputes eps
+from it (guided-diffusion's `ddim_sample`, diffusers' `use_clipped_model_output=True`), DDPM
+takes the posterior mean q(x_{t-1} | x_t, x0) of it (DDPM's `p_mean_variance`).
 """
 
 from __future__ import annotations
@@ -28,23 +37,53 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
   return np.arange(0, num_timesteps, skip, dtype=np.int32)[:steps][::-1].copy()
 
 
+def dynamic_threshold_x0(x0: Array, percentile: float) -> Array:
+  """Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3), per sample.
+
+  s = max(percentile-th percentile of |x0| over one sample's values, 1); returns
+  clip(x0, -s, s) / s, in [-1, 1]. Samples whose values all lie in [-1, 1] are unchanged.
+  x0: (B, ...) -> same shape; percentile in (0, 100] (Imagen: 99.5).
+  """
+  axes = tuple(range(1, x0.ndim))
+  s = jnp.percentile(jnp.abs(x0), percentile, axis=axes, keepdims=True)
+  s = jnp.maximum(s, 1.0).astype(x0.dtype)
+  return jnp.clip(x0, -s, s) / s
+
+
+def process_x0(x0: Array, clip_x0: bool = False, dynamic_threshold: float = 0.0) -> Array:
+  """The x0 prediction after dynamic thresholding (percentile > 0), then clipping to [-1, 1].
+
+  Both off (the defaults) returns x0 itself. Thresholding already ends in [-1, 1], so with
+  both on the clip changes nothing.
+  """
+  if dynamic_threshold:
+    x0 = dynamic_threshold_x0(x0, dynamic_threshold)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  return x0
+
+
 def ddim_step(schedule: Schedule, x: Array, eps: Array, t: Array, t_next: Array, eta: float,
-              noise: Array) -> Array:
+              noise: Array, *, clip_x0: bool = False, dynamic_threshold: float = 0.0) -> Array:
   """One generalized DDIM update x_t -> x_{t_next} (Song et al. 2021, Eq. 12).
 
   x, eps, noise: (B, H, W, C); t, t_next: () int, t_next = -1 meaning the clean image.
+  clip_x0, dynamic_threshold: `process_x0` of the x0 prediction, eps then recomputed from it.
   """
   abar = schedule.alphas_cumprod[t]
   abar_next = jnp.where(t_next >= 0, schedule.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
   x0 = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+  if clip_x0 or dynamic_threshold:
+    x0 = process_x0(x0, clip_x0, dynamic_threshold)
+    eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
   c1 = eta * jnp.sqrt((1 - abar / abar_next) * (1 - abar_next) / (1 - abar))
   c2 = jnp.sqrt(jnp.maximum(1 - abar_next - c1**2, 0.0))
   return jnp.sqrt(abar_next) * x0 + c1 * noise + c2 * eps
 
 
 def _initial_cache(apply_fn: ApplyFn, x: Array, t: Array, num_connections: int) -> tbs.TBSCache:
-  shapes = jax.eval_shape(lambda: apply_fn(x, t, None)).features
-  return tbs.empty_cache(shapes[len(shapes) - num_connections:])
+  abstract = jax.eval_shape(lambda: apply_fn(x, t, None))
+  return tbs.empty_cache(tbs.connection_features(abstract, num_connections))
 
 
 def _run(apply_fn, x, ts, num_connections, rng, update):
@@ -57,7 +96,7 @@ def _run(apply_fn, x, ts, num_connections, rng, update):
     i, key = inputs
     out = apply_fn(x, jnp.full((batch,), ts[i], jnp.int32), cache if num_connections else None)
     x = update(x, out.eps, i, jax.random.normal(key, x.shape, x.dtype))
-    cached = out.features[len(out.features) - num_connections:]
+    cached = tbs.connection_features(out, num_connections)
     return (x, tbs.TBSCache(cached, jnp.ones((), bool))), None
 
   keys = jax.random.split(rng, len(ts))
@@ -65,22 +104,42 @@ def _run(apply_fn, x, ts, num_connections, rng, update):
   return x
 
 
+def _check_x0_options(dynamic_threshold: float) -> None:
+  if not 0 <= dynamic_threshold <= 100:
+    raise ValueError(f"dynamic_threshold is a percentile in (0, 100] (0 = off), got "
+                     f"{dynamic_threshold}")
+
+
 def ddim_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *, steps: int = 100,
-                eta: float = 0.0, num_connections: int = 0) -> Array:
-  """Samples `shape` = (B, H, W, C) images with DDIM; eta = 0 is deterministic given rng."""
+                eta: float = 0.0, num_connections: int = 0, clip_x0: bool = False,
+                dynamic_threshold: float = 0.0) -> Array:
+  """Samples `shape` = (B, H, W, C) images with DDIM; eta = 0 is deterministic given rng.
+
+  clip_x0, dynamic_threshold: x0 post-processing at every step (module docstring), off by
+  default.
+  """
+  _check_x0_options(dynamic_threshold)
   ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps))
   ts_next = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
   init_key, rng = jax.random.split(rng)
   x = jax.random.normal(init_key, shape, jnp.float32)
-  update = lambda x, eps, i, noise: ddim_step(schedule, x, eps, ts[i], ts_next[i], eta, noise)
+  update = lambda x, eps, i, noise: ddim_step(schedule, x, eps, ts[i], ts_next[i], eta, noise,
+                                              clip_x0=clip_x0,
+                                              dynamic_threshold=dynamic_threshold)
   return _run(apply_fn, x, ts, num_connections, rng, update)
 
 
 def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
-                variance: str = "fixedlarge", num_connections: int = 0) -> Array:
-  """Ancestral DDPM sampling over all T steps; variance 'fixedlarge' (beta) or 'fixedsmall'."""
+                variance: str = "fixedlarge", num_connections: int = 0, clip_x0: bool = False,
+                dynamic_threshold: float = 0.0) -> Array:
+  """Ancestral DDPM sampling over all T steps; variance 'fixedlarge' (beta) or 'fixedsmall'.
+
+  clip_x0, dynamic_threshold: x0 post-processing at every step (module docstring); with
+  either on, the mean is the posterior mean of the processed x0, off by default.
+  """
   if variance not in ("fixedlarge", "fixedsmall"):
     raise ValueError(f"variance must be 'fixedlarge' or 'fixedsmall', got {variance!r}")
+  _check_x0_options(dynamic_threshold)
   betas, abar = schedule.betas, schedule.alphas_cumprod
   abar_prev = jnp.concatenate([jnp.ones((1,), abar.dtype), abar[:-1]])
   small = betas * (1 - abar_prev) / (1 - abar)
@@ -91,7 +150,13 @@ def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
 
   def update(x, eps, i, noise):
     t = ts[i]
-    mean = (x - betas[t] / jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(1 - betas[t])
+    if clip_x0 or dynamic_threshold:
+      x0 = process_x0((x - jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(abar[t]), clip_x0,
+                      dynamic_threshold)
+      mean = (jnp.sqrt(abar_prev[t]) * betas[t] * x0
+              + jnp.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x) / (1 - abar[t])
+    else:
+      mean = (x - betas[t] / jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(1 - betas[t])
     return mean + jnp.where(t > 0, jnp.sqrt(var[t]), 0.0) * noise
 
   return _run(apply_fn, x, ts, num_connections, rng, update)

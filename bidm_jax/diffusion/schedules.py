@@ -58,6 +58,19 @@ def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
   return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 
 
-def epsilon_loss(eps_pred: Array, noise: Array) -> Array:
-  """L_DM: mean squared error between predicted and true noise, averaged over all entries."""
-  return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)))
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def epsilon_loss(eps_pred: Array, noise: Array, reduction: str = "mean") -> Array:
+  """L_DM: squared error between predicted and true noise, (B, ...) x 2 -> ().
+
+  reduction 'mean': averaged over all entries (the paper's MSE); 'sum': summed over each
+  example's values and averaged over the batch, as the ddim repo and the authors' CIFAR code
+  (`noise_estimation_loss`), i.e. H*W*C times the mean.
+  """
+  sq = jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32))
+  if reduction == "mean":
+    return jnp.mean(sq)
+  if reduction == "sum":
+    return jnp.mean(jnp.sum(sq.reshape(sq.shape[0], -1), axis=1))
+  raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")

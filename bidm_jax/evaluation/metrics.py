@@ -10,6 +10,10 @@ They follow the guided-diffusion evaluator (``evaluations/evaluator.py``):
   squared distances are computed in float32 in JAX, block by block, so 50k x 50k fits a GPU.
 
 Features come from :func:`bidm_jax.evaluation.inception.make_feature_fn`.
+
+Next to them, :func:`image_health` (and its streaming form :class:`ImageHealth`) describes the
+uint8 images themselves: the fraction of pixel values at 0 or 255 and the mean per-image
+standard deviation, which expose saturated or flat samples that FID alone only hints at.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ __all__ = [
     "inception_score",
     "precision_recall",
     "knn_radii",
+    "ImageHealth",
+    "image_health",
 ]
 
 
@@ -334,3 +340,64 @@ def precision_recall(real_features, fake_features, k: int = 3, row_batch_size: i
             real_in[rs:rs + r_count] |= np.asarray(r_in[:r_count])
             fake_in[fs:fs + f_count] |= np.asarray(f_in[:f_count])
     return float(fake_in.mean()), float(real_in.mean())
+
+
+class ImageHealth:
+    """Saturation and contrast of uint8 images, accumulated batch by batch.
+
+    ``saturated_fraction``: the fraction of all pixel values (every channel of every image)
+    equal to 0 or 255; real CIFAR-10 images have about 2 %, a diffusion model whose samples
+    are flat saturated colour fields far more. ``mean_image_std``: the standard deviation of
+    each image's values (over H, W and C, ddof 0), in uint8 units, averaged over the images.
+    Grayscale images give the same numbers as their RGB replication.
+
+    Example::
+
+        health = ImageHealth()
+        for batch in batches:
+            health.update(to_uint8(batch))
+        health.result()  # {'saturated_fraction': ..., 'mean_image_std': ..., 'num_images': N}
+    """
+
+    def __init__(self):
+        self.num_images = 0
+        self._values = 0
+        self._saturated = 0
+        self._std_sum = 0.0
+
+    def update(self, images) -> "ImageHealth":
+        """Add a (B, H, W, C) uint8 batch; returns self."""
+        x = np.asarray(images)
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise ValueError(
+                f"image_health needs uint8 images of shape (N, H, W, C) (after the uint8 "
+                f"conversion), got {x.dtype} {x.shape}"
+            )
+        if x.shape[0] == 0:
+            return self
+        self.num_images += x.shape[0]
+        self._values += x.size
+        self._saturated += int(np.count_nonzero((x == 0) | (x == 255)))
+        flat = x.reshape(x.shape[0], -1).astype(np.float64)
+        self._std_sum += float(flat.std(axis=1).sum())
+        return self
+
+    def result(self) -> dict:
+        """{'saturated_fraction', 'mean_image_std', 'num_images'}; the two values are None
+        before any image was added."""
+        if not self.num_images:
+            return {"saturated_fraction": None, "mean_image_std": None, "num_images": 0}
+        return {
+            "saturated_fraction": self._saturated / self._values,
+            "mean_image_std": self._std_sum / self.num_images,
+            "num_images": self.num_images,
+        }
+
+
+def image_health(images_uint8) -> dict:
+    """{'saturated_fraction', 'mean_image_std', 'num_images'} of (N, H, W, C) uint8 images
+    (:class:`ImageHealth`); N >= 1."""
+    out = ImageHealth().update(images_uint8).result()
+    if not out["num_images"]:
+        raise ValueError("image_health needs at least one image")
+    return out

@@ -13,10 +13,12 @@ parameter storage.
 The binary forward of a conv, in the order applied (each step only where the method has it):
   xq = activation binarizer (sign(x + tau) | DoReFa {0,1} | s_x[bucket(t)] sign(x))
   wq = weight binarizer (alpha sign W | sign W | E sign W | mean|W| sign W | s_w sign(W0 + AB))
-  y  = conv(xq, wq) [* K, XNOR activation scale] [* Gamma, XNOR++ output scale] + b
+  y  = conv(xq, wq) [* K, XNOR activation scale] [* Gamma, XNOR++ output scale] [+ b]
   y  = [RPReLU(y), BBCU] + s * shortcut(x); [RPReLU(y), ReActNet]
 Dense layers apply the binarizers and the output scale only (no activation scale, shortcut or
-RPReLU). The formulas and papers are in `binarize.methods.METHOD_DOCS`.
+RPReLU). The formulas and papers are in `binarize.methods.METHOD_DOCS`. The bias b is added
+unless the method has `binary_bias=False` (the authors' release), in which case the 'bias'
+parameter is still created (the student's tree contains the FP tree) but left unused.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class BinaryConv(nn.Module):
       # LoRA: the base kernel (and bias) are frozen; only the adapters and steps train.
       kernel = jax.lax.stop_gradient(kernel)
       bias = jax.lax.stop_gradient(bias) if bias is not None else None
+    if not method.binary_bias:
+      bias = None
     xb = _binarize_activation(self, x, ctx)
     wb = _binarize_weight(self, kernel, ctx).astype(self.dtype)
     y = _conv(xb, wb, self.strides, padding)
@@ -140,7 +144,7 @@ class BinaryConv(nn.Module):
     hw = y.shape[1] * y.shape[2]
     macs = float(hw * cin * self.features * kh * kw)
     weights = kh * kw * cin * self.features
-    extra = self.features if self.use_bias else 0
+    extra = self.features if self.use_bias and (not binary or self.method.binary_bias) else 0
     if not binary:
       record_cost(self, flops=2.0 * macs, real_params=weights + extra)
       return
@@ -189,12 +193,15 @@ class BinaryDense(nn.Module):
       if method.weight_binarizer == "lora_lsq":
         kernel = jax.lax.stop_gradient(kernel)
         bias = jax.lax.stop_gradient(bias) if bias is not None else None
+      if not method.binary_bias:
+        bias = None
       x = _binarize_activation(self, x, ctx)
       kernel = _binarize_weight(self, kernel, ctx)
       # The per-output scales (alpha, E, m, Gamma, s_x[b] s_w) and DoReFa's constant column
       # sums fold into the bias pass of a dense layer: no extra FLOPs are counted.
+      stored_bias = self.features if method.binary_bias else 0
       record_cost(self, bops=rows * cin * self.features, binary_params=kernel.size,
-                  real_params=self.features + _scale_params(method, cin, self.features, None))
+                  real_params=stored_bias + _scale_params(method, cin, self.features, None))
     else:
       record_cost(self, flops=2.0 * rows * cin * self.features,
                   real_params=kernel.size + self.features)

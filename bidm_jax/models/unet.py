@@ -2,9 +2,22 @@
 
 The forward returns the noise prediction and, explicitly, the output of every timestep block
 (encoder units, the middle block, decoder units): the features that SPD distils and whose last
-decoder entries TBS carries from one denoising step to the next. Which layers are binarized
-follows spec section 2: the first conv, the time-embedding MLP, the last conv, group norms, the
-1x1 nin shortcuts of res blocks and the attention products stay full precision.
+decoder entries TBS carries from one denoising step to the next. It also returns, by name, the
+feature points of the authors' release (`UNetOutput.points`) and the tensors the next denoising
+step blends with (`UNetOutput.connections`). Which layers are binarized follows spec section
+2: the first conv, the time-embedding MLP, the last conv, group norms, the 1x1 nin shortcuts of
+res blocks and the attention products stay full precision.
+
+TBS structures (`tbs_structure`, with a method that has `cross_timestep`):
+  'blocks'   (ours, the paper's reading) the outputs of the last n decoder blocks are blended
+             with their own previous-step outputs, `tbs_table` (buckets, n), init `tbs_init`.
+  'release'  (the authors' CIFAR code) at the two highest-resolution decoder levels i < 2,
+             every attention output of level i is blended with the previous step's output of
+             the upsample that enters level i (up_{i+1}_upsample), and the upsample leaving
+             level i (up_i_upsample, i = 1) with its own previous output, all with the weight
+             `tbs_release_table[bucket(t), i]` (buckets, len(ch_mult)), initialised to 0. On
+             CIFAR-10 (attention at 16x16 = level 1) these are the three 16x16 decoder attention
+             outputs and up_1_upsample, carrying up_2_upsample and up_1_upsample.
 """
 
 from __future__ import annotations
@@ -23,10 +36,27 @@ from bidm_jax.layers.binary import BinaryConv, BinaryDense, record_cost
 Array = jax.Array
 
 
+TBS_STRUCTURES = ("blocks", "release")
+RELEASE_TBS_LEVELS = 2
+"""The release blends at decoder levels i < 2 (its `i_level < 2`)."""
+RELEASE_TBS_INIT = 0.0
+"""The release's blend weights start at 0 (`torch.ones(100, 4) * 0.0`)."""
+
+
 class UNetOutput(NamedTuple):
-  """eps: (B, H, W, C) noise prediction; features: the timestep blocks' outputs, in order."""
+  """eps: (B, H, W, C) noise prediction; features: the timestep blocks' outputs, in order.
+
+  points: the release's distillation points by name (`UNet.release_points`): the encoder
+    downsamples 'down_{i}_downsample', the last encoder res block's conv2
+    'down_{L-1}_block_{R-1}/conv2', the middle block's conv2 'mid_block_2/conv2' and the decoder
+    upsamples 'up_{i}_upsample' (after any TBS blend); None from stand-in models.
+  connections: the tensors the next denoising step's TBS blends with (the cache), in order;
+    None (stand-in models) means the last n entries of `features`.
+  """
   eps: Array
   features: tuple[Array, ...]
+  points: dict[str, Array] | None = None
+  connections: tuple[Array, ...] | None = None
 
 
 def timestep_embedding(t: Array, dim: int) -> Array:
@@ -43,7 +73,10 @@ def _norm(name: str, dtype) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-  """GroupNorm-swish-conv, + time projection, GroupNorm-swish-dropout-conv, + skip."""
+  """GroupNorm-swish-conv, + time projection, GroupNorm-swish-dropout-conv, + skip.
+
+  Returns (block output, conv2's output): the second is one of the release's SPD points.
+  """
   out_ch: int
   dropout: float
   method: BinarizationMethod
@@ -60,7 +93,7 @@ class ResBlock(nn.Module):
     h = BinaryConv(self.out_ch, method=self.method, dtype=self.dtype, name="conv2")(h, ctx)
     if x.shape[-1] != self.out_ch:
       x = BinaryConv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
-    return x + h
+    return x + h, h
 
 
 class AttnBlock(nn.Module):
@@ -89,8 +122,10 @@ class UNet(nn.Module):
     out_ch: output channels (= input channels for epsilon prediction).
     method: binarization method of the binarizable layers (FP for the teacher).
     tbs_connections: number n of TBS cross-timestep connection points, the outputs of the
-      last n decoder blocks (used when `method.cross_timestep`).
-    tbs_buckets, tbs_init, num_timesteps: the learnable blend table a[bucket, point].
+      last n decoder blocks (used when `method.cross_timestep` and tbs_structure is 'blocks').
+    tbs_buckets, tbs_init, num_timesteps: the learnable blend table a[bucket, point]
+      (tbs_init: of 'blocks'; 'release' starts at RELEASE_TBS_INIT).
+    tbs_structure: 'blocks' or 'release' (module docstring).
     dtype: compute dtype (parameters stay float32).
   """
   ch: int = 128
@@ -104,12 +139,33 @@ class UNet(nn.Module):
   tbs_buckets: int = 100
   tbs_init: float = 0.3
   num_timesteps: int = 1000
+  tbs_structure: str = "blocks"
   dtype: Any = jnp.float32
 
   @property
   def num_connections(self) -> int:
-    """Connection points this model really has (0 unless the method uses TBS)."""
-    return self.tbs_connections if self.method.cross_timestep else 0
+    """Tensors carried to the next step (0 unless the method uses TBS): 'blocks' n, 'release'
+    len(release_connections)."""
+    if not self.method.cross_timestep:
+      return 0
+    if self.tbs_structure == "release":
+      return len(self.release_connections)
+    return self.tbs_connections
+
+  @property
+  def release_connections(self) -> tuple[str, ...]:
+    """The upsamples whose outputs the 'release' TBS carries, deepest first: up_{i+1}_upsample
+    (entering level i < 2) and up_1_upsample, where the U-Net has them."""
+    levels = len(self.ch_mult)
+    return tuple(f"up_{k}_upsample" for k in range(RELEASE_TBS_LEVELS, 0, -1) if k < levels)
+
+  @property
+  def release_points(self) -> tuple[str, ...]:
+    """Names of the release's distillation points (`UNetOutput.points`), in forward order."""
+    levels, last = len(self.ch_mult), self.num_res_blocks - 1
+    return (tuple(f"down_{i}_downsample" for i in range(levels - 1))
+            + (f"down_{levels - 1}_block_{last}/conv2", "mid_block_2/conv2")
+            + tuple(f"up_{i}_upsample" for i in reversed(range(1, levels))))
 
   @property
   def num_decoder_blocks(self) -> int:
@@ -125,7 +181,11 @@ class UNet(nn.Module):
     Returns eps (B, H, W, out_ch) and the timestep blocks' outputs (the last
     `num_connections` of them after the TBS blend).
     """
-    if self.num_connections > self.num_decoder_blocks:
+    if self.tbs_structure not in TBS_STRUCTURES:
+      raise ValueError(f"tbs_structure must be one of {TBS_STRUCTURES}, got "
+                       f"{self.tbs_structure!r}")
+    release = self.tbs_structure == "release"
+    if not release and self.num_connections > self.num_decoder_blocks:
       raise ValueError(f"tbs_connections={self.tbs_connections} exceeds the "
                        f"{self.num_decoder_blocks} decoder blocks of this U-Net")
     if x.shape[1] != x.shape[2] or x.shape[1] % 2 ** (len(self.ch_mult) - 1):
@@ -136,21 +196,33 @@ class UNet(nn.Module):
     method, dtype = self.method, self.dtype
     blend_weights = None
     if self.num_connections:
-      table = self.param("tbs_table", nn.initializers.constant(self.tbs_init),
-                         (self.tbs_buckets, self.num_connections))
+      if release:
+        table = self.param("tbs_release_table", nn.initializers.constant(RELEASE_TBS_INIT),
+                           (self.tbs_buckets, len(self.ch_mult)))
+      else:
+        table = self.param("tbs_table", nn.initializers.constant(self.tbs_init),
+                           (self.tbs_buckets, self.num_connections))
       if cache is not None:
         blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
+    carried = self.release_connections if release and self.num_connections else ()
+
+    def release_blend(h, name, level):
+      """The release's blend of h with the cached `name` at `level` (no-op elsewhere)."""
+      if blend_weights is None or name not in carried or level >= RELEASE_TBS_LEVELS:
+        return h
+      return tbs.blend(h, cache.features[carried.index(name)], blend_weights[:, level])
 
     temb = timestep_embedding(t, self.ch)
     temb = BinaryDense(self.ch * 4, name="temb_dense0")(temb)
     temb = BinaryDense(self.ch * 4, name="temb_dense1")(nn.swish(temb)).astype(dtype)
 
-    features = []
+    features, points, connections = [], {}, {}
     hs = [BinaryConv(self.ch, dtype=dtype, name="conv_in")(x)]
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, self.dropout, method, dtype,
-                     name=f"down_{i}_block_{j}")(hs[-1], temb, ctx, train)
+        name = f"down_{i}_block_{j}"
+        h, points[f"{name}/conv2"] = ResBlock(self.ch * mult, self.dropout, method, dtype,
+                                              name=name)(hs[-1], temb, ctx, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(method, dtype, name=f"down_{i}_attn_{j}")(h, ctx)
         hs.append(h)
@@ -158,35 +230,46 @@ class UNet(nn.Module):
       if i != len(self.ch_mult) - 1:
         h = BinaryConv(h.shape[-1], strides=2, padding=((0, 1), (0, 1)), method=method,
                        dtype=dtype, name=f"down_{i}_downsample")(hs[-1], ctx)
+        points[f"down_{i}_downsample"] = h
         hs.append(h)
         features.append(h)
 
-    h = ResBlock(h.shape[-1], self.dropout, method, dtype, name="mid_block_1")(h, temb, ctx,
-                                                                              train)
+    h, _ = ResBlock(h.shape[-1], self.dropout, method, dtype, name="mid_block_1")(h, temb, ctx,
+                                                                                 train)
     h = AttnBlock(method, dtype, name="mid_attn_1")(h, ctx)
-    h = ResBlock(h.shape[-1], self.dropout, method, dtype, name="mid_block_2")(h, temb, ctx,
-                                                                              train)
+    h, points["mid_block_2/conv2"] = ResBlock(h.shape[-1], self.dropout, method, dtype,
+                                              name="mid_block_2")(h, temb, ctx, train)
     features.append(h)
 
     first_connection = self.num_decoder_blocks - self.num_connections
     block = 0
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
-        h = ResBlock(self.ch * self.ch_mult[i], self.dropout, method, dtype,
-                     name=f"up_{i}_block_{j}")(jnp.concatenate([h, hs.pop()], -1), temb, ctx,
-                                               train)
+        h, _ = ResBlock(self.ch * self.ch_mult[i], self.dropout, method, dtype,
+                        name=f"up_{i}_block_{j}")(jnp.concatenate([h, hs.pop()], -1), temb,
+                                                  ctx, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(method, dtype, name=f"up_{i}_attn_{j}")(h, ctx)
+          h = release_blend(h, f"up_{i + 1}_upsample", i)
         if j == self.num_res_blocks and i != 0:
+          name = f"up_{i}_upsample"
           h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest 2x
-          h = BinaryConv(h.shape[-1], method=method, dtype=dtype,
-                         name=f"up_{i}_upsample")(h, ctx)
-        if blend_weights is not None and block >= first_connection:
+          h = release_blend(BinaryConv(h.shape[-1], method=method, dtype=dtype,
+                                       name=name)(h, ctx), name, i)
+          points[name] = connections[name] = h
+        if not release and blend_weights is not None and block >= first_connection:
           point = block - first_connection
           h = tbs.blend(h, cache.features[point], blend_weights[:, point])
+          if j == self.num_res_blocks and i != 0:
+            points[f"up_{i}_upsample"] = h
         features.append(h)
         block += 1
 
     h = nn.swish(_norm("norm_out", dtype)(h))
     eps = BinaryConv(self.out_ch, dtype=dtype, name="conv_out")(h)
-    return UNetOutput(eps.astype(jnp.float32), tuple(features))
+    if release:
+      carry = tuple(connections[name] for name in carried)
+    else:
+      carry = tuple(features[len(features) - self.num_connections:])
+    points = {name: points[name] for name in self.release_points}
+    return UNetOutput(eps.astype(jnp.float32), tuple(features), points, carry)
