@@ -1,8 +1,8 @@
 """The default configuration that every `configs/*.py` file overrides, and its validation.
 
 Field groups: model, data, diffusion, binarization, tbs, distill, training, sampling, eval,
-convert, mesh. `configs/cifar10.py` is the paper's CIFAR-10 setting; `configs/digits.py` the
-embedded demo.
+convert, export, mesh. `configs/cifar10.py` is the paper's CIFAR-10 setting; `configs/digits.py`
+the embedded demo.
 """
 
 from __future__ import annotations
@@ -14,18 +14,23 @@ from ml_collections import config_dict
 
 from bidm_jax.binarize.methods import METHODS, BinarizationMethod, get_method
 from bidm_jax.data import default_data_config
-from bidm_jax.diffusion.schedules import BETA_SCHEDULES, Schedule, make_schedule
+from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS, Schedule, make_schedule
+from bidm_jax.models.unet import TBS_STRUCTURES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
+ENGINES = ("simulated", "packed")
+EXPORT_FP_DTYPES = ("float32", "bfloat16")
 MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_ch")
+DISTILL_POINTS = ("blocks", "release")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The paper's CIFAR-10 BiDM QAT setting (spec section 1), FP teacher path left empty."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.compilation_cache = "auto"  # JAX's persistent cache: 'auto' (user cache dir), a path, 'off'
   c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, compute_dtype="float32")
   c.data = default_data_config()
@@ -37,18 +42,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion = dict(beta_schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
   c.binarization = dict(method="bidm", learnable_k=config_dict.placeholder(bool),
                         cross_timestep=config_dict.placeholder(bool),
-                        distillation=config_dict.placeholder(str))
-  c.tbs = dict(connections=2, buckets=100, init=0.3)
-  c.distill = dict(weight=3e-2, patches=4)
+                        distillation=config_dict.placeholder(str),
+                        fp_init=config_dict.placeholder(str),
+                        binary_bias=config_dict.placeholder(bool))
+  c.tbs = dict(connections=2, buckets=100, init=0.3, structure="blocks")
+  c.distill = dict(weight=3e-2, patches=4, reduction="mean", points="blocks")
   c.training = dict(steps=100_000, batch_size=64, optimizer="adam", learning_rate=6e-5,
                     weight_decay=0.0, warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
                     teacher="", log_every=100, checkpoint_every=5000, keep_checkpoints=3,
                     sample_every=0, progress_bar=True)
   c.sampling = dict(sampler="ddim", steps=100, eta=0.0, num_samples=64, batch_size=64,
-                    checkpoint="", save_npz=True)
+                    checkpoint="", save_npz=True, clip_x0=False, dynamic_threshold=0.0,
+                    engine="simulated")  # 'packed': run a --mode=export file's packed bits
   c.eval = dict(num_samples=50_000, batch_size=500, inception_weights="", reference="",
                 keep_samples=False, num_reference=0, pr_reference=50_000, progress_bar=True)
   c.convert = dict(source="", layout="", use_ema=True)
+  c.export = dict(path="", fp_dtype="float32")  # --mode=export: file, dtype of the FP layers
   c.mesh = dict(data=-1)
   return c
 
@@ -113,8 +122,16 @@ def validate(config) -> None:
   need(0 <= config.tbs.connections <= blocks, "tbs.connections",
        f"must be in [0, {blocks}] (decoder blocks), got {config.tbs.connections}")
   need(config.tbs.buckets >= 1, "tbs.buckets", f"must be >= 1, got {config.tbs.buckets}")
+  need(config.tbs.structure in TBS_STRUCTURES, "tbs.structure",
+       f"{config.tbs.structure!r} is not one of {TBS_STRUCTURES}")
+  need(config.tbs.structure != "release" or len(m.ch_mult) >= 2, "tbs.structure",
+       "'release' blends upsample outputs: model.ch_mult needs at least 2 levels")
   need(config.distill.weight >= 0, "distill.weight", f"must be >= 0, got {config.distill.weight}")
   need(config.distill.patches >= 1, "distill.patches", f"must be >= 1, got {config.distill.patches}")
+  need(config.distill.reduction in LOSS_REDUCTIONS, "distill.reduction",
+       f"{config.distill.reduction!r} is not one of {LOSS_REDUCTIONS} (of the eps loss L_DM)")
+  need(config.distill.points in DISTILL_POINTS, "distill.points",
+       f"{config.distill.points!r} is not one of {DISTILL_POINTS}")
   need(t.steps >= 1, "training.steps", f"must be >= 1, got {t.steps}")
   need(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
   need(t.optimizer in OPTIMIZERS, "training.optimizer", f"{t.optimizer!r} is not one of {OPTIMIZERS}")
@@ -128,8 +145,13 @@ def validate(config) -> None:
   need(1 <= s.steps <= d.num_timesteps, "sampling.steps",
        f"must be in [1, {d.num_timesteps}], got {s.steps}")
   need(s.eta >= 0, "sampling.eta", f"must be >= 0, got {s.eta}")
+  need(0 <= s.dynamic_threshold <= 100, "sampling.dynamic_threshold",
+       f"must be a percentile in (0, 100] or 0 (off), got {s.dynamic_threshold}")
   need(s.num_samples >= 1 and s.batch_size >= 1, "sampling.num_samples",
        "num_samples and batch_size must be >= 1")
+  need(s.engine in ENGINES, "sampling.engine", f"{s.engine!r} is not one of {ENGINES}")
+  need(config.export.fp_dtype in EXPORT_FP_DTYPES, "export.fp_dtype",
+       f"{config.export.fp_dtype!r} is not one of {EXPORT_FP_DTYPES}")
   ev = config.eval
   need(ev.num_samples >= 4, "eval.num_samples",
        f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.num_samples}")

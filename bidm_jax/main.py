@@ -4,13 +4,15 @@ Every config field can be overridden, e.g. `--config.training.steps=1000`.
 Modes:
   train     FP training or QAT (by config.binarization.method), resuming from DIR
   sample    config.sampling.num_samples images from DIR (or config.sampling.checkpoint) to
-            DIR/samples.png and DIR/samples.npz
+            DIR/samples.png and DIR/samples.npz (config.sampling.engine=packed: from an export)
   pipeline  the demo: FP training, BiDM QAT, sampling, report.json and samples.png
   convert   a public PyTorch DDPM checkpoint (config.convert.source) to an Orbax folder DIR
   report    size / BOPs / FLOPs / OPs of the config's FP and binary models to DIR/efficiency.json
   evaluate  config.eval.num_samples samples from DIR: FID, sFID, IS, precision/recall to
             DIR/metrics.json against the reference statistics config.eval.reference
   ref_stats reference statistics of config.data's images to config.eval.reference
+  export    the trained binary model as packed sign bits to config.export.path (default
+            DIR/packed.safetensors), for sampling.engine=packed
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import jax
 from absl import app, flags, logging
@@ -25,17 +28,19 @@ from ml_collections import config_flags
 
 from bidm_jax import config as config_lib
 from bidm_jax import demo
+from bidm_jax import runtime
 from bidm_jax.binarize.methods import FP
 from bidm_jax.data.preprocess import BadImageError
 from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation.efficiency import efficiency_report
 from bidm_jax.export import convert_ddpm
+from bidm_jax.export import packed as packed_export
 from bidm_jax.io import files
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_grid, to_uint8
 
-MODES = ("train", "sample", "pipeline", "convert", "report", "evaluate", "ref_stats")
+MODES = ("train", "sample", "pipeline", "convert", "report", "evaluate", "ref_stats", "export")
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
                                 lock_config=True)
@@ -51,7 +56,10 @@ def sample(config, workdir: str) -> dict:
   """Samples from a trained model; writes samples.png, samples.npz (uint8) and returns stats."""
   source = config.sampling.checkpoint or workdir
   method = config_lib.method_from_config(config)
-  params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
+  if config.sampling.engine == "packed":
+    params, meta = packed_export.load_export(source, config)
+  else:
+    params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
   if meta.get("method", {}).get("name", method.name) != method.name:
     raise ckpt_lib.CheckpointError(
         f"{source} holds a {meta['method']['name']!r} model; set "
@@ -87,9 +95,25 @@ def report(config, workdir: str) -> dict:
   return result
 
 
+def check_workdir(workdir: str) -> None:
+  """Fails early, in one line, on a local workdir that is a file or cannot be written to (every
+  mode writes there); a missing one is created by the mode that writes into it."""
+  if files.is_remote(workdir) or not os.path.lexists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a folder")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir} cannot be written to ({e.strerror})") from None
+
+
 def run(config, workdir: str, mode: str) -> dict:
   """Runs one mode; the library entry point behind the command line."""
   config_lib.validate(config)
+  check_workdir(workdir)
   if mode == "train":
     summary = train_lib.train(config, workdir)
     summary.pop("state")
@@ -97,7 +121,7 @@ def run(config, workdir: str, mode: str) -> dict:
   if mode == "pipeline":
     return demo.run_pipeline(config, workdir)
   return {"sample": sample, "convert": convert, "report": report, "evaluate": eval_lib.evaluate,
-          "ref_stats": eval_lib.ref_stats}[mode](config, workdir)
+          "ref_stats": eval_lib.ref_stats, "export": packed_export.export}[mode](config, workdir)
 
 
 def main(argv):
@@ -105,27 +129,41 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  runtime.enable_compilation_cache(FLAGS.config.compilation_cache)
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("devices: %s", jax.devices())
   try:
+    config_file = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
+    if not os.path.isfile(config_file):
+      raise FileNotFoundError(f"--config: no config file at {config_file}")
     result = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except (ValueError, FileNotFoundError, BadImageError, ckpt_lib.CheckpointError,
-          train_lib.TrainingDiverged) as e:
+  except (ValueError, OSError, BadImageError, ckpt_lib.CheckpointError,
+          ckpt_lib.WorkdirInUse, train_lib.TrainingDiverged) as e:
     print(f"bidm_jax: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    print("bidm_jax: interrupted; complete checkpoints and output files are kept",
+          file=sys.stderr)
+    sys.exit(130)
   if jax.process_index() == 0:
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(files.json_safe(result), indent=2, default=str, allow_nan=False))
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with an unknown `--config.<field>` reported in one line.
+  """absl's flag parsing, with an unknown `--config.<field>` or an unreadable config file
+  reported in one line.
 
   ml_collections raises AttributeError/KeyError (not a flags.Error) for an override of a
-  field the config does not have, which absl would show as a traceback.
+  field the config does not have, and OSError for overrides of a config file it could not
+  load, which absl would show as tracebacks.
   """
   try:
     return app.parse_flags_with_usage(argv)
+  except OSError as e:
+    reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    print(f"bidm_jax: error: --config: cannot load the config file ({reason})", file=sys.stderr)
+    sys.exit(1)
   except (AttributeError, KeyError) as e:
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]

@@ -1,9 +1,11 @@
 """The command line (`python -m bidm_jax.main`): config overrides, clean one-line failures for
-bad flags, a missing teacher and a workdir of another model, and the end-to-end demo."""
+bad flags, a missing teacher, a workdir of another model, an export or a training run where the
+other is expected, and OS errors; strict JSON output; the end-to-end demo."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -112,6 +114,124 @@ def test_workdir_of_another_model_fails_and_is_untouched(tmp_path, env, flags, m
   errors = _error_lines(proc.stderr, "bidm_jax: error:")
   assert len(errors) == 1 and message in errors[0] and str(workdir) in errors[0], proc.stderr
   assert H.snapshot(workdir) == before
+
+
+def _one_error_line(proc) -> str:
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("bidm_jax: error: "), proc.stderr[-3000:]
+  return lines[0]
+
+
+def test_convert_refuses_a_training_workdir(tmp_path, env):
+  """--mode=convert into a workdir that holds training checkpoints: exit 1, one line saying
+  what the folder holds, and the workdir unchanged (sample/evaluate/teacher loading would
+  otherwise read the export instead of the checkpoints)."""
+  workdir = tmp_path / "run"
+  _fake_fp_run(workdir, H.tiny_config("fp"))
+  before = H.snapshot(workdir)
+  proc = H.run(H.cli_args(workdir, "convert", *H.TINY_FLAGS,
+                          f"--config.convert.source={tmp_path / 'model.ckpt'}"), env)
+  assert proc.returncode == 1
+  line = _one_error_line(proc)
+  assert str(workdir) in line and "holds a training workdir" in line, line
+  assert H.snapshot(workdir) == before
+
+
+def test_training_refuses_an_export(tmp_path, env):
+  """Training with --workdir pointing at an exported parameter set: exit 1, one line saying so,
+  nothing written."""
+  export = tmp_path / "export"
+  H.export_teacher(H.tiny_config("fp"), export)
+  before = H.snapshot(export)
+  proc = H.run(H.cli_args(export, "train", *H.TINY_FLAGS, "--config.binarization.method=fp"),
+               env)
+  assert proc.returncode == 1
+  line = _one_error_line(proc)
+  assert f"workdir {export} holds an exported parameter set" in line, line
+  assert H.snapshot(export) == before
+
+
+def _unwritable_folder(tmp_path) -> str:
+  """A folder this process cannot create files in (root ignores file modes: /sys/kernel)."""
+  if os.geteuid() == 0:
+    if not os.path.isdir("/sys/kernel"):
+      pytest.skip("no folder that root cannot write to")
+    return "/sys/kernel"
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  folder.chmod(0o500)
+  return str(folder)
+
+
+@pytest.mark.parametrize("case", ["missing_config", "workdir_is_a_file", "workdir_in_a_file",
+                                  "unwritable_workdir"])
+def test_os_errors_are_one_line(tmp_path, env, case):
+  """A missing config file, a workdir that is a file or lies inside one, and a workdir that
+  cannot be written to: exit 1, one error line naming the path, no traceback, nothing written."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep me")
+  config, workdir = "configs/digits.py:smoke", str(tmp_path / "run")
+  if case == "missing_config":
+    config = "configs/missing.py"
+  elif case == "workdir_is_a_file":
+    workdir = str(a_file)
+  elif case == "workdir_in_a_file":
+    workdir = str(a_file / "run")
+  else:
+    workdir = _unwritable_folder(tmp_path)
+  before = H.snapshot(tmp_path)
+  proc = H.run(H.cli_args(workdir, "train", *H.TINY_FLAGS, "--config.binarization.method=fp",
+                          config=config), env)
+  assert proc.returncode == 1
+  line = _one_error_line(proc)
+  assert (config.split(":")[0] if case == "missing_config" else workdir) in line, line
+  assert H.snapshot(tmp_path) == before
+
+
+STRICT_JSON = r"""
+import sys
+import numpy as np
+from absl import app
+from bidm_jax import main
+main.run = lambda config, workdir, mode: {"images_per_s": float("nan"), "fid": np.float32("inf"),
+                                          "steps": [1.5, float("-inf")], "ok": np.int64(3)}
+sys.argv = ["bidm_jax.main", "--config=configs/digits.py:smoke", "--workdir=" + sys.argv[1],
+            "--mode=sample"]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_printed_result_is_strict_json(tmp_path, env):
+  """The result the command line prints is strict JSON: NaN and infinities become null (a
+  single sampling batch has no measured images/s)."""
+  proc = H.run([H.PYTHON, "-c", STRICT_JSON, str(tmp_path)], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout[proc.stdout.index("{"):]
+  result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}"))
+  assert result == {"images_per_s": None, "fid": None, "steps": [1.5, None], "ok": 3}
+
+
+def test_loader_says_what_it_found(tmp_path):
+  """load_params takes an export or a training workdir, says which it read, and refuses a
+  folder holding both, or neither, naming what it found there."""
+  config = H.tiny_config("fp")
+  model = config_lib.model_description(config)
+  export = tmp_path / "export"
+  H.export_teacher(config, export)
+  assert ckpt_lib.load_params(export, model)[1]["kind"] == "export"
+  (export / ckpt_lib.CHECKPOINTS).mkdir()
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"found both an exported parameter set"):
+    ckpt_lib.load_params(export, model)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"expected an exported parameter set "
+                     r"\(model.json, params/\) or a training workdir .* found an empty folder"):
+    ckpt_lib.load_params(tmp_path / "empty", model)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("")
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"found a folder holding notes.txt"):
+    ckpt_lib.load_params(tmp_path / "other", model)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"found nothing \(no such path\)"):
+    ckpt_lib.load_params(tmp_path / "missing", model)
 
 
 @pytest.mark.slow

@@ -172,3 +172,12 @@ def test_convert_to_gs_exports_in_place(fake_gcs, monkeypatch):
   convert_ddpm._export_atomically(epath.Path("gs://bucket/teacher"), {"w": 1}, {"ch": 32})
   assert [(str(a[0]), a[1], a[2]) for a in calls] == [("gs://bucket/teacher", {"w": 1},
                                                         {"ch": 32})]
+
+
+def test_write_json_is_strict_json(tmp_path):
+  path = tmp_path / "r.json"
+  files.write_json(path, {"nan": float("nan"), "inf": np.float32("inf"), "ok": np.float64(1.5),
+                          "rows": (np.arange(2), [float("-inf")])})
+  text = path.read_text()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"nan": None, "inf": None, "ok": 1.5, "rows": [[0, 1], [None]]}

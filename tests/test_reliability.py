@@ -1,21 +1,34 @@
-"""Preemption, resumption, kill -9 and divergence: the training loop's failure behaviour.
+"""Preemption, resumption, kill -9, divergence, damaged checkpoints, reruns and the workdir
+lock: the training loop's failure behaviour.
 
 Every run here is a subprocess (signals, exit codes) sharing the session's compilation cache.
 The QAT runs compile the same step as the demo pipeline's QAT stage (tiny config, 10 steps);
-the CLI signal tests run a long FP schedule (1000 steps) that they stop early.
+the CLI signal tests run a long FP schedule (1000 steps) that they stop early; the damaged-
+checkpoint tests copy one tiny FP run (8 steps, stopped at 6) and damage its checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import shutil
 import signal
 import subprocess
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers as H
+from bidm_jax import config as config_lib
+from bidm_jax.binarize.methods import FP
+from bidm_jax.training import checkpoint as ckpt_lib
+from bidm_jax.training import train as train_lib
+from bidm_jax.training.logging import MetricWriter
 
 LONG_FP_FLAGS = [*H.TINY_FLAGS, "--config.binarization.method=fp", "--config.training.steps=1000",
                  "--config.training.log_every=1"]
@@ -45,9 +58,15 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
   pytest.fail(f"timed out waiting for {what}")
 
 
+FOREGROUND = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+"""Runs the rest of its argv as a terminal's foreground job would: SIGINT not ignored (this
+process may be a shell's background job)."""
+
+
 def _popen(args, env) -> subprocess.Popen:
-  return subprocess.Popen(args, cwd=H.REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen([H.PYTHON, "-c", FOREGROUND, *args[1:]], cwd=H.REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 RESUME = r"""
@@ -164,8 +183,9 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, env):
 
 def test_kill9_restart_resumes_from_latest_complete_checkpoint(tmp_path, env):
   """SIGKILL a CLI training run once a checkpoint is complete; restarting the same command
-  resumes from the latest complete checkpoint (a half-written one is ignored) and replays the
-  steps after it with bit-identical losses."""
+  (the killed run's lock file is still there) resumes from the latest complete checkpoint (a
+  half-written one is ignored) and replays the steps after it with bit-identical losses;
+  metrics.jsonl then has each step once."""
   workdir = tmp_path / "run"
   args = H.cli_args(workdir, "train", *LONG_FP_FLAGS, "--config.training.checkpoint_every=3")
   proc = _popen(args, env)
@@ -179,11 +199,11 @@ def test_kill9_restart_resumes_from_latest_complete_checkpoint(tmp_path, env):
   assert proc.returncode == -signal.SIGKILL
   latest = H.checkpoint_steps(workdir)[-1]
   killed = _losses(workdir)
-  logged = len(H.read_metrics(workdir))
+  assert (workdir / ckpt_lib.LOCK).exists()
 
   proc = _popen(args, env)
   try:
-    _wait_for(lambda: len(H.read_metrics(workdir)) > logged + 2, proc, 240,
+    _wait_for(lambda: H.read_metrics(workdir)[-1]["step"] > max(killed) + 2, proc, 240,
               "the restarted run's first steps")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -193,9 +213,283 @@ def test_kill9_restart_resumes_from_latest_complete_checkpoint(tmp_path, env):
   assert proc.returncode == 0, err[-3000:]
   summary = H.last_json(out)
   assert summary["start_step"] == latest and summary["preempted"]
-  new = H.read_metrics(workdir)[logged:]
-  assert [m["step"] for m in new] == list(range(latest + 1, latest + 1 + len(new)))
-  replayed = {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"} for m in new}
+  rows = H.read_metrics(workdir)
+  assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))  # each step once
+  replayed = {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"} for m in rows
+              if m["step"] > latest}
   for s in set(replayed) & set(killed):
     assert replayed[s] == killed[s], f"step {s}: {replayed[s]} vs {killed[s]}"
   assert summary["step"] in H.checkpoint_steps(workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints, reruns, Ctrl-C, the workdir lock, the EMA guard.
+
+FP_RUN = r"""
+import sys
+import helpers as H
+from bidm_jax.training import train as T
+cfg = H.tiny_config("fp", steps=8, checkpoint_every=2, log_every=1)
+T.train(cfg, sys.argv[1], data_iterator=H.scripted_data(cfg, sigterm_after=6))
+"""
+
+FP_RUN_FLAGS = [*H.TINY_FLAGS, "--config.binarization.method=fp", "--config.training.steps=8",
+                f"--config.training.learning_rate={H.QAT_LR}",
+                "--config.training.checkpoint_every=2", "--config.training.log_every=1"]
+"""The command line of FP_RUN's config (the same compiled step)."""
+
+DAMAGES = ("finite", "random", "truncate", "delete", "manifest", "no_meta")
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory, env):
+  """A tiny FP run of 8 steps preempted after step 6: checkpoints 2, 4 and 6, metrics of steps
+  1-6. Tests copy it."""
+  root = tmp_path_factory.mktemp("fp_run") / "run"
+  H.run_python(FP_RUN, root, env=env, timeout=300)
+  assert H.checkpoint_steps(root) == [2, 4, 6]
+  return root
+
+
+def _copy(fp_run, tmp_path):
+  return shutil.copytree(fp_run, tmp_path / "run")
+
+
+def _damage(workdir, step: int, how: str) -> None:
+  """Damages checkpoint `step`: 'finite' doubles the stored values of one array (they stay
+  finite, as random bytes in a compressed chunk can decode to), 'random' writes 64 random bytes
+  into the middle of the largest data file, 'truncate' halves it, 'delete' removes it,
+  'manifest' fills the OCDBT manifests with random bytes, 'no_meta' removes the meta item."""
+  folder = workdir / "checkpoints" / str(step)
+  data = [p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  largest = max(data, key=lambda p: p.stat().st_size)
+  rng = np.random.default_rng(0)
+  if how == "finite":  # the data files are compressed: rewrite the item with other values
+    state = H.read_state(workdir, step)
+    state["ema_params"]["conv_in"]["kernel"] = 2 * state["ema_params"]["conv_in"]["kernel"]
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(workdir.parent / "rewritten", state)
+    shutil.rmtree(folder / "state")
+    shutil.move(workdir.parent / "rewritten", folder / "state")
+  elif how == "random":
+    raw = bytearray(largest.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = rng.bytes(64)
+    largest.write_bytes(bytes(raw))
+  elif how == "truncate":
+    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  elif how == "delete":
+    largest.unlink()
+  elif how == "manifest":
+    for manifest in (folder / "state").rglob("manifest.ocdbt"):
+      manifest.write_bytes(rng.bytes(manifest.stat().st_size))
+  else:
+    shutil.rmtree(folder / "meta")
+
+
+def _stderr_lines(proc) -> list[str]:
+  return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_load_params_skips_a_damaged_latest_checkpoint(fp_run, tmp_path, how, caplog):
+  """load_params (teacher, sample, evaluate) on a workdir whose latest checkpoint (6) is damaged
+  in any of six ways, including finite-but-wrong values that only the checksum catches: the EMA
+  parameters of step 4, one warning line naming step 6, and nothing in the workdir changed."""
+  run = _copy(fp_run, tmp_path)
+  _damage(run, 6, how)
+  before = H.snapshot(run)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    params, meta = ckpt_lib.load_params(run, config_lib.model_description(H.tiny_config("fp")))
+  lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(lines) == 1 and "step 6" in lines[0] and "using step 4" in lines[0], lines
+  assert meta["kind"] == "training" and meta["step"] == 4
+  H.assert_trees_equal(params, H.read_state(run, 4)["ema_params"], "EMA of step 4")
+  assert H.snapshot(run) == before
+
+
+@pytest.mark.parametrize("how", ["finite", "truncate"])
+def test_training_resumes_from_the_newest_good_checkpoint(fp_run, tmp_path, env, how):
+  """Training on from a workdir whose latest checkpoint is damaged: exit 0 and one stderr line
+  (step 6 damaged, moved, resuming from step 4); checkpoint 6 is moved, byte for byte, to
+  damaged_checkpoints/6; the run replays steps 5-6 with the same losses and ends at step 8;
+  metrics.jsonl has steps 1-8 once each."""
+  run = _copy(fp_run, tmp_path)
+  first = {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
+           for m in H.read_metrics(run)}
+  _damage(run, 6, how)
+  damaged = H.snapshot(run / "checkpoints" / "6")
+  proc = H.run(H.cli_args(run, "train", *FP_RUN_FLAGS), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _stderr_lines(proc)
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert "step 6" in lines[0] and "resuming from step 4" in lines[0], lines[0]
+  summary = H.last_json(proc.stdout)
+  assert summary["start_step"] == 4 and summary["step"] == 8
+  assert H.checkpoint_steps(run) == [4, 6, 8]
+  assert H.snapshot(run / ckpt_lib.DAMAGED / "6") == damaged
+  rows = _losses(run)
+  assert list(rows) == list(range(1, 9))
+  assert all(rows[s] == first[s] for s in (5, 6))
+  assert all(np.isfinite(v).all() for v in H.flat(H.read_state(run, 8)).values())
+
+
+def test_teacher_with_only_damaged_checkpoints_is_one_line(fp_run, tmp_path, env):
+  """QAT whose teacher workdir has every checkpoint damaged: exit 1, one error line naming
+  config.training.teacher and each damaged step; the teacher's workdir is unchanged."""
+  teacher = _copy(fp_run, tmp_path)
+  for step, how in ((2, "no_meta"), (4, "truncate"), (6, "finite")):
+    _damage(teacher, step, how)
+  before = H.snapshot(teacher)
+  proc = H.run(H.cli_args(tmp_path / "qat", "train", *H.QAT_FLAGS,
+                          f"--config.training.teacher={teacher}"), env)
+  assert proc.returncode == 1
+  lines = _stderr_lines(proc)
+  assert len(lines) == 1 and lines[0].startswith("bidm_jax: error: config.training.teacher:"), \
+      proc.stderr[-3000:]
+  assert "no readable checkpoint" in lines[0]
+  assert all(f"step {s}:" in lines[0] for s in (2, 4, 6)), lines[0]
+  assert H.snapshot(teacher) == before
+
+
+ROTATION = r"""
+import pathlib, sys
+import numpy as np
+import orbax.checkpoint as ocp
+import helpers as H
+from bidm_jax.training import checkpoint as C
+from bidm_jax.training import train as T
+root, target = sys.argv[1], sys.argv[2]
+wait = ocp.CheckpointManager.wait_until_finished
+
+def corrupting_wait(self):
+  # storage that corrupts checkpoint `target` once written: random bytes in its largest file
+  wait(self)
+  folder = pathlib.Path(str(self.directory)) / target
+  if folder.exists():
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(largest.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = np.random.default_rng(0).bytes(64)
+    largest.write_bytes(bytes(raw))
+
+ocp.CheckpointManager.wait_until_finished = corrupting_wait
+cfg = H.tiny_config("fp", steps=8, checkpoint_every=4, log_every=1, keep_checkpoints=1)
+try:
+  T.train(cfg, root)
+except C.CheckpointError as e:
+  print("ERROR:", e)
+"""
+
+
+def test_rotation_keeps_the_last_good_checkpoint(tmp_path, env):
+  """keep_checkpoints=1, checkpoints at 4 and 8, and storage that corrupts step 8 every time it
+  is written: step 4 is never deleted, since step 8 never reads back intact; both copies of 8
+  are moved to damaged_checkpoints/ and train() raises CheckpointError saying so."""
+  proc = H.run_python(ROTATION, tmp_path / "run", 8, env=env, timeout=300)
+  errors = [line for line in proc.stdout.splitlines() if line.startswith("ERROR:")]
+  assert len(errors) == 1 and "step 8" in errors[0] and "twice" in errors[0], proc.stdout
+  assert H.checkpoint_steps(tmp_path / "run") == [4]
+  assert sorted(p.name for p in (tmp_path / "run" / ckpt_lib.DAMAGED).iterdir()) == ["8", "8.1"]
+  assert all(np.isfinite(v).all() for v in H.flat(H.read_state(tmp_path / "run", 4)).values())
+
+
+@pytest.mark.parametrize("steps", [4, 6])
+def test_rerun_with_fewer_or_equal_steps(fp_run, tmp_path, env, steps):
+  """Rerunning on a checkpoint at step 6 with training.steps=4: exit 1, one error line naming
+  both numbers; with training.steps=6: exit 0, one warning that there is nothing to train.
+  Either way nothing in the workdir changes."""
+  run = _copy(fp_run, tmp_path)
+  before = H.snapshot(run)
+  flags = [f for f in FP_RUN_FLAGS if "training.steps" not in f]
+  proc = H.run(H.cli_args(run, "train", *flags, f"--config.training.steps={steps}"), env)
+  lines = _stderr_lines(proc)
+  assert len(lines) == 1, proc.stderr[-3000:]
+  if steps < 6:
+    assert proc.returncode == 1
+    assert lines[0].startswith("bidm_jax: error: config.training.steps: 4 is below step 6")
+  else:
+    assert proc.returncode == 0 and "already at step 6" in lines[0], lines[0]
+    assert H.last_json(proc.stdout)["step"] == 6
+  assert H.snapshot(run) == before
+
+
+def test_ctrl_c_saves_and_a_second_run_is_refused(tmp_path, env):
+  """While a CLI training run holds the workdir, a second run on it exits 1 with one line naming
+  the first run's pid (and changes nothing); Ctrl-C (SIGINT) then makes the first save the step
+  it stopped at and exit 0, as SIGTERM does, and the lock file is gone."""
+  workdir = tmp_path / "run"
+  proc = _popen(H.cli_args(workdir, "train", *LONG_FP_FLAGS,
+                           "--config.training.checkpoint_every=1000"), env)
+  try:
+    _wait_for(lambda: H.read_metrics(workdir), proc, 240, "the first logged step")
+    second = H.run(H.cli_args(workdir, "train", *LONG_FP_FLAGS), env)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert second.returncode == 1
+  lines = _stderr_lines(second)
+  assert len(lines) == 1 and f"in use by another run (pid {proc.pid} " in lines[0], second.stderr
+  assert proc.returncode == 0, err[-3000:]
+  summary = H.last_json(out)
+  step = summary["step"]
+  assert summary["preempted"] and 1 <= step < 1000
+  assert H.checkpoint_steps(workdir) == [step]
+  assert [m["step"] for m in H.read_metrics(workdir)] == list(range(1, step + 1))
+  assert not (workdir / ckpt_lib.LOCK).exists()
+
+
+def test_non_finite_ema_counts_as_divergence():
+  """A train step whose loss and gradient are finite but whose EMA is not (an inf carried in
+  the EMA tree): metrics['finite'] is False and params, EMA and optimizer keep their values."""
+  config = H.tiny_config("fp", micro=True, warmup_steps=0)
+  model = train_lib.make_model(config, FP)
+  tx = train_lib.make_optimizer(config)
+  state = train_lib.create_state(H.random_params(model, config), tx)
+  ema = jax.tree_util.tree_map(jnp.copy, state.ema_params)
+  ema["conv_in"]["bias"] = ema["conv_in"]["bias"].at[0].set(jnp.inf)
+  state = state.replace(ema_params=ema)
+  step = jax.jit(train_lib.make_train_step(config, model, config_lib.schedule_from_config(config),
+                                           tx))
+  new, metrics = step(state, jnp.asarray(H.digits_batch(config)), jax.random.PRNGKey(0), None)
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+  assert not bool(metrics["finite"])
+  for name in ("params", "ema_params", "opt_state"):
+    H.assert_trees_equal(getattr(state, name), getattr(new, name), name)
+
+
+def test_metric_rows_are_strict_json_and_replayed_steps_are_dropped(tmp_path):
+  """MetricWriter: a non-finite value is written as null; a writer resuming from step 2 drops
+  the rows of steps 3 and 4 and a last row cut short, so every step appears once."""
+  logdir = tmp_path / "logs"
+  writer = MetricWriter(str(logdir))
+  for step in (1, 2, 3, 4):
+    writer.write_scalars(step, {"loss": 1.0 / step, "grad_norm": math.inf if step == 4 else 1.0})
+  writer.close()
+  with open(logdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')
+  text = (logdir / "metrics.jsonl").read_text()
+  strict = lambda t: [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}"))
+                      for line in t.splitlines() if line.endswith("}")]
+  assert strict(text)[3]["grad_norm"] is None
+  writer = MetricWriter(str(logdir), resume_step=2)
+  writer.write_scalars(3, {"loss": 0.5})
+  writer.close()
+  rows = strict((logdir / "metrics.jsonl").read_text())
+  assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == 0.5
+
+
+def test_damaged_export_is_one_error(tmp_path):
+  """An exported parameter set whose stored values changed (finite, so only the checksum in
+  model.json shows it): load_params raises one CheckpointError naming the array."""
+  config = H.tiny_config("fp")
+  export = tmp_path / "export"
+  H.export_teacher(config, export)
+  params = jax.tree_util.tree_map(np.asarray, ckpt_lib.load_params(export)[0])
+  params["conv_in"]["kernel"] = 2 * params["conv_in"]["kernel"]
+  shutil.rmtree(export / "params")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(export / "params", params)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"damaged: .* e\.g\. conv_in/kernel"):
+    ckpt_lib.load_params(export, config_lib.model_description(config))

@@ -14,6 +14,9 @@ Two entry points, the command-line modes `ref_stats` and `evaluate`:
                       `config.eval.pr_reference` images (precision / recall)
     description       JSON: source, name, split, data_dir, image_size, channels, count
     inception_weights the weight file's name
+    saturated_fraction, mean_image_std
+                      `metrics.image_health` of the images (absent from files written before
+                      it existed: those still load, without reference health)
 
   `FeatureStats.load(path)` / `FeatureStats.load(path, '_s')` read the statistics. An existing
   file is reused when its description equals the config's, and never overwritten otherwise.
@@ -23,7 +26,9 @@ Two entry points, the command-line modes `ref_stats` and `evaluate`:
   of `config.sampling`), quantises each batch to uint8 and featurises it at once, so host
   memory holds features, not images. It writes `<workdir>/metrics.json`: FID, sFID, Inception
   Score (only when the Inception weights carry the classifier), improved precision / recall
-  (k = 3), the number of samples, sampler and steps, checkpoint and step, the reference and its
+  (k = 3), the image health of the samples and of the reference (`metrics.image_health`: the
+  fraction of pixel values at 0 or 255, the mean per-image standard deviation), the number of
+  samples, sampler, steps and x0 options, checkpoint and step, the reference and its
   description, and the Inception weight file. The reference is computed on the fly (as
   `ref_stats`) when its file does not exist yet.
 
@@ -45,7 +50,6 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -56,7 +60,8 @@ from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
 from bidm_jax.evaluation import inception as inception_lib
 from bidm_jax.evaluation import metrics as metrics_lib
-from bidm_jax.evaluation.metrics import FeatureStats
+from bidm_jax.evaluation.metrics import FeatureStats, ImageHealth
+from bidm_jax.export import packed as packed_export
 from bidm_jax.io import files
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
@@ -85,6 +90,7 @@ PR_K = 3
 POOL_DIM = 2048
 SPATIAL_DIM = 17 * 17 * inception_lib.SPATIAL_CHANNELS
 IS_SPLITS = 10
+HEALTH_KEYS = ("saturated_fraction", "mean_image_std")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +223,8 @@ class Reference(NamedTuple):
   """Reference statistics: FeatureStats of the pool features and the number of images behind
   them (None when a foreign file does not say), FeatureStats of the spatial features (or None),
   pool features for precision/recall (or None), the data description (None for a file not
-  written by ref_stats) and the Inception weight file it was computed with (or None)."""
+  written by ref_stats), the Inception weight file it was computed with (or None) and the
+  images' health {'saturated_fraction', 'mean_image_std'} (None for files without it)."""
   path: str
   pool: FeatureStats
   count: int | None
@@ -225,6 +232,7 @@ class Reference(NamedTuple):
   pr_features: np.ndarray | None
   description: dict | None
   inception_weights: str | None
+  health: dict | None = None
 
   @classmethod
   def load(cls, path: str | Path) -> "Reference":
@@ -243,12 +251,14 @@ class Reference(NamedTuple):
       desc = json.loads(str(data["description"])) if "description" in names else None
       weights = str(data["inception_weights"]) if "inception_weights" in names else None
       count = int(data["count"]) if "count" in names else None
-    return cls(str(path), pool, count, spatial, pr, desc, weights)
+      health = ({k: float(data[k]) for k in HEALTH_KEYS} if set(HEALTH_KEYS) <= names
+                else None)
+    return cls(str(path), pool, count, spatial, pr, desc, weights, health)
 
   def summary(self) -> dict:
     return {"reference": self.path, "description": self.description, "count": self.count,
             "pr_features": None if self.pr_features is None else len(self.pr_features),
-            "inception_weights": self.inception_weights}
+            "inception_weights": self.inception_weights, "health": self.health}
 
 
 def reference_path(config, workdir: str) -> Path:
@@ -303,9 +313,11 @@ def _compute_reference(config, featurizer: Featurizer, path: Path, description: 
                                    num_examples=count, process_index=0, process_count=1)
   pool, spatial = FeatureStats(POOL_DIM), FeatureStats(SPATIAL_DIM)
   reservoir = _Reservoir(min(config.eval.pr_reference, count), seed=config.seed)
+  health = ImageHealth()
   with tqdm(total=count, desc="reference", unit="img",
             disable=not progress_bar or jax.process_index() != 0) as bar:
     for batch in it:
+      health.update(batch["image"])
       feats = featurizer(batch["image"])
       pool.update(feats["pool"])
       spatial.update(feats["spatial"])
@@ -314,7 +326,7 @@ def _compute_reference(config, featurizer: Featurizer, path: Path, description: 
   if pool.count < 2:
     raise ValueError(f"reference: {pool.count} usable images in {description}; need at least 2")
   ref = Reference(str(path), pool, pool.count, spatial, reservoir.result(), dict(description),
-                  featurizer.weights.name)
+                  featurizer.weights.name, {k: health.result()[k] for k in HEALTH_KEYS})
   return ref, it.skipped
 
 
@@ -325,7 +337,8 @@ def _write_reference(ref: Reference, path: Path, skipped: int) -> None:
                   pr_features=ref.pr_features.astype(np.float32),
                   description=np.array(json.dumps(ref.description, sort_keys=True)),
                   inception_weights=np.array(ref.inception_weights or ""),
-                  skipped=np.int64(skipped))
+                  skipped=np.int64(skipped),
+                  **{k: np.float64(v) for k, v in (ref.health or {}).items()})
 
 
 def _expected_description(config, *, need_count: bool) -> dict:
@@ -388,7 +401,9 @@ def ref_stats(config, workdir: str) -> dict:
   raises ValueError and is left alone.
 
   Returns {'reference': path, 'description', 'count' (images behind the statistics),
-  'pr_features' (images kept for precision/recall), 'inception_weights', 'reused', 'seconds'}.
+  'pr_features' (images kept for precision/recall), 'inception_weights', 'health'
+  ({'saturated_fraction', 'mean_image_std'} of the images, None for an older file), 'reused',
+  'seconds'}.
   Raises FileNotFoundError naming the expected weight files when they are missing.
   """
   config_lib.validate(config)
@@ -477,26 +492,13 @@ def compute_metrics(reference: Reference, pool: np.ndarray, spatial: FeatureStat
 # Evaluation of a trained model.
 
 
-def _checkpoint_step(source: str) -> int | None:
-  """The step of the checkpoint load_params reads from a training workdir; None for exports."""
-  path = epath.Path(source)
-  if (path / ckpt_lib.MODEL_JSON).exists():
-    return None
-  ckpt_dir = path / ckpt_lib.CHECKPOINTS if (path / ckpt_lib.CHECKPOINTS).exists() else path
-  try:
-    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("state", "meta")) as mngr:
-      return mngr.latest_step()
-  except Exception:  # pylint: disable=broad-except  # the step is informative only
-    return None
-
-
 def evaluate(config, workdir: str) -> dict:
   """FID, sFID, IS and precision/recall of config.eval.num_samples samples; writes
   <workdir>/metrics.json (and <workdir>/eval_samples.npz when config.eval.keep_samples).
 
   The model comes from config.sampling.checkpoint, else the workdir (an exported folder or a
-  training workdir, whose EMA parameters are used), checked against the config's model and
+  training workdir, whose EMA parameters are used; with config.sampling.engine 'packed', a
+  --mode=export file or a folder holding it), checked against the config's model and
   binarization method. Samples are drawn with config.sampling's sampler, steps and eta in
   batches of config.eval.batch_size (rounded up to the device count), seeded by config.seed
   as `train.generate`; each batch is quantised to uint8, as saved images would be, and
@@ -505,9 +507,12 @@ def evaluate(config, workdir: str) -> dict:
   a reference written by ref_stats must describe config.data.
 
   Returns the metrics dict written to metrics.json: fid, sfid, inception_score(_std) (None
-  without the classifier), precision, recall, pr_k, num_samples, sampler, steps, eta, seed,
-  method, checkpoint, checkpoint_step, reference, reference_description, reference_count,
-  reference_pr_features, inception_weights, images_per_s, seconds, samples_file, notes.
+  without the classifier), precision, recall, saturated_fraction, mean_image_std (of the uint8
+  samples, `metrics.image_health`), pr_k, num_samples, sampler, steps, eta, clip_x0,
+  dynamic_threshold, seed, method, checkpoint, checkpoint_step, reference,
+  reference_description, reference_count, reference_pr_features,
+  reference_saturated_fraction, reference_mean_image_std (None, with a note, for a reference
+  file without them), inception_weights, images_per_s, seconds, samples_file, notes.
   """
   config_lib.validate(config)
   start = time.perf_counter()
@@ -516,12 +521,15 @@ def evaluate(config, workdir: str) -> dict:
 
   source = s.checkpoint or workdir
   method = config_lib.method_from_config(config)
-  params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
+  if s.engine == "packed":
+    params, meta = packed_export.load_export(source, config)
+  else:
+    params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
   found = meta.get("method", {}).get("name", method.name)
   if found != method.name:
     raise ckpt_lib.CheckpointError(f"{source} holds a {found!r} model; set "
                                    f"--config.binarization.method={found}")
-  step = _checkpoint_step(source)
+  step = meta.get("step")  # the verified step load_params read; None for an export
 
   reference, _ = _reference(config, workdir, weights, allow_external=True)
   featurizer = get_featurizer(weights, e.batch_size)
@@ -536,6 +544,7 @@ def evaluate(config, workdir: str) -> dict:
   key = jax.random.PRNGKey(config.seed)
 
   spatial = FeatureStats(SPATIAL_DIM)
+  health = ImageHealth()
   pool_parts, logit_parts, spatial_parts, kept = [], [], [], []
   keep_spatial = num < SPATIAL_DIM
   done, timed, elapsed = 0, 0, 0.0
@@ -548,6 +557,7 @@ def evaluate(config, workdir: str) -> dict:
         timed, elapsed = timed + batch, elapsed + time.perf_counter() - t0
       images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
       images = to_uint8(images[:num - done])
+      health.update(images)
       feats = featurizer(images)
       pool_parts.append(feats["pool"])
       spatial.update(feats["spatial"])
@@ -567,13 +577,20 @@ def evaluate(config, workdir: str) -> dict:
                                   weights.name)
   if reference.description is None:
     notes.append(f"reference {reference.path} has no data description (external file)")
+  values.update({k: health.result()[k] for k in HEALTH_KEYS})
+  ref_health = reference.health or {}
+  values.update({f"reference_{k}": ref_health.get(k) for k in HEALTH_KEYS})
+  if reference.health is None:
+    notes.append(f"reference {reference.path} has no image health ({', '.join(HEALTH_KEYS)}); "
+                 "recompute it with --mode=ref_stats into a new file to get them")
 
   files.makedirs(workdir)
   samples_file = os.path.join(workdir, SAMPLES_FILE) if e.keep_samples else None
   result = dict(
       values, pr_k=PR_K, num_samples=int(len(pool)), sampler=s.sampler,
       steps=int(s.steps if s.sampler == "ddim" else config.diffusion.num_timesteps),
-      eta=float(s.eta) if s.sampler == "ddim" else None, seed=int(config.seed),
+      eta=float(s.eta) if s.sampler == "ddim" else None, clip_x0=bool(s.clip_x0),
+      dynamic_threshold=float(s.dynamic_threshold), seed=int(config.seed),
       method=method.name, checkpoint=str(source), checkpoint_step=step,
       reference=reference.path, reference_description=reference.description,
       reference_count=reference.count,

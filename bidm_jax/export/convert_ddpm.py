@@ -492,16 +492,15 @@ def convert_checkpoint(source_path, out_dir, model_kwargs: Mapping[str, Any] | N
     FileNotFoundError: no checkpoint at source_path.
     ValueError: an unreadable (truncated, foreign) file, a config.json of another
       architecture, or a checkpoint that does not map onto the U-Net.
-    CheckpointError: out_dir already holds exported parameters.
+    CheckpointError: out_dir already holds exported parameters or a training run (its
+      checkpoints/), or is a file.
   Nothing is written unless the whole conversion succeeded: the export goes to a temporary
   folder next to out_dir and is moved into place at the end (a gs:// out_dir is written in
   place, model.json last).
   """
   desc = model_description(model_kwargs)
   out = epath.Path(out_dir)
-  if (out / ckpt_lib.MODEL_JSON).exists() or (out / "params").exists():
-    raise ckpt_lib.CheckpointError(f"{out} already holds exported parameters; choose a new "
-                                   "folder")
+  ckpt_lib.check_export_target(out)  # neither an export nor a training run is ever shadowed
   weights, config = _resolve_source(source_path)
   if config is not None:
     check_diffusers_config(config, desc, image_size=image_size, in_channels=in_channels)

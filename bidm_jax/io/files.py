@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from typing import Any
 
@@ -51,9 +52,26 @@ def write_bytes(path, data: bytes) -> None:
       os.remove(tmp)
 
 
+def json_safe(obj: Any) -> Any:
+  """`obj` for strict JSON: non-finite floats become None, NumPy scalars and arrays Python
+  numbers and lists, tuples lists (dict keys and other values are left as they are)."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return json_safe(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def write_json(path, obj: Any, indent: int = 2) -> None:
-  """json.dump(obj, indent=indent) to `path` with write_bytes."""
-  write_bytes(path, json.dumps(obj, indent=indent).encode())
+  """`obj` as strict JSON (`json_safe`: NaN and infinities become null) to `path` with
+  write_bytes."""
+  write_bytes(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False).encode())
 
 
 def write_npz(path, **arrays) -> None:

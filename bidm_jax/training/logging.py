@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,13 +77,17 @@ class MetricWriter:
 
   A local logdir's files are opened for appending. A URI logdir (gs://...; object stores cannot
   append) keeps each file's contents in memory, starting from what the file already holds, and
-  rewrites the whole file on every flush.
+  rewrites the whole file on every flush. With `resume_step` (the step a run starts from), the
+  `metrics.jsonl` rows of later steps, which the run logs again, are dropped first, so each
+  step has one row. Non-finite values are written as null (strict JSON).
   """
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, *, resume_step: int | None = None):
     files.makedirs(logdir)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
     paths = (os.path.join(logdir, name), os.path.join(logdir, "metrics.jsonl"))
+    if resume_step is not None:
+      _drop_rows_after(paths[1], resume_step)
     self._remote = {}
     if files.is_remote(logdir):
       self._remote = {p: bytearray(files.read_bytes(p) if files.exists(p) else b"")
@@ -101,8 +105,8 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     summary = b"".join(_scalar_summary(k, float(v)) for k, v in scalars.items())
     self._write(_event(step, summary=summary))
-    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
-                      + "\n")
+    row = files.json_safe({"step": step, **{k: float(v) for k, v in scalars.items()}})
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self.flush()
 
   def flush(self) -> None:
@@ -118,6 +122,26 @@ class MetricWriter:
     else:
       self._events.close()
       self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Removes the rows of metrics.jsonl at `path` logged after `step`, and a last row cut short
+  by a killed run."""
+  if not files.exists(path):
+    return
+  text = files.read_bytes(path).decode("utf-8", errors="replace")
+  kept = []
+  for line in text.splitlines(keepends=True):
+    if not line.endswith("\n"):
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if not (isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step):
+      kept.append(line)
+  if "".join(kept) != text:
+    files.write_bytes(path, "".join(kept).encode())
 
 
 class _Buffer:

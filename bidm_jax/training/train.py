@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import struct
 from jax.experimental import multihost_utils
@@ -34,6 +33,7 @@ from bidm_jax.binarize.methods import FP, BinarizationMethod
 from bidm_jax.diffusion import samplers
 from bidm_jax.diffusion.schedules import Schedule, epsilon_loss, q_sample
 from bidm_jax.io import files
+from bidm_jax.layers import packed as packed_layers
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training.logging import MetricWriter, save_grid
@@ -61,7 +61,7 @@ def make_model(config, method: BinarizationMethod = FP) -> UNet:
               out_ch=config.data.channels, method=method,
               tbs_connections=config.tbs.connections, tbs_buckets=config.tbs.buckets,
               tbs_init=config.tbs.init, num_timesteps=config.diffusion.num_timesteps,
-              dtype=jnp.dtype(m.compute_dtype))
+              tbs_structure=config.tbs.structure, dtype=jnp.dtype(m.compute_dtype))
 
 
 def image_shape(config, batch: int) -> tuple[int, int, int, int]:
@@ -111,9 +111,18 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
 
   images: (B, H, W, C) in [-1, 1]. Samples t ~ U{0..T-1} and noise; for a TBS model the
   binary student runs at t+1 then at t with the cache (paired-timestep forward); the teacher
-  (when the method distils) sees the same (x_t, t).
+  (when the method distils) sees the same (x_t, t). L_DM is reduced by `distill.reduction`:
+  'mean' (the paper's MSE) or 'sum' over each image's values (the authors' CIFAR code, which
+  makes lambda * L_distill H*W*C times weaker relative to L_DM; metrics then add 'eps_mse').
+  The distilled features are `distill.points`: 'blocks' (every timestep block's output) or
+  'release' (the authors' points, `UNet.release_points`).
   """
   method = model.method
+  reduction = config.distill.reduction
+  if config.distill.points == "release":
+    distill_features = lambda o: tuple(o.points[name] for name in model.release_points)
+  else:
+    distill_features = lambda o: o.features
   n = model.num_connections
   num_t = schedule.num_timesteps
   distill = method.distillation if method.binary else "none"
@@ -136,15 +145,18 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
                                         t_prev, x_t, t, n, k_drop)
     else:
       out = apply(params, x_t, t, None, k_drop)
-    loss_dm = epsilon_loss(out.eps, noise)
+    loss_dm = epsilon_loss(out.eps, noise, reduction)
     metrics = {"loss_dm": loss_dm}
+    if reduction == "sum":  # the per-value MSE as well, comparable with 'mean' runs
+      metrics["eps_mse"] = loss_dm / np.prod(images.shape[1:])
     loss = loss_dm
     if distill != "none":
-      target = teacher.apply({"params": teacher_params}, x_t, t).features
+      target = distill_features(teacher.apply({"params": teacher_params}, x_t, t))
+      student = distill_features(out)
       if distill == "spd":
-        loss_distill = spd.spd_loss(out.features, target, config.distill.patches)
+        loss_distill = spd.spd_loss(student, target, config.distill.patches)
       else:
-        loss_distill = spd.l2_distillation_loss(out.features, target)
+        loss_distill = spd.l2_distillation_loss(student, target)
       metrics["loss_distill"] = loss_distill
       loss = loss + config.distill.weight * loss_distill
     metrics["loss"] = loss
@@ -158,8 +170,8 @@ def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientT
   """train_step(state, images, rng, teacher_params) -> (state, metrics); pure, jittable.
 
   `rng` is the run's base key: the step folds in state.step, so a resumed run draws the same
-  timesteps and noise. A non-finite loss or gradient leaves parameters, optimizer and EMA
-  unchanged and reports metrics['finite'] = False.
+  timesteps and noise. A non-finite loss, gradient, updated parameters or updated EMA leaves
+  parameters, optimizer and EMA unchanged and reports metrics['finite'] = False.
   """
   loss_fn = make_loss_fn(config, model, schedule, teacher)
   total, decay = config.training.steps, config.training.ema_decay
@@ -174,7 +186,8 @@ def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientT
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
                                  params)
     grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+              & _all_finite(ema))
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     state = TrainState(step=state.step + 1, params=keep(params, state.params),
                        ema_params=keep(ema, state.ema_params),
@@ -182,6 +195,11 @@ def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientT
     return state, dict(metrics, grad_norm=grad_norm, finite=finite)
 
   return train_step
+
+
+def _all_finite(tree) -> Array:
+  """() bool: every value of every leaf of `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
@@ -203,22 +221,28 @@ def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
   """sample(params, rng, batch) -> (batch, H, W, C) images in about [-1, 1], batch-sharded.
 
   Runs config.sampling's sampler (DDIM with `steps` and `eta`, or DDPM) as one jitted scan,
-  carrying the TBS cache of models that have connections.
+  carrying the TBS cache of models that have connections, with the x0 clipping or dynamic
+  thresholding of `clip_x0` and `dynamic_threshold` (both off by default). With `engine`
+  'packed', `params` is an export's packed tree (`export.packed.load_export`) and the binary
+  layers run on its sign bits (`layers.packed.apply`).
   """
   s = config.sampling
   data_sharding = NamedSharding(mesh, P("data"))
   n = model.num_connections
+  x0_options = dict(clip_x0=bool(s.clip_x0), dynamic_threshold=float(s.dynamic_threshold))
 
   def sample(params, rng, batch):
     def apply(x, t, cache):
       x = jax.lax.with_sharding_constraint(x, data_sharding)
+      if s.engine == "packed":
+        return packed_layers.apply(model, params, x, t, cache=cache)
       return model.apply({"params": params}, x, t, cache=cache)
 
     shape = image_shape(config, batch)
     if s.sampler == "ddim":
       return samplers.ddim_sample(apply, schedule, shape, rng, steps=s.steps, eta=s.eta,
-                                  num_connections=n)
-    return samplers.ddpm_sample(apply, schedule, shape, rng, num_connections=n)
+                                  num_connections=n, **x0_options)
+    return samplers.ddpm_sample(apply, schedule, shape, rng, num_connections=n, **x0_options)
 
   return jax.jit(sample, static_argnums=2, out_shardings=data_sharding)
 
@@ -249,8 +273,16 @@ def generate(config, model: UNet, params, num: int, *, seed: int, mesh=None,
 
 
 def run_meta(config, method: BinarizationMethod, model: UNet) -> dict:
-  return {"model": config_lib.model_description(config), "method": dataclasses.asdict(method),
+  """What a workdir's checkpoints must agree with to be resumed by this config.
+
+  The TBS structure is recorded only when it is not the default, so that workdirs written
+  before the field existed still match.
+  """
+  meta = {"model": config_lib.model_description(config), "method": dataclasses.asdict(method),
           "tbs_connections": model.num_connections, "image_size": config.data.image_size}
+  if config.tbs.structure != "blocks":
+    meta["tbs_structure"] = config.tbs.structure
+  return meta
 
 
 def load_teacher(config, mesh):
@@ -280,40 +312,81 @@ def sample_grid(config, model: UNet, state: TrainState, mesh, workdir: str) -> N
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks once per step (saved, then exit 0)."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks once per step
+  (saved, then exit 0); a second Ctrl-C raises KeyboardInterrupt at once. A SIGINT the process
+  ignores (a shell's background job) stays ignored."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = ""  # the name of the signal that asked the run to stop
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() > 1:  # multi-host: jax's own handler + mngr.reached_preemption
       return self
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+          self._previous[signum] = signal.signal(signum, self._handle)
     except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
+      pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
 
 def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dict:
-  """Trains the model of `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains the model of `config` in `workdir`, resuming from its newest intact checkpoint.
 
   FP training when config.binarization.method is 'fp', else QAT from config.training.teacher.
   `data_iterator` replaces the config's data: it yields {'image': (B_local, H, W, C)}; its
-  position is checkpointed when it is a `grain.DatasetIterator`. Returns a summary: last losses, steps, steps/s, whether the run
-  was preempted. Raises TrainingDiverged on a non-finite loss, CheckpointError when the
-  workdir or teacher holds a different model.
+  position is checkpointed when it is a `grain.DatasetIterator`. Returns a summary: last
+  losses, steps, steps/s, whether the run was preempted (SIGTERM or Ctrl-C: saved, then
+  returned). The workdir is locked for the run. A damaged newest checkpoint is moved to
+  `damaged_checkpoints/` (one warning line) and the run resumes from the newest intact one; a
+  run already at training.steps returns at once. Raises ValueError when the checkpoint is past
+  training.steps, TrainingDiverged on a non-finite loss, CheckpointError when the workdir or
+  teacher holds a different model or the workdir holds an export, WorkdirInUse when another
+  run trains in the workdir.
   """
   config_lib.validate(config)
+  ckpt_lib.check_training_workdir(workdir)
+  files.makedirs(workdir)
+  with ckpt_lib.workdir_lock(workdir):
+    return _train(config, workdir, data_iterator)
+
+
+def _check_run_meta(found: dict, meta: dict, workdir: str) -> None:
+  """Raises CheckpointError when a checkpoint's meta describes another run than `meta`."""
+  found = {k: v for k, v in found.items() if k != ckpt_lib.CHECKSUM}
+  if isinstance(found.get("method"), dict):  # fields the checkpoint predates: as configured
+    found["method"] = {**meta["method"], **found["method"]}
+  if found == meta:
+    return
+  ckpt_lib.check_model_matches(found["model"], meta["model"], f"workdir {workdir}")
+  diffs = []
+  for key in sorted(set(found) | set(meta)):
+    a, b = found.get(key), meta.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += [f"{key}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      diffs.append(f"{key}: checkpoint {a!r} vs config {b!r}")
+  raise ckpt_lib.CheckpointError(
+      f"workdir {workdir} holds a run of method {found.get('method', {}).get('name')!r} with "
+      f"other settings ({'; '.join(diffs[:5])}{'; ...' if len(diffs) > 5 else ''}); use "
+      "another --workdir")
+
+
+def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
+  """train() inside the workdir lock."""
   method = config_lib.method_from_config(config)
   model = make_model(config, method)
   schedule = config_lib.schedule_from_config(config)
@@ -323,111 +396,150 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
     raise ValueError(f"config.training.batch_size: {t.batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices of the mesh")
   repl = NamedSharding(mesh, P())
-  files.makedirs(workdir)
   meta = run_meta(config, method, model)
-  mngr = ckpt_lib.make_manager(workdir, keep=t.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is not None:
-    found = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if found != meta:
-      ckpt_lib.check_model_matches(found["model"], meta["model"], f"workdir {workdir}")
-      raise ckpt_lib.CheckpointError(
-          f"workdir {workdir} holds a run of method {found['method']['name']!r} "
-          f"({found['tbs_connections']} TBS connections), the config asks for "
-          f"{method.name!r} ({model.num_connections}); use another --workdir")
-
-  teacher, teacher_params = None, None
-  if method.binary:
-    teacher, teacher_params = load_teacher(config, mesh)
   tx = make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
-  if latest is None:
-    params = init_params(model, config, jax.random.fold_in(rng, 1))
-    if teacher_params is not None:
-      params = overlay_params(params, teacher_params)
-    state = create_state(params, tx)
-  else:
-    abstract = jax.eval_shape(
-        lambda: create_state(init_params(model, config, jax.random.fold_in(rng, 1)), tx))
-    state = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-  state = jax.device_put(state, repl)
-
   if data_iterator is None:
     data_iterator = data_lib.make_train_iterator(config.data, global_batch_size=t.batch_size,
                                                  seed=config.seed)
   checkpoint_data = isinstance(data_iterator, grain.DatasetIterator)
-  if latest is not None and checkpoint_data:
-    mngr.restore(latest, args=ocp.args.Composite(data=data_lib.orbax_restore_args(data_iterator)))
 
-  step_fn = jax.jit(make_train_step(config, model, schedule, tx, teacher), donate_argnums=0)
-  writer = MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
-  start = int(state.step)
-  summary = {"preempted": False, "start_step": start}
+  with ckpt_lib.make_manager(workdir) as mngr:
+    abstract = jax.eval_shape(
+        lambda: create_state(init_params(model, config, jax.random.fold_in(rng, 1)), tx))
+    data_args = data_lib.orbax_restore_args(data_iterator) if checkpoint_data else None
+    latest, restored, damaged = ckpt_lib.newest_good(mngr, lambda step: ckpt_lib.read_step(
+        mngr, step, abstract=abstract, data_args=data_args,
+        check_meta=lambda found: _check_run_meta(found, meta, workdir)))
+    if latest is None and damaged:
+      raise ckpt_lib.CheckpointError(
+          f"no readable checkpoint in {mngr.directory} ({ckpt_lib.describe_damaged(damaged)}); "
+          "move that folder away to start the run over")
+    if latest is not None and latest > t.steps:
+      raise ValueError(f"config.training.steps: {t.steps} is below step {latest} of the run in "
+                       f"{workdir}; nothing was trained: raise it to continue that run, or "
+                       "train in another --workdir")
+    if damaged:
+      moved = [str(ckpt_lib.move_aside(mngr, step)) for step, _ in damaged]
+      logging.warning("damaged checkpoint(s) in %s (%s): moved to %s; resuming from step %d",
+                      mngr.directory, ckpt_lib.describe_damaged(damaged), ", ".join(moved),
+                      latest)
+    if latest is not None and latest == t.steps:
+      logging.warning("the run in %s is already at step %d = config.training.steps; nothing "
+                      "to train", workdir, latest)
 
-  def save(step: int) -> None:
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    if checkpoint_data:
-      items["data"] = data_lib.orbax_save_args(data_iterator)
-    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    teacher, teacher_params = None, None
+    if method.binary:
+      teacher, teacher_params = load_teacher(config, mesh)
+    if latest is None:
+      params = init_params(model, config, jax.random.fold_in(rng, 1))
+      if teacher_params is not None:
+        params = method.init_from_fp(overlay_params(params, teacher_params))
+      state = create_state(params, tx)
+    else:
+      state = restored[1]
+    state = jax.device_put(state, repl)
 
-  def check(metrics, step):
-    """Fetches one step's metrics (waiting for that step only) and stops on a non-finite loss."""
-    metrics = jax.device_get(metrics)
-    if not bool(metrics["finite"]):
+    step_fn = jax.jit(make_train_step(config, model, schedule, tx, teacher), donate_argnums=0)
+    start = int(state.step)
+    writer = (MetricWriter(os.path.join(workdir, "logs"), resume_step=start)
+              if jax.process_index() == 0 and start < t.steps else None)
+    summary = {"preempted": False, "start_step": start}
+    unverified = None  # the step saved last, not read back yet
+
+    def verify_last_save() -> int | None:
+      """Waits for the last save and reads it back: intact, the steps before it beyond
+      keep_checkpoints are deleted; damaged, it is moved aside and its step returned."""
+      nonlocal unverified
       mngr.wait_until_finished()
-      good = mngr.latest_step()
-      where = (f"the last good checkpoint is step {good} in {workdir}/checkpoints" if good
-               is not None else "no checkpoint was written yet")
-      raise TrainingDiverged(f"non-finite loss at step {step} (loss={float(metrics['loss'])}); "
-                             f"parameters were not updated; {where}")
-    return metrics
+      step, unverified = unverified, None
+      if step is None:
+        return None
+      try:
+        ckpt_lib.read_step(mngr, step)
+      except ckpt_lib.DamagedCheckpoint as e:
+        where = ckpt_lib.move_aside(mngr, step)
+        logging.warning("checkpoint step %d did not read back intact (%s): moved to %s; the "
+                        "older checkpoints are kept", step, e, where)
+        return step
+      ckpt_lib.remove_old(mngr, t.keep_checkpoints, step)
+      return None
 
-  window, last_log, pending = [], time.perf_counter(), None
+    def save(step: int) -> None:
+      nonlocal unverified
+      verify_last_save()
+      ckpt_lib.save_state(mngr, step, state, meta,
+                          data_lib.orbax_save_args(data_iterator) if checkpoint_data else None)
+      unverified = step
 
-  def settle():
-    """Checks the dispatched-but-unread step, if any, and adds its metrics to the log window."""
-    nonlocal pending
-    if pending is not None:
-      window.append(check(*pending))
-      pending = None
-  with _Preemption() as preemption, tqdm(total=t.steps, initial=start, desc=method.name,
-                                         unit="step", disable=not t.progress_bar) as bar:
-    try:
-      for step in range(start, t.steps):
-        batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
-        state, metrics = step_fn(state, batch, rng, teacher_params)
-        settle()  # the previous step's metrics, fetched while this one runs
-        pending = (metrics, step)
-        done = step + 1
-        stop = (preemption.requested if jax.process_count() == 1
-                else mngr.reached_preemption(done))
-        if done % t.checkpoint_every == 0 or done == t.steps or stop:
-          settle()
-          save(done)
-        if done % t.log_every == 0 or done == t.steps or stop:
-          settle()
-          now = time.perf_counter()
-          scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]
-                     if k != "finite"}
-          scalars["steps_per_sec"] = len(window) / (now - last_log)
-          window, last_log = [], now
-          summary.update(scalars)
-          if writer:
-            writer.write_scalars(done, scalars)
-          bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-        bar.update(1)
-        if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
-          sample_grid(config, model, state, mesh, workdir)
-        if stop:
-          summary["preempted"] = True
-          logging.warning("preemption requested: saved step %d, exiting", done)
-          break
-    finally:
-      mngr.wait_until_finished()
-      mngr.close()
-      if writer:
-        writer.close()
+    def check(metrics, step):
+      """Fetches one step's metrics (waiting for that step only) and stops on a non-finite loss,
+      gradient, parameter or EMA value."""
+      metrics = jax.device_get(metrics)
+      if not bool(metrics["finite"]):
+        verify_last_save()
+        good = mngr.latest_step()
+        where = (f"the last good checkpoint is step {good} in {workdir}/checkpoints" if good
+                 is not None else "no checkpoint was written yet")
+        what = ("loss" if not np.isfinite(metrics["loss"]) else "gradient"
+                if not np.isfinite(metrics["grad_norm"]) else "parameters or EMA")
+        raise TrainingDiverged(f"non-finite {what} at step {step} "
+                               f"(loss={float(metrics['loss'])}); parameters were not updated; "
+                               f"{where}")
+      return metrics
+
+    window, last_log, pending = [], time.perf_counter(), None
+
+    def settle():
+      """Checks the dispatched-but-unread step, if any, and adds its metrics to the log window."""
+      nonlocal pending
+      if pending is not None:
+        window.append(check(*pending))
+        pending = None
+    with _Preemption() as preemption, tqdm(total=t.steps, initial=start, desc=method.name,
+                                           unit="step", disable=not t.progress_bar) as bar:
+      try:
+        for step in range(start, t.steps):
+          batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
+          state, metrics = step_fn(state, batch, rng, teacher_params)
+          settle()  # the previous step's metrics, fetched while this one runs
+          pending = (metrics, step)
+          done = step + 1
+          stop = (preemption.requested if jax.process_count() == 1
+                  else mngr.reached_preemption(done))
+          if done % t.checkpoint_every == 0 or done == t.steps or stop:
+            settle()
+            save(done)
+          if done % t.log_every == 0 or done == t.steps or stop:
+            settle()
+            now = time.perf_counter()
+            scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]
+                       if k != "finite"}
+            scalars["steps_per_sec"] = len(window) / (now - last_log)
+            window, last_log = [], now
+            summary.update(scalars)
+            if writer:
+              writer.write_scalars(done, scalars)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          bar.update(1)
+          if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+            sample_grid(config, model, state, mesh, workdir)
+          if stop:
+            summary["preempted"] = True
+            logging.warning("%s: saved step %d, exiting; rerun the same command to resume",
+                            preemption.requested or "preemption", done)
+            break
+        failed = verify_last_save()
+        if failed is not None and failed == int(state.step):  # the state is still here: again
+          save(failed)
+          if verify_last_save() is not None:
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint step {failed} in {mngr.directory} did not read back intact twice "
+                f"(copies in {workdir}/{ckpt_lib.DAMAGED}); the older checkpoints are kept")
+      finally:
+        mngr.wait_until_finished()
+        if writer:
+          writer.close()
   summary["step"] = int(state.step)
   summary["state"] = state
   return summary
