@@ -114,6 +114,9 @@ def run(config, workdir: str, mode: str) -> dict:
   """Runs one mode; the library entry point behind the command line."""
   config_lib.validate(config)
   check_workdir(workdir)
+  if mode in ("train", "pipeline") and config.sampling.engine == "packed":
+    raise ValueError("config.sampling.engine: 'packed' samples an export in sample and evaluate; "
+                     f"{mode} samples its own simulated model: leave it 'simulated'")
   if mode == "train":
     summary = train_lib.train(config, workdir)
     summary.pop("state")
