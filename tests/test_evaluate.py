@@ -188,17 +188,6 @@ def test_mismatching_description_errors(run):
   assert run["reference"].stat().st_mtime_ns == run["mtime"]
 
 
-def test_checkpoint_step_of_a_training_workdir(tmp_path):
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with ckpt_lib.make_manager(tmp_path, keep=2) as mngr:
-    for step in (3, 7):
-      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)}),
-                                              meta=ocp.args.JsonSave({"model": {}})), force=True)
-    mngr.wait_until_finished()
-  assert eval_lib._checkpoint_step(str(tmp_path)) == 7  # pylint: disable=protected-access
-  assert eval_lib._checkpoint_step(str(tmp_path / "nothing")) is None  # pylint: disable=protected-access
-
-
 def test_foreign_reference_is_not_overwritten(tmp_path):
   path = tmp_path / "ref.npz"
   FeatureStats.from_features(np.random.default_rng(0).standard_normal((5, 3))).save(path)
