@@ -1,12 +1,17 @@
 """The runnable demo (`--mode=pipeline`): FP training, BiDM W1A1 QAT from it, sampling, report.
 
-Writes, under the workdir: fp/ and bidm/ training runs, report.json (per model: final training
-loss, the digits Frechet distance, classifier confidence, sampling images/s, parameter bytes
-with binary weights at 1 bit, and the efficiency counts) and samples.png (labelled rows).
+Writes, under the workdir: fp/ and bidm/ training runs; report.json (per model: final training
+loss, the digits Frechet distance, classifier confidence, parameter bytes with binary weights
+at 1 bit, and the efficiency counts), which holds only figures that the config determines, so
+that every run of the command writes the same bytes; timing.json (wall time, sampling
+images/s, device), which varies with the machine and its load; and samples.png (labelled rows).
+A rerun in the same workdir reuses finished stages and rewrites the same report.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 
@@ -29,6 +34,23 @@ def stage_config(config, method: str, steps: int, learning_rate: float, teacher:
   return c
 
 
+def final_losses(summary: dict, workdir: str) -> dict:
+  """{'loss', 'loss_dm'} of a stage's last logged step: from `summary` when this call trained,
+  else from the stage's logs/metrics.jsonl (a rerun of a finished stage trains nothing)."""
+  if "loss" in summary:
+    return {k: summary[k] for k in ("loss", "loss_dm")}
+  path = os.path.join(workdir, "logs", "metrics.jsonl")
+  rows = []
+  if files.exists(path):
+    rows = [json.loads(line) for line in files.read_bytes(path).decode().splitlines()
+            if line.strip().startswith("{")]
+  rows = [r for r in rows if r.get("step") == summary["step"] and r.get("loss") is not None]
+  if not rows:
+    raise ValueError(f"{workdir} holds a finished run whose final loss is not in {path}; "
+                     "remove the folder to train it again")
+  return {k: rows[-1].get(k) for k in ("loss", "loss_dm")}
+
+
 def run_pipeline(config, workdir: str) -> dict:
   """Runs the demo end to end and returns the report (also written to workdir/report.json)."""
   config_lib.validate(config)
@@ -45,21 +67,24 @@ def run_pipeline(config, workdir: str) -> dict:
   }
   judge = DigitsJudge(config.seed)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  report, rows = {}, {}
+  report, rows, timing = {}, {}, {}
   for name, cfg in stages.items():
-    summary = train_lib.train(cfg, os.path.join(workdir, name))
+    stage_dir = os.path.join(workdir, name)
+    summary = train_lib.train(cfg, stage_dir)
+    losses = final_losses(summary, stage_dir)
     method = config_lib.method_from_config(cfg)
     model = train_lib.make_model(cfg, method)
     images, rate = train_lib.generate(cfg, model, summary["state"].ema_params, p.eval_samples,
                                       seed=cfg.seed + 1)
     costs = count_costs(model, shape)
     report[name] = dict(
-        method=method.name, training_steps=summary["step"], final_loss=summary.get("loss"),
-        final_loss_dm=summary.get("loss_dm"), **judge.evaluate(images),
-        sampling_images_per_s=rate, sampler=f"{cfg.sampling.sampler} {cfg.sampling.steps} steps",
+        method=method.name, training_steps=summary["step"], final_loss=losses["loss"],
+        final_loss_dm=losses["loss_dm"], **judge.evaluate(images),
+        sampler=f"{cfg.sampling.sampler} {cfg.sampling.steps} steps",
         param_bytes=costs["size_mb"] * 2**20, params=costs["params"],
         binary_params=costs["binary_params"], bops=costs["bops"], flops=costs["flops"],
         ops=costs["ops"])
+    timing[f"{name}_sampling_images_per_s"] = rate if math.isfinite(rate) else None
     rows[f"{name} ({method.name})"] = images[:16]
   fp_costs = count_costs(train_lib.make_model(stages["fp"], FP), shape)
   report["size_ratio"] = fp_costs["size_mb"] * 2**20 / report["bidm"]["param_bytes"]
@@ -68,10 +93,13 @@ def run_pipeline(config, workdir: str) -> dict:
                               "of an MLP digit classifier (trained here on the 1797 real "
                               "digits) of the samples and of the real digits; lower is better. "
                               "Real digits score about 2 at 256 samples, uniform noise 80.")
-  report["wall_time_s"] = time.perf_counter() - start
-  report["device"] = str(jax.devices()[0].device_kind)
+  timing.update(wall_time_s=time.perf_counter() - start,
+                device=str(jax.devices()[0].device_kind),
+                cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count())
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "report.json"), report)
+    files.write_json(os.path.join(workdir, "timing.json"), timing)
     save_labelled_rows(rows, os.path.join(workdir, "samples.png"),
                        scale=max(3, 48 // config.data.image_size))
-  return report
+  return dict(report, timing=timing)
