@@ -309,8 +309,8 @@ def empty_cache(tiny_bidm, x, t):
 
 def test_export_eps_equals_simulated(tiny_bidm, exported, packed_apply):
   """eps of the loaded export = the simulated model's, on a first denoising step and on the
-  next one with its TBS cache; the two packed impls agree bit for bit (their integer parts
-  are equal)."""
+  next one with its TBS cache; the two packed impls agree to float rounding (their integer
+  products are equal bit for bit, tested above; XLA may fuse the float epilogues differently)."""
   tree, desc = ex.read_export(exported[0])
   assert desc["source"] == {"path": "random", "step": 7}
   x, t = tiny_inputs()
@@ -318,7 +318,7 @@ def test_export_eps_equals_simulated(tiny_bidm, exported, packed_apply):
   sim = tiny_bidm.apply_cache(tiny_bidm.params, x, t, empty)
   outs = {impl: f(tree, x, t, empty) for impl, f in packed_apply.items()}
   assert_close(outs["int8"].eps, sim.eps)
-  np.testing.assert_array_equal(np.asarray(outs["popcount"].eps), np.asarray(outs["int8"].eps))
+  assert_close(outs["popcount"].eps, outs["int8"].eps)
 
   cache = tbs.TBSCache(tuple(sim.connections), jnp.ones((), bool))
   sim2 = tiny_bidm.apply_cache(tiny_bidm.params, x, t - 1, cache)
