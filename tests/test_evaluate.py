@@ -20,8 +20,9 @@ from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
 from bidm_jax.data import default_data_config
 from bidm_jax.evaluation import evaluate as eval_lib
-from bidm_jax.evaluation import inception
-from bidm_jax.evaluation.metrics import FeatureStats, frechet_distance, image_health
+from bidm_jax.evaluation import inception_weights
+from bidm_jax.evaluation import ref_stats as ref_stats_lib
+from bidm_jax.evaluation.metrics import FeatureStats, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from conftest import random_params
@@ -76,12 +77,12 @@ def run(tmp_path_factory):
   t0 = time.perf_counter()
   out["metrics"] = eval_lib.evaluate(config, str(workdir))
   out["t_first"] = time.perf_counter() - t0
-  reference = workdir / eval_lib.REFERENCE_FILE
+  reference = workdir / ref_stats_lib.REFERENCE_FILE
   out["reference"] = reference
   out["mtime"] = reference.stat().st_mtime_ns
 
   t0 = time.perf_counter()
-  out["ref_again"] = eval_lib.ref_stats(config, str(workdir))
+  out["ref_again"] = ref_stats_lib.ref_stats(config, str(workdir))
   out["t_ref_again"] = time.perf_counter() - t0
   out["mtime_after_ref"] = reference.stat().st_mtime_ns
 
@@ -179,7 +180,7 @@ def test_second_evaluation_keeps_samples(run):
 def test_mismatching_description_errors(run):
   config = make_config(num_reference=NUM_REFERENCE - 4)
   with pytest.raises(ValueError, match=r"describes other data .*count: file 24 vs config 20"):
-    eval_lib.ref_stats(config, str(run["workdir"]))
+    ref_stats_lib.ref_stats(config, str(run["workdir"]))
   config = make_config()
   config.data.image_size = 16
   config.sampling.checkpoint = str(run["export"])
@@ -193,9 +194,9 @@ def test_foreign_reference_is_not_overwritten(tmp_path):
   FeatureStats.from_features(np.random.default_rng(0).standard_normal((5, 3))).save(path)
   before = path.read_bytes()
   config = make_config(weights=tmp_path, reference=str(path))
-  (tmp_path / inception.WEIGHT_FILES[0]).write_bytes(b"")  # found by name, never loaded
+  (tmp_path / inception_weights.WEIGHT_FILES[0]).write_bytes(b"")  # found by name, never loaded
   with pytest.raises(ValueError, match="no data description"):
-    eval_lib.ref_stats(config, str(tmp_path))
+    ref_stats_lib.ref_stats(config, str(tmp_path))
   assert path.read_bytes() == before
 
 
@@ -207,33 +208,24 @@ def test_missing_inception_weights_name_the_expected_files(tmp_path, weights):
       weights.mkdir()
   config = make_config(weights=weights)
   config.sampling.checkpoint = str(tmp_path / "no_model")  # never reached
-  for fn in (eval_lib.ref_stats, eval_lib.evaluate):
+  for fn in (ref_stats_lib.ref_stats, eval_lib.evaluate):
     with pytest.raises(FileNotFoundError) as err:
       fn(config, str(tmp_path / "work"))
-    for name in inception.WEIGHT_FILES:
+    for name in inception_weights.WEIGHT_FILES:
       assert name in str(err.value)
     assert "inception_weights" in str(err.value)
   assert not (tmp_path / "work").exists()
 
 
-def test_to_rgb_replicates_gray():
-  gray = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
-  rgb = eval_lib.to_rgb(gray)
-  assert rgb.shape == (2, 4, 4, 3) and all((rgb[..., c] == gray[..., 0]).all() for c in range(3))
-  assert eval_lib.to_rgb(rgb) is rgb
-  with pytest.raises(ValueError):
-    eval_lib.to_rgb(np.zeros((2, 4, 4, 2), np.uint8))
-
-
 def test_reservoir_keeps_a_uniform_subset():
   rows = np.arange(40, dtype=np.float32)[:, None]
-  small = eval_lib._Reservoir(50, seed=0)  # pylint: disable=protected-access
+  small = ref_stats_lib._Reservoir(50, seed=0)  # pylint: disable=protected-access
   small.add(rows[:25])
   small.add(rows[25:])
   np.testing.assert_array_equal(small.result(), rows)
   counts = np.zeros(40)
   for seed in range(300):
-    r = eval_lib._Reservoir(10, seed=seed)  # pylint: disable=protected-access
+    r = ref_stats_lib._Reservoir(10, seed=seed)  # pylint: disable=protected-access
     for start in range(0, 40, 7):
       r.add(rows[start:start + 7])
     kept = r.result()[:, 0].astype(int)
@@ -243,51 +235,15 @@ def test_reservoir_keeps_a_uniform_subset():
   assert counts.min() > 40 and counts.max() < 110, counts
 
 
-def test_small_sample_frechet_distance_matches_sqrtm():
-  rng = np.random.default_rng(0)
-  ref = FeatureStats.from_features(np.abs(rng.standard_normal((200, 64))))
-  feats = np.abs(rng.standard_normal((20, 64))) * 1.5
-  samples = FeatureStats.from_features(feats)
-  fast = eval_lib.frechet_distance(ref, samples, feats)
-  exact = frechet_distance(ref.mean, ref.cov, samples.mean, samples.cov)
-  assert fast == pytest.approx(exact, rel=1e-6)
-  assert eval_lib.frechet_distance(ref, samples) == pytest.approx(exact, rel=1e-12)
-
-
-def test_compute_metrics_with_and_without_classifier():
-  rng = np.random.default_rng(1)
-  ref_pool = np.abs(rng.standard_normal((40, 2048))).astype(np.float32)
-  ref_spatial = np.abs(rng.standard_normal((40, 2023)))
-  reference = eval_lib.Reference("ref.npz", FeatureStats.from_features(ref_pool), 40,
-                                 FeatureStats.from_features(ref_spatial), ref_pool[:30], None,
-                                 None)
-  pool = np.abs(rng.standard_normal((20, 2048))).astype(np.float32)
-  spatial_feats = np.abs(rng.standard_normal((20, 2023)))
-  spatial = FeatureStats.from_features(spatial_feats)
-  logits = rng.standard_normal((20, 1008)).astype(np.float32)
-  values, notes = eval_lib.compute_metrics(reference, pool, spatial, logits, spatial_feats)
-  assert values["inception_score"] > 1.0 and values["inception_score_std"] >= 0.0
-  assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
-  values2, notes2 = eval_lib.compute_metrics(reference, pool, spatial, None, spatial_feats,
-                                             "w.npz")
-  assert values2["inception_score"] is None
-  assert any("w.npz" in n and "fc" in n for n in notes2)
-  assert values2["fid"] == pytest.approx(values["fid"])
-  no_pr = reference._replace(pr_features=None, spatial=None)
-  values3, notes3 = eval_lib.compute_metrics(no_pr, pool, spatial, None)
-  assert values3["precision"] is None and values3["sfid"] is None
-  assert any("precision/recall" in n for n in notes3) and any("sfid" in n for n in notes3)
-
-
 def test_reference_without_health_still_loads(run, tmp_path):
   """A reference file written before the image-health fields is used, with a note."""
   with np.load(run["reference"]) as data:
     arrays = {k: data[k] for k in data.files if k not in ("saturated_fraction", "mean_image_std")}
   old = tmp_path / "old_ref.npz"
   np.savez(old, **arrays)
-  ref = eval_lib.Reference.load(old)
+  ref = ref_stats_lib.Reference.load(old)
   assert ref.health is None and ref.count == NUM_REFERENCE
-  assert eval_lib.Reference.load(run["reference"]).health is not None
+  assert ref_stats_lib.Reference.load(run["reference"]).health is not None
   config = make_config(num_samples=6, reference=str(old))
   config.sampling.checkpoint = str(run["export"])
   m = eval_lib.evaluate(config, str(tmp_path / "work"))

@@ -8,12 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bidm_jax.evaluation import inception
-from bidm_jax.evaluation.inception import (
-    load_inception_params,
-    make_feature_fn,
-    tf1_resize_bilinear,
-)
+from bidm_jax.evaluation import inception_weights
+from bidm_jax.evaluation.featurizer import Featurizer, to_rgb
+from bidm_jax.evaluation.inception import tf1_resize_bilinear
+from bidm_jax.evaluation.inception_weights import load_inception_params
 
 DATA_DIR = Path(__file__).parents[1] / ".." / "shared" / "data"
 NPZ = DATA_DIR / "fid-inception-2015-12-05-fp16.npz"
@@ -53,7 +51,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def jax_features(npz_params, images):
-  return make_feature_fn(npz_params, batch_size=2)(images)
+  return Featurizer(npz_params, batch_size=2)(images)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +117,15 @@ def test_tf1_resize_matches_numpy():
   assert np.abs(half_pixel - np.asarray(tf1_resize_bilinear(small, (29, 31)))).max() > 1.0
 
 
+def test_to_rgb_replicates_gray():
+  gray = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+  rgb = to_rgb(gray)
+  assert rgb.shape == (2, 4, 4, 3) and all((rgb[..., c] == gray[..., 0]).all() for c in range(3))
+  assert to_rgb(rgb) is rgb
+  with pytest.raises(ValueError):
+    to_rgb(np.zeros((2, 4, 4, 2), np.uint8))
+
+
 def test_feature_shapes(jax_features):
   assert jax_features["pool"].shape == (3, 2048)
   assert jax_features["spatial"].shape == (3, 17 * 17 * 7)
@@ -148,7 +155,7 @@ def test_default_1_pt_weights(helper_file, npz_params, images):
   assert len(flat) == len(ref) == 376
   for path, value in flat:
     np.testing.assert_allclose(value.astype(np.float16), ref[path], rtol=0, atol=0)
-  got = make_feature_fn(params, batch_size=3)(images)["pool"]
+  got = Featurizer(params, batch_size=3)(images)["pool"]
   pool, _ = _torch_features(helper_file, images, round_to_fp16=False, with_spatial=False)
   assert _relative_error(got, pool) < REL_TOL
 
@@ -156,7 +163,7 @@ def test_default_1_pt_weights(helper_file, npz_params, images):
 def _pytorch_fid_state_dict(npz_params, rng):
   """A pytorch-fid-named state dict with random BN scales that fold back to npz_params."""
   state = {}
-  for src, dst in inception._pytorch_fid_layer_names().items():
+  for src, dst in inception_weights._pytorch_fid_layer_names().items():
     node = npz_params
     for part in dst.split("."):
       node = node[part]
@@ -188,14 +195,14 @@ def test_pytorch_fid_checkpoint(tmp_path, npz_params, images, jax_features):
     np.testing.assert_allclose(value, ref[path_], rtol=2e-6, atol=1e-6)
   np.testing.assert_array_equal(params["fc"]["kernel"], state["fc.weight"].T)
 
-  out = make_feature_fn(params, batch_size=3)(images)
+  out = Featurizer(params, batch_size=3)(images)
   np.testing.assert_allclose(out["pool"], jax_features["pool"], rtol=1e-4, atol=1e-5)
   expected_logits = out["pool"].astype(np.float64) @ state["fc.weight"].T.astype(np.float64)
   np.testing.assert_allclose(out["logits"], expected_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_bfloat16_option(npz_params, images, jax_features):
-  out = make_feature_fn(npz_params, batch_size=3, dtype=jnp.bfloat16)(images)
+  out = Featurizer(npz_params, batch_size=3, dtype=jnp.bfloat16)(images)
   assert _relative_error(out["pool"], jax_features["pool"]) < 0.1
 
 

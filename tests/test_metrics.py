@@ -7,13 +7,13 @@ from scipy import linalg
 from bidm_jax.evaluation import metrics
 from bidm_jax.evaluation.metrics import (
     FeatureStats,
-    fid,
+    compute_metrics,
     frechet_distance,
     inception_score,
     knn_radii,
     precision_recall,
-    sfid,
 )
+from bidm_jax.evaluation.ref_stats import Reference
 
 
 def _reference_fd(x, y):
@@ -22,6 +22,12 @@ def _reference_fd(x, y):
   s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
   covmean = linalg.sqrtm(s1 @ s2).real
   return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _fd(stats, y):
+  """frechet_distance of FeatureStats and (N, D) features."""
+  other = FeatureStats.from_features(y)
+  return frechet_distance(stats.mean, stats.cov, other.mean, other.cov)
 
 
 def test_frechet_closed_form_diagonal():
@@ -56,8 +62,7 @@ def test_fid_matches_numpy_reference_and_streaming():
   x = rng.standard_normal((500, 16)) @ mix + 5.0
   y = rng.standard_normal((400, 16)) @ (mix * 1.1) + 5.3
   expected = _reference_fd(x, y)
-  assert fid(x, y) == pytest.approx(expected, rel=1e-9)
-  assert sfid(x, y) == pytest.approx(expected, rel=1e-9)
+  assert _fd(FeatureStats.from_features(x), y) == pytest.approx(expected, rel=1e-9)
 
   streamed = FeatureStats(16)
   for start in range(0, 500, 64):
@@ -73,7 +78,7 @@ def test_fid_matches_numpy_reference_and_streaming():
   )
   assert streamed.count == 500
   x32 = x.astype(np.float32).astype(np.float64)
-  assert fid(streamed, y) == pytest.approx(_reference_fd(x32, y), rel=1e-9)
+  assert _fd(streamed, y) == pytest.approx(_reference_fd(x32, y), rel=1e-9)
 
 
 def test_feature_stats_save_load(tmp_path):
@@ -186,3 +191,48 @@ def test_image_health_exact():
     metrics.image_health(images.astype(np.float32))
   with pytest.raises(ValueError, match="at least one"):
     metrics.image_health(images[:0])
+
+
+def test_small_sample_frechet_distance_matches_sqrtm(monkeypatch):
+  rng = np.random.default_rng(0)
+  ref = FeatureStats.from_features(np.abs(rng.standard_normal((200, 64))))
+  feats = np.abs(rng.standard_normal((20, 64))) * 1.5
+  samples = FeatureStats.from_features(feats)
+  exact = frechet_distance(ref.mean, ref.cov, samples.mean, samples.cov)
+
+  def no_sqrtm(a):
+    raise AssertionError("the small-sample path needs no (D, D) square root")
+
+  monkeypatch.setattr(metrics.linalg, "sqrtm", no_sqrtm)
+  fast = frechet_distance(ref.mean, ref.cov, samples.mean, samples.cov, features2=feats)
+  assert fast == pytest.approx(exact, rel=1e-6)
+
+
+def test_compute_metrics_with_and_without_classifier():
+  rng = np.random.default_rng(1)
+  ref_pool = np.abs(rng.standard_normal((40, 2048))).astype(np.float32)
+  ref_spatial = np.abs(rng.standard_normal((40, 2023)))
+  reference = Reference(
+      "ref.npz",
+      FeatureStats.from_features(ref_pool),
+      40,
+      FeatureStats.from_features(ref_spatial),
+      ref_pool[:30],
+      None,
+      None,
+  )
+  pool = np.abs(rng.standard_normal((20, 2048))).astype(np.float32)
+  spatial_feats = np.abs(rng.standard_normal((20, 2023)))
+  spatial = FeatureStats.from_features(spatial_feats)
+  logits = rng.standard_normal((20, 1008)).astype(np.float32)
+  values, notes = compute_metrics(reference, pool, spatial, logits, spatial_feats)
+  assert values["inception_score"] > 1.0 and values["inception_score_std"] >= 0.0
+  assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
+  values2, notes2 = compute_metrics(reference, pool, spatial, None, spatial_feats, "w.npz")
+  assert values2["inception_score"] is None
+  assert any("w.npz" in n and "fc" in n for n in notes2)
+  assert values2["fid"] == pytest.approx(values["fid"])
+  no_pr = reference._replace(pr_features=None, spatial=None)
+  values3, notes3 = compute_metrics(no_pr, pool, spatial, None)
+  assert values3["precision"] is None and values3["sfid"] is None
+  assert any("precision/recall" in n for n in notes3) and any("sfid" in n for n in notes3)

@@ -9,7 +9,8 @@ They follow the guided-diffusion evaluator (``evaluations/evaluator.py``):
 * Improved precision and recall (Kynkaanniemi et al. 2019) with k=3 nearest-neighbour balls;
   squared distances are computed in float32 in JAX, block by block, so 50k x 50k fits a GPU.
 
-Features come from :func:`bidm_jax.evaluation.inception.make_feature_fn`.
+Features come from `featurizer.Featurizer`; :func:`compute_metrics` gathers the metrics of
+samples against a `ref_stats.Reference`.
 
 Next to them, :func:`image_health` (and its streaming form :class:`ImageHealth`) describes the
 uint8 images themselves: the fraction of pixel values at 0 or 255 and the mean per-image
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,28 +30,44 @@ import numpy as np
 from jax import lax
 from scipy import linalg
 
+from bidm_jax.evaluation.inception import POOL_DIM
+
+if TYPE_CHECKING:
+  from bidm_jax.evaluation.ref_stats import Reference
+
 __all__ = [
     "FeatureStats",
     "frechet_distance",
-    "fid",
-    "sfid",
     "inception_score",
     "precision_recall",
     "knn_radii",
+    "HEALTH_KEYS",
     "ImageHealth",
     "image_health",
+    "compute_metrics",
 ]
 
+PR_K = 3
+IS_SPLITS = 10
+HEALTH_KEYS = ("saturated_fraction", "mean_image_std")  # the values of ImageHealth.result()
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-  ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``; when the product is
-  numerically singular, ``eps`` is added to both diagonals (as TTUR and guided-diffusion).
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, features2=None, eps: float = 1e-6) -> float:
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64: FID and sFID.
+
+  ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``. The trace of the square
+  root comes from ``scipy.linalg.sqrtm`` of the (D, D) product; when that is numerically
+  singular, ``eps`` is added to both diagonals (as TTUR and guided-diffusion). Given the
+  features behind (mu2, sigma2) and fewer of them than D (smoke tests), it comes instead from
+  the (n, n) matrix X sigma1 X^T / (n - 1), X the centred features: its non-zero eigenvalues
+  are those of sigma1 sigma2, so the value is the same up to rounding, at O(n D^2) instead of
+  O(D^3).
 
   Args:
     mu1, mu2: (D,) means.
     sigma1, sigma2: (D, D) covariances.
+    features2: optional (n, D) features whose mean and covariance are mu2 and sigma2.
+    eps: the diagonal offset of the singular fallback.
   Returns:
     the distance as a Python float.
   """
@@ -62,21 +80,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
     raise ValueError(f"covariances {sigma1.shape}, {sigma2.shape} do not match means {mu1.shape}")
   diff = mu1 - mu2
-  covmean = linalg.sqrtm(sigma1.dot(sigma2))
-  if not np.isfinite(covmean).all():
-    warnings.warn(
-        f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
-        stacklevel=2,
-    )
-    offset = np.eye(sigma1.shape[0]) * eps
-    covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(
-          f"matrix square root has an imaginary component {np.max(np.abs(covmean.imag))}"
+  if features2 is not None and 2 <= len(features2) <= mu1.shape[0]:
+    x = np.asarray(features2, np.float64)
+    x = x - x.mean(axis=0)
+    small = (x @ sigma1 @ x.T) / (len(x) - 1)
+    eig = np.linalg.eigvalsh((small + small.T) / 2)
+    trace_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
+  else:
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+      warnings.warn(
+          f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+          stacklevel=2,
       )
-    covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+      offset = np.eye(sigma1.shape[0]) * eps
+      covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+      if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(
+            f"matrix square root has an imaginary component {np.max(np.abs(covmean.imag))}"
+        )
+      covmean = covmean.real
+    trace_sqrt = np.trace(covmean)
+  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 class FeatureStats:
@@ -160,10 +186,6 @@ class FeatureStats:
     centred = self._sum / self.count
     return (self._sum_outer - self.count * np.outer(centred, centred)) / (self.count - 1)
 
-  def frechet_distance(self, other: "FeatureStats") -> float:
-    """Frechet distance between the Gaussians of two statistics."""
-    return frechet_distance(self.mean, self.cov, other.mean, other.cov)
-
   def save(self, path: str | Path) -> None:
     """Write ``mu``, ``sigma`` (float64) and ``count`` to an .npz file."""
     np.savez(Path(path), mu=self.mean, sigma=self.cov, count=np.int64(self.count))
@@ -185,20 +207,6 @@ class FeatureStats:
         raise ValueError(f"{where}: needs arrays {keys}, has {data.files}")
       count = int(data["count"]) if "count" in data.files else None
       return cls.from_moments(data[keys[0]], data[keys[1]], count)
-
-
-def _as_stats(x) -> FeatureStats:
-  return x if isinstance(x, FeatureStats) else FeatureStats.from_features(x)
-
-
-def fid(real, fake) -> float:
-  """FID between two sets of ``pool`` features: FeatureStats or (N, 2048) arrays."""
-  return _as_stats(real).frechet_distance(_as_stats(fake))
-
-
-def sfid(real, fake) -> float:
-  """sFID between two sets of ``spatial`` features: FeatureStats or (N, 2023) arrays."""
-  return _as_stats(real).frechet_distance(_as_stats(fake))
 
 
 @jax.jit
@@ -404,3 +412,66 @@ def image_health(images_uint8) -> dict:
   if not out["num_images"]:
     raise ValueError("image_health needs at least one image")
   return out
+
+
+def compute_metrics(
+    reference: Reference,
+    pool: np.ndarray,
+    spatial: FeatureStats,
+    logits: np.ndarray | None,
+    spatial_features: np.ndarray | None = None,
+    weights_name: str = "",
+) -> tuple[dict, list[str]]:
+  """FID, sFID, Inception Score and precision/recall of sample features against a reference.
+
+  Args:
+    reference: the reference statistics.
+    pool: (N, 2048) sample pool features (FID, precision/recall).
+    spatial: FeatureStats of the sample spatial features (sFID).
+    logits: (N, 1008) classifier logits, or None when the Inception weights have no classifier.
+    spatial_features: the (N, 2023) spatial features when N < 2023 (exact small-N sFID path).
+    weights_name: the weight file, for the notes.
+  Returns:
+    ({'fid', 'sfid', 'inception_score', 'inception_score_std', 'precision', 'recall'} with None
+    for what cannot be computed, a list of notes saying why).
+  """
+  notes = []
+  pool_stats = FeatureStats.from_features(pool)
+  ref = reference.pool
+  out: dict[str, Any] = {
+      "fid": frechet_distance(ref.mean, ref.cov, pool_stats.mean, pool_stats.cov, features2=pool)
+  }
+  if reference.spatial is not None:
+    ref = reference.spatial
+    out["sfid"] = frechet_distance(
+        ref.mean, ref.cov, spatial.mean, spatial.cov, features2=spatial_features
+    )
+  else:
+    out["sfid"] = None
+    notes.append("sfid: the reference has no spatial statistics (mu_s, sigma_s)")
+  if logits is not None:
+    splits = min(IS_SPLITS, len(logits))
+    out["inception_score"], out["inception_score_std"] = inception_score(logits, splits)
+    if splits != IS_SPLITS:
+      notes.append(f"inception_score: {splits} splits (fewer samples than {IS_SPLITS})")
+  else:
+    out["inception_score"] = out["inception_score_std"] = None
+    which = f"the Inception weights {weights_name}" if weights_name else "the Inception weights"
+    notes.append(
+        f"inception_score: {which} have no classifier ('fc'); use pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth for IS"
+    )
+  pr = reference.pr_features
+  if pr is None or len(pr) <= PR_K or len(pool) <= PR_K:
+    out["precision"] = out["recall"] = None
+    notes.append(
+        f"precision/recall: need more than k={PR_K} reference features (pr_features) and samples"
+    )
+  else:
+    out["precision"], out["recall"] = precision_recall(pr, pool, k=PR_K)
+  if len(pool) < POOL_DIM:
+    notes.append(
+        f"{len(pool)} samples < {POOL_DIM} feature dimensions: the covariances are "
+        "singular and FID/sFID are only smoke-test values"
+    )
+  return out, notes
