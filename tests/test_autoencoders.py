@@ -147,7 +147,8 @@ def test_kl_parity_both_layouts(kl, tmp_path):
   ckpt["scale_factor"] = torch.tensor(0.5)  # the buffer of scale_by_std
   torch.save({"state_dict": ckpt, "global_step": 3}, tmp_path / "ldm.ckpt")
   compvis_config, compvis_params = cfs.load_first_stage(
-      tmp_path / "ldm.ckpt", dataclasses.replace(config, scale_factor=1.0))
+      tmp_path / "ldm.ckpt", dataclasses.replace(config, scale_factor=1.0),
+      prefix="state_dict.first_stage_model")
   assert compvis_config == config
   _assert_same_params(params, compvis_params)
 

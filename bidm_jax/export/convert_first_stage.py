@@ -143,6 +143,10 @@ def _find_prefix(keys) -> str:
                    "with prefix=...")
 
 
+def _with_dot(prefix: str) -> str:
+  return prefix + "." if prefix and not prefix.endswith(".") else prefix
+
+
 def detect_layout(keys) -> str:
   """'compvis' or 'diffusers' from the key names of one model (prefix removed)."""
   if any(k.startswith(("encoder.down.", "encoder.mid.")) for k in keys):
@@ -173,8 +177,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstSta
   Raises:
     ValueError: no model found, an unknown layout, or any mismatch (one line listing them all).
   """
-  if prefix is None:
-    prefix = _find_prefix(state_dict)
+  prefix = _find_prefix(state_dict) if prefix is None else _with_dot(prefix)
   sub = {k[len(prefix):]: v for k, v in state_dict.items()
          if k.startswith(prefix) and not k[len(prefix):].startswith("loss.")}
   if layout is None:
@@ -321,7 +324,7 @@ def load_first_stage(source, config: ae.FirstStageConfig | None = None, *,
       raise ValueError(f"{path}: a CompVis checkpoint does not hold the architecture; pass "
                        "config=autoencoders.VQ_F4, KL_F8 or a FirstStageConfig")
     weights, state_dict = path, _read_state_dict(path)
-    root = (prefix if prefix is not None else _find_prefix(state_dict)).removesuffix(
+    root = (_with_dot(prefix) if prefix is not None else _find_prefix(state_dict)).removesuffix(
         "first_stage_model.")
     stored = state_dict.get(root + "scale_factor")
     if scale_factor is None and stored is not None and np.size(stored) == 1:
