@@ -22,8 +22,8 @@ own training checkpoint) are not part of the model and are skipped.
 The latent scale: a diffusers AutoencoderKL's ``scaling_factor``; 1.0 for a diffusers VQModel
 (the LDM-4 models were trained on unscaled VQ latents; a VQModel config.json without the field
 gets diffusers' default 0.18215, which breaks CompVis/ldm-celebahq-256 in diffusers' LDMPipeline,
-diffusers issue 6725); for a CompVis checkpoint its ``scale_factor`` buffer when it has one (``scale_by_std``),
-else the given config's. An explicit ``scale_factor`` overrides all of these.
+diffusers issue 6725); for a CompVis checkpoint its ``scale_factor`` buffer when it has one
+(``scale_by_std``), else the given config's. An explicit ``scale_factor`` overrides all of these.
 """
 
 from __future__ import annotations
