@@ -1,9 +1,10 @@
 """The runnable demo (`--mode=pipeline`): FP training, BiDM W1A1 QAT from it, sampling, report.
 
 Writes, under the workdir: fp/ and bidm/ training runs; report.json (per model: final training
-loss, the digits Frechet distance, classifier confidence, parameter bytes with binary weights
-at 1 bit, and the efficiency counts), which holds only figures that the config determines, so
-that every run of the command writes the same bytes; timing.json (wall time, sampling
+loss, the digits Frechet distance, classifier confidence, when the config clips or thresholds
+x0 also the digits Frechet distance from the same noise without that, parameter bytes with
+binary weights at 1 bit, and the efficiency counts), which holds only figures that the config
+determines, so that every run of the command writes the same bytes; timing.json (wall time, sampling
 images/s, device), which varies with the machine and its load; and samples.png (labelled rows).
 A rerun in the same workdir reuses finished stages and rewrites the same report.
 """
@@ -32,6 +33,16 @@ def stage_config(config, method: str, steps: int, learning_rate: float, teacher:
   c.binarization.method = method
   c.training.update(steps=steps, learning_rate=learning_rate, teacher=teacher)
   return c
+
+
+def sampler_description(sampling) -> str:
+  """The sampler as report.json names it, e.g. 'ddim 50 steps, x0 clipped to [-1, 1]'."""
+  text = f"{sampling.sampler} {sampling.steps} steps"
+  if sampling.dynamic_threshold:
+    text += f", x0 dynamically thresholded at the {sampling.dynamic_threshold}th percentile"
+  if sampling.clip_x0:
+    text += ", x0 clipped to [-1, 1]"
+  return text
 
 
 def final_losses(summary: dict, workdir: str) -> dict:
@@ -77,10 +88,17 @@ def run_pipeline(config, workdir: str) -> dict:
     images, rate = train_lib.generate(cfg, model, summary["state"].ema_params, p.eval_samples,
                                       seed=cfg.seed + 1)
     costs = count_costs(model, shape)
+    plain = {}
+    if cfg.sampling.clip_x0 or cfg.sampling.dynamic_threshold:
+      plain_cfg = cfg.copy_and_resolve_references()
+      plain_cfg.sampling.update(clip_x0=False, dynamic_threshold=0.0)
+      plain_images, _ = train_lib.generate(plain_cfg, model, summary["state"].ema_params,
+                                           p.eval_samples, seed=cfg.seed + 1)
+      plain = {"digits_fd_unprocessed_x0": judge.evaluate(plain_images)["digits_fd"]}
     report[name] = dict(
         method=method.name, training_steps=summary["step"], final_loss=losses["loss"],
-        final_loss_dm=losses["loss_dm"], **judge.evaluate(images),
-        sampler=f"{cfg.sampling.sampler} {cfg.sampling.steps} steps",
+        final_loss_dm=losses["loss_dm"], **judge.evaluate(images), **plain,
+        sampler=sampler_description(cfg.sampling),
         param_bytes=costs["size_mb"] * 2**20, params=costs["params"],
         binary_params=costs["binary_params"], bops=costs["bops"], flops=costs["flops"],
         ops=costs["ops"])

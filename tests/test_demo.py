@@ -32,6 +32,8 @@ def test_pipeline_report_is_bit_identical_across_thread_counts_and_reruns(tmp_pa
   report = json.loads(two)
   for name in ("fp", "bidm"):
     assert report[name]["final_loss"] is not None and report[name]["training_steps"] == 10
+    assert report[name]["sampler"] == "ddim 5 steps, x0 clipped to [-1, 1]"
+    assert report[name]["digits_fd_unprocessed_x0"] != report[name]["digits_fd"]
   assert "wall_time_s" in json.loads((tmp_path / "two" / "timing.json").read_text())
   before = os.stat(tmp_path / "two" / "bidm" / "logs" / "metrics.jsonl").st_mtime_ns
   assert _pipeline(tmp_path / "two", dict(env, NPROC="2")) == two
