@@ -48,11 +48,14 @@ def conv_shapes(config_path: str) -> collections.Counter:
   layers, _ = ex.trace_binary_layers(model, image)
   return collections.Counter(
       (tuple(v["kernel"]), v["strides"], tuple(map(tuple, v["padding"])), tuple(v["input"]))
-      for v in layers.values() if v["kind"] == "conv")
+      for v in layers.values()
+      if v["kind"] == "conv"
+  )
 
 
 def time_ms(fn, inputs, calls: int, reps: int) -> float:
   """Median ms per call of fn over rotating input sets; one warm-up round first."""
+
   def round_trip():
     out = None
     for i in range(calls):
@@ -72,25 +75,38 @@ def bench_shape(shape, batch: int, calls: int, reps: int) -> dict:
   (kh, kw, cin, cout), strides, pads, (h, w) = shape
   keys = jax.random.split(jax.random.key(0), 2 * SETS + 2)
   xs = [jax.random.normal(k, (batch, h, w, cin), jnp.bfloat16) for k in keys[:SETS]]
-  taus = [0.1 * jax.random.normal(k, (cin,), jnp.float32) for k in keys[SETS:2 * SETS]]
+  taus = [0.1 * jax.random.normal(k, (cin,), jnp.float32) for k in keys[SETS : 2 * SETS]]
   kernel = jax.random.normal(keys[-2], (kh, kw, cin, cout), jnp.float32)
   sign_bits = pk.pack_kernel(kernel)
   weights, tap_pop = pk.cuda_weights(sign_bits, (kh, kw, cin, cout))
   w16 = kernel.astype(jnp.bfloat16)
   conv_args = dict(kernel_size=(kh, kw), cin=cin, strides=strides, padding=pads)
 
-  bf16 = jax.jit(lambda x, tau: jax.lax.conv_general_dilated(
-      x, w16, (strides, strides), pads, dimension_numbers=DIMS))
-  cuda = jax.jit(lambda x, tau: binary_cuda.binary_conv(
-      binary_cuda.sign_pack(x, tau), weights, tap_pop, **conv_args))
+  bf16 = jax.jit(
+      lambda x, tau: jax.lax.conv_general_dilated(
+          x, w16, (strides, strides), pads, dimension_numbers=DIMS
+      )
+  )
+  cuda = jax.jit(
+      lambda x, tau: binary_cuda.binary_conv(
+          binary_cuda.sign_pack(x, tau), weights, tap_pop, **conv_args
+      )
+  )
   conv = jax.jit(lambda words: binary_cuda.binary_conv(words, weights, tap_pop, **conv_args))
-  int8 = jax.jit(lambda x, tau: pk.sign_conv(pk.activation_bits(x, tau), sign_bits,
-                                             (kh, kw, cin, cout), strides, pads, "int8"))
+  int8 = jax.jit(
+      lambda x, tau: pk.sign_conv(
+          pk.activation_bits(x, tau), sign_bits, (kh, kw, cin, cout), strides, pads, "int8"
+      )
+  )
   inputs = list(zip(xs, taus))
   words = [(binary_cuda.sign_pack(x, tau),) for x, tau in inputs]
   exact = bool(jnp.array_equal(cuda(*inputs[0]), int8(*inputs[0])))
-  row = dict(bf16=time_ms(bf16, inputs, calls, reps), cuda=time_ms(cuda, inputs, calls, reps),
-             conv=time_ms(conv, words, calls, reps), int8=time_ms(int8, inputs, calls, reps))
+  row = dict(
+      bf16=time_ms(bf16, inputs, calls, reps),
+      cuda=time_ms(cuda, inputs, calls, reps),
+      conv=time_ms(conv, words, calls, reps),
+      int8=time_ms(int8, inputs, calls, reps),
+  )
   return dict(row, speedup=row["bf16"] / row["cuda"], exact=exact)
 
 
@@ -105,18 +121,31 @@ def main(argv=None) -> None:
   if reason is not None:
     sys.exit(f"binary_conv benchmark needs the CUDA kernel: {reason}")
   device = jax.devices()[0].device_kind
-  print(f"{datetime.date.today()} {device}, jax {jax.__version__}, {args.config}, "
-        f"batch {args.batch}, median of {args.reps} x {args.calls} calls, ms per call")
-  header = ("layer (HxW Cin->Cout k s pad)", "layers", "bf16", "cuda", "conv", "int8", "speedup",
-            "exact")
+  print(
+      f"{datetime.date.today()} {device}, jax {jax.__version__}, {args.config}, "
+      f"batch {args.batch}, median of {args.reps} x {args.calls} calls, ms per call"
+  )
+  header = (
+      "layer (HxW Cin->Cout k s pad)",
+      "layers",
+      "bf16",
+      "cuda",
+      "conv",
+      "int8",
+      "speedup",
+      "exact",
+  )
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for shape, count in sorted(conv_shapes(args.config).items(), key=str):
     (kh, kw, cin, cout), strides, pads, (h, w) = shape
     r = bench_shape(shape, args.batch, args.calls, args.reps)
     name = f"{h}x{w} {cin}->{cout} {kh}x{kw} s{strides} {pads[0]}{pads[1]}"
-    print(f"| {name} | {count} | {r['bf16']:.3f} | {r['cuda']:.3f} | {r['conv']:.3f} | "
-          f"{r['int8']:.3f} | {r['speedup']:.2f}x | {r['exact']} |", flush=True)
+    print(
+        f"| {name} | {count} | {r['bf16']:.3f} | {r['cuda']:.3f} | {r['conv']:.3f} | "
+        f"{r['int8']:.3f} | {r['speedup']:.2f}x | {r['exact']} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

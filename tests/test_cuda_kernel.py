@@ -85,7 +85,7 @@ def kernel_arithmetic(xbits, sign_bits, kernel_shape, strides, pads):
         for t in range(kh * kw):
           iy, ix = oy * strides - top + t // kw, ox * strides - left + t % kw
           if 0 <= iy < h and 0 <= ix < w:
-            row[t * cw:(t + 1) * cw] = xw[n, iy, ix]
+            row[t * cw : (t + 1) * cw] = xw[n, iy, ix]
           else:
             invalid.append(t)
         aw = popc(weights & row).sum(-1)
@@ -94,10 +94,15 @@ def kernel_arithmetic(xbits, sign_bits, kernel_shape, strides, pads):
   return out
 
 
-@pytest.mark.parametrize("case", [(5, 6, 40, 5, (3, 3), 1, ((1, 1), (1, 1))),
-                                  (6, 6, 64, 4, (3, 3), 2, ((0, 1), (0, 1))),
-                                  (5, 4, 12, 3, (3, 1), 2, ((2, 0), (0, 1))),
-                                  (4, 4, 33, 2, (1, 1), 1, ((0, 0), (0, 0)))])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (5, 6, 40, 5, (3, 3), 1, ((1, 1), (1, 1))),
+        (6, 6, 64, 4, (3, 3), 2, ((0, 1), (0, 1))),
+        (5, 4, 12, 3, (3, 1), 2, ((2, 0), (0, 1))),
+        (4, 4, 33, 2, (1, 1), 1, ((0, 0), (0, 0))),
+    ],
+)
 def test_kernel_arithmetic_on_cpu(case):
   """The kernel's operand preparation (tap-aligned, 8-word-padded weights, per-tap counts) and
   its border correction, run in numpy, equal path 2: what the CPU can check of the design."""
@@ -108,33 +113,50 @@ def test_kernel_arithmetic_on_cpu(case):
   weights, _ = pk.cuda_weights(sign_bits, (*kernel, cin, cout))
   assert weights.shape[1] % binary_cuda.CHUNK_WORDS == 0
   want = pk.sign_conv(xbits, sign_bits, (*kernel, cin, cout), stride, pads, "popcount")
-  np.testing.assert_array_equal(kernel_arithmetic(xbits, sign_bits, (*kernel, cin, cout), stride,
-                                                  pads), np.asarray(want))
+  np.testing.assert_array_equal(
+      kernel_arithmetic(xbits, sign_bits, (*kernel, cin, cout), stride, pads), np.asarray(want)
+  )
 
 
 def test_custom_calls_lower_for_cuda():
   """Both FFI calls lower for the CUDA platform on any machine: targets, int64 attributes and
   the shapes the handlers check (x words, padded weights, per-tap counts -> int32 NHWC)."""
+
   def conv(xw, sign_bits):
     weights, tap_pop = pk.cuda_weights(sign_bits, (3, 3, 128, 16))
-    return binary_cuda.binary_conv(xw, weights, tap_pop, kernel_size=(3, 3), cin=128, strides=2,
-                                   padding=((0, 1), (0, 1)))
+    return binary_cuda.binary_conv(
+        xw, weights, tap_pop, kernel_size=(3, 3), cin=128, strides=2, padding=((0, 1), (0, 1))
+    )
 
-  checks = [export.DisabledSafetyCheck.custom_call(name)
-            for name in ("bidm_binary_conv", "bidm_sign_pack")]
+  checks = [
+      export.DisabledSafetyCheck.custom_call(name)
+      for name in ("bidm_binary_conv", "bidm_sign_pack")
+  ]
   lowered = export.export(jax.jit(conv), platforms=["cuda"], disabled_checks=checks)(
-      jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.uint32), jax.ShapeDtypeStruct((16, 36), jnp.uint32))
+      jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.uint32), jax.ShapeDtypeStruct((16, 36), jnp.uint32)
+  )
   text = lowered.mlir_module()
   call = re.search(r"custom_call @bidm_binary_conv\(.*", text).group(0)
-  for attr in ("cin = 128 : i64", "kh = 3 : i64", "kw = 3 : i64", "pad_left = 0 : i64",
-               "pad_top = 0 : i64", "stride = 2 : i64"):
+  for attr in (
+      "cin = 128 : i64",
+      "kh = 3 : i64",
+      "kw = 3 : i64",
+      "pad_left = 0 : i64",
+      "pad_top = 0 : i64",
+      "stride = 2 : i64",
+  ):
     assert attr in call, call
-  assert "(tensor<2x8x8x4xui32>, tensor<16x40xui32>, tensor<16x9xi32>) -> tensor<2x4x4x16xi32>" \
-      in call
-  pack = export.export(jax.jit(lambda x: binary_cuda.sign_pack(x, None)), platforms=["cuda"],
-                       disabled_checks=checks)(jax.ShapeDtypeStruct((2, 3, 70), jnp.bfloat16))
-  assert re.search(r"custom_call @bidm_sign_pack\(.*\(tensor<2x3x70xbf16>, tensor<70xbf16>\) "
-                   r"-> tensor<2x3x3xui32>", pack.mlir_module())
+  assert (
+      "(tensor<2x8x8x4xui32>, tensor<16x40xui32>, tensor<16x9xi32>) -> tensor<2x4x4x16xi32>" in call
+  )
+  pack = export.export(
+      jax.jit(lambda x: binary_cuda.sign_pack(x, None)), platforms=["cuda"], disabled_checks=checks
+  )(jax.ShapeDtypeStruct((2, 3, 70), jnp.bfloat16))
+  assert re.search(
+      r"custom_call @bidm_sign_pack\(.*\(tensor<2x3x70xbf16>, tensor<70xbf16>\) "
+      r"-> tensor<2x3x3xui32>",
+      pack.mlir_module(),
+  )
 
 
 @needs_cuda
@@ -175,13 +197,13 @@ def test_unet_layer_shapes(shape):
     return
   kh, kw, cin, cout = kernel
   xbits = random_bits(rng, (3, *size, cin))
-  assert_same_conv(xbits, random_sign_bits(rng, cout, kh * kw * cin), tuple(kernel), strides,
-                   pads)
+  assert_same_conv(xbits, random_sign_bits(rng, cout, kh * kw * cin), tuple(kernel), strides, pads)
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", ODD_CASES, ids=lambda c: "x".join(map(str, c[:4])) +
-                         f"-k{c[4][0]}{c[4][1]}-s{c[5]}")
+@pytest.mark.parametrize(
+    "case", ODD_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}-s{c[5]}"
+)
 def test_strides_odd_sizes_and_padding(case):
   """Odd sizes, Cin not a multiple of 32 (the scalar load path), strides 1 and 2, symmetric,
   asymmetric and no padding."""
@@ -211,17 +233,20 @@ def test_zero_padding_border_is_exact(cin):
   downsample's (0, 1) padding leaves 9, 6 and 4."""
   cout = 3
   sign_bits = pk.pack_kernel(jnp.ones((3, 3, cin, cout)))
-  dot = pk.sign_conv(jnp.zeros((1, 5, 6, cin), bool), sign_bits, (3, 3, cin, cout), 1,
-                     ((1, 1), (1, 1)), "cuda")
+  dot = pk.sign_conv(
+      jnp.zeros((1, 5, 6, cin), bool), sign_bits, (3, 3, cin, cout), 1, ((1, 1), (1, 1)), "cuda"
+  )
   taps = np.full((5, 6), 9)
   taps[[0, -1], :] -= 3
   taps[:, [0, -1]] -= 3
   taps[[0, 0, -1, -1], [0, -1, 0, -1]] = 4
   np.testing.assert_array_equal(np.asarray(dot)[0], np.repeat(-cin * taps[..., None], cout, -1))
-  strided = pk.sign_conv(jnp.zeros((1, 6, 6, cin), bool), sign_bits, (3, 3, cin, cout), 2,
-                         ((0, 1), (0, 1)), "cuda")
-  np.testing.assert_array_equal(np.asarray(strided)[0, :, :, 0],
-                                -cin * np.array([[9, 9, 6], [9, 9, 6], [6, 6, 4]]))
+  strided = pk.sign_conv(
+      jnp.zeros((1, 6, 6, cin), bool), sign_bits, (3, 3, cin, cout), 2, ((0, 1), (0, 1)), "cuda"
+  )
+  np.testing.assert_array_equal(
+      np.asarray(strided)[0, :, :, 0], -cin * np.array([[9, 9, 6], [9, 9, 6], [6, 6, 4]])
+  )
 
 
 @needs_cuda
@@ -232,18 +257,21 @@ def test_layers_equal_popcount_path(dtype):
   method = get_method("bidm")
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((4, 16, 16, 128)), dtype)
-  layer = BinaryConv(256, (3, 3), strides=2, padding=((0, 1), (0, 1)), method=method,
-                     dtype=dtype)
+  layer = BinaryConv(256, (3, 3), strides=2, padding=((0, 1), (0, 1)), method=method, dtype=dtype)
   p = fill_params(jax.eval_shape(layer.init, jax.random.key(0), x), 1)["params"]
   q = ex.pack_layer(p, {"kind": "conv", "kernel": list(p["kernel"].shape)}, method)
-  conv = jax.jit(lambda x, q, impl: pk.binary_conv(x, q, kernel_size=(3, 3), strides=2,
-                                                   padding=((0, 1), (0, 1)), method=method,
-                                                   impl=impl), static_argnums=2)
+  conv = jax.jit(
+      lambda x, q, impl: pk.binary_conv(
+          x, q, kernel_size=(3, 3), strides=2, padding=((0, 1), (0, 1)), method=method, impl=impl
+      ),
+      static_argnums=2,
+  )
   np.testing.assert_array_equal(np.asarray(conv(x, q, "cuda")), np.asarray(conv(x, q, "popcount")))
   dense = BinaryDense(96, method=method)
   xd = x[:, 0, 0, :]
   pd = fill_params(jax.eval_shape(dense.init, jax.random.key(0), xd), 2)["params"]
   qd = ex.pack_layer(pd, {"kind": "dense", "kernel": list(pd["kernel"].shape)}, method)
   run = jax.jit(pk.binary_dense, static_argnames="impl")
-  np.testing.assert_array_equal(np.asarray(run(xd, qd, impl="cuda")),
-                                np.asarray(run(xd, qd, impl="popcount")))
+  np.testing.assert_array_equal(
+      np.asarray(run(xd, qd, impl="cuda")), np.asarray(run(xd, qd, impl="popcount"))
+  )

@@ -47,8 +47,7 @@ def unavailable_reason() -> str | None:
   except OSError as e:
     return f"cannot load {path}: {e}"
   jax.ffi.register_ffi_target(_SIGN_PACK, jax.ffi.pycapsule(lib.BidmSignPack), platform="CUDA")
-  jax.ffi.register_ffi_target(_BINARY_CONV, jax.ffi.pycapsule(lib.BidmBinaryConv),
-                              platform="CUDA")
+  jax.ffi.register_ffi_target(_BINARY_CONV, jax.ffi.pycapsule(lib.BidmBinaryConv), platform="CUDA")
   return None
 
 
@@ -70,8 +69,16 @@ def sign_pack(x: jax.Array, threshold: jax.Array | None) -> jax.Array:
   return jax.ffi.ffi_call(_SIGN_PACK, out)(x, tau)
 
 
-def binary_conv(xwords: jax.Array, weights: jax.Array, tap_pop: jax.Array, *, kernel_size,
-                cin: int, strides: int, padding) -> jax.Array:
+def binary_conv(
+    xwords: jax.Array,
+    weights: jax.Array,
+    tap_pop: jax.Array,
+    *,
+    kernel_size,
+    cin: int,
+    strides: int,
+    padding,
+) -> jax.Array:
   """The +-1 convolution over the taps inside the image, int32 (B, H', W', Cout).
 
   xwords: (B, H, W, ceil(Cin / 32)) activation words; weights: (Cout, Kp) tap-aligned words
@@ -85,5 +92,13 @@ def binary_conv(xwords: jax.Array, weights: jax.Array, tap_pop: jax.Array, *, ke
   wo = (w + left + right - kw) // strides + 1
   out = jax.ShapeDtypeStruct((b, ho, wo, weights.shape[0]), jnp.int32)
   return jax.ffi.ffi_call(_BINARY_CONV, out)(
-      xwords, weights, tap_pop, kh=np.int64(kh), kw=np.int64(kw), cin=np.int64(cin),
-      stride=np.int64(strides), pad_top=np.int64(top), pad_left=np.int64(left))
+      xwords,
+      weights,
+      tap_pop,
+      kh=np.int64(kh),
+      kw=np.int64(kw),
+      cin=np.int64(cin),
+      stride=np.int64(strides),
+      pad_top=np.int64(top),
+      pad_left=np.int64(left),
+  )

@@ -35,8 +35,19 @@ def find_nvcc() -> str:
 def command(arches, ptxas_info: bool, output: Path) -> list[str]:
   import jax.ffi  # pylint: disable=import-outside-toplevel  (only the build needs jax here)
 
-  cmd = [find_nvcc(), "-O3", "-std=c++17", "--shared", "-Xcompiler=-fPIC", "-lineinfo",
-         "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(output)]
+  cmd = [
+      find_nvcc(),
+      "-O3",
+      "-std=c++17",
+      "--shared",
+      "-Xcompiler=-fPIC",
+      "-lineinfo",
+      "-isystem",
+      jax.ffi.include_dir(),
+      str(SOURCE),
+      "-o",
+      str(output),
+  ]
   cmd += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
   if ptxas_info:
     cmd.append("-Xptxas=-v")
@@ -45,10 +56,17 @@ def command(arches, ptxas_info: bool, output: Path) -> list[str]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--arch", nargs="+", default=["80", "90"],
-                      help="compute capabilities to build machine code for (default 80 90)")
-  parser.add_argument("--ptxas-info", action="store_true",
-                      help="print registers, shared memory and spills per kernel")
+  parser.add_argument(
+      "--arch",
+      nargs="+",
+      default=["80", "90"],
+      help="compute capabilities to build machine code for (default 80 90)",
+  )
+  parser.add_argument(
+      "--ptxas-info",
+      action="store_true",
+      help="print registers, shared memory and spills per kernel",
+  )
   parser.add_argument("--output", type=Path, default=LIBRARY)
   args = parser.parse_args(argv)
   args.output.parent.mkdir(parents=True, exist_ok=True)
