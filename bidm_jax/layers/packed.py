@@ -17,8 +17,12 @@ are exact in float32 below 2^24 terms):
               the operand popcounts and a border correction (docs/packed.md): the arithmetic a
               1-bit tensor-core kernel (mma .b1 .and.popc) performs, kept as its reference
               rather than for speed.
+  'cuda'      the same arithmetic on the 1-bit tensor cores, with a fused sign-and-pack of the
+              activations (kernels/binary_cuda.py, an optional extension built from source);
+              where it is not built or the backend is not a CUDA GPU, it runs as 'popcount'
+              and says so in one log line.
 
-Bit layout (shared with the export file and a future CUDA kernel): the reduction axis of a
+Bit layout (shared with the export file and the CUDA kernel): the reduction axis of a
 kernel (kh, kw, Cin) is flattened Cin fastest (HWIO order), K = kh * kw * Cin; each output
 channel holds ceil(K / 32) little-endian uint32 words, bit j of word i being element 32 i + j,
 1 for +1 (W >= 0; sign(0) = +1), 0 for -1; tail bits are 0. `sign_bits` is (Cout, words).
@@ -39,13 +43,15 @@ import jax
 import jax.numpy as jnp
 
 from bidm_jax.binarize.methods import BinarizationMethod
+from bidm_jax.kernels import binary_cuda
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 
 Array = jax.Array
 Params = Mapping[str, Array]
 
 WORD_BITS = 32
-IMPLS = ("int8", "popcount")
+IMPLS = ("int8", "popcount")  # the portable XLA forms
+ALL_IMPLS = IMPLS + ("cuda",)
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -115,6 +121,44 @@ def _patches(x: Array, kernel_size, strides: int, padding, fill) -> Array:
   return jnp.concatenate(taps, axis=-1)
 
 
+def resolve_impl(impl: str) -> str:
+  """The impl that runs: 'cuda' is 'popcount' where the CUDA extension is not usable."""
+  if impl not in ALL_IMPLS:
+    raise ValueError(f"impl must be one of {ALL_IMPLS}, got {impl!r}")
+  if impl == "cuda" and not binary_cuda.available():
+    return "popcount"
+  return impl
+
+
+def cuda_weights(sign_bits: Array, kernel_shape) -> tuple[Array, Array]:
+  """The CUDA conv's weights: (Cout, ceil(K / 32)) -> (Cout, Kp) uint32 with each tap's Cin
+  bits starting a word (as the activation words of a pixel; the same words when Cin % 32 == 0),
+  zero-padded to the kernel's 256-bit K step, and the set bits per tap (Cout, kh * kw) int32."""
+  kh, kw, cin, cout = kernel_shape
+  if cin % WORD_BITS:
+    words = pack_bits(unpack_bits(sign_bits, kh * kw * cin).reshape(cout, kh * kw, cin))
+  else:
+    words = sign_bits.reshape(cout, kh * kw, -1)
+  tap_pop = _popcount(words)
+  words = words.reshape(cout, -1)
+  pad = -words.shape[1] % binary_cuda.CHUNK_WORDS
+  return jnp.pad(words, ((0, 0), (0, pad))), tap_pop
+
+
+def _cuda_conv(xwords: Array, sign_bits: Array, kernel_shape, strides: int, padding) -> Array:
+  weights, tap_pop = cuda_weights(sign_bits, kernel_shape)
+  return binary_cuda.binary_conv(xwords, weights, tap_pop, kernel_size=kernel_shape[:2],
+                                 cin=kernel_shape[2], strides=strides, padding=padding)
+
+
+def _cuda_matmul(xwords: Array, sign_bits: Array, cin: int) -> Array:
+  """A product as the 1x1 conv of one-pixel images."""
+  cout = sign_bits.shape[0]
+  y = _cuda_conv(xwords.reshape(-1, 1, 1, xwords.shape[-1]), sign_bits, (1, 1, cin, cout), 1,
+                 ((0, 0), (0, 0)))
+  return y.reshape(xwords.shape[:-1] + (cout,))
+
+
 def sign_conv(xbits: Array, sign_bits: Array, kernel_shape, strides: int, padding,
               impl: str = "int8") -> Array:
   """The +-1 convolution, exact: sum over the valid taps of sign(x) sign(W).
@@ -124,14 +168,15 @@ def sign_conv(xbits: Array, sign_bits: Array, kernel_shape, strides: int, paddin
   (a padded activation is 0, not -1) -> (B, H', W', Cout) int32.
   """
   kh, kw, cin, cout = kernel_shape
+  impl = resolve_impl(impl)
+  if impl == "cuda":
+    return _cuda_conv(pack_bits(xbits), sign_bits, kernel_shape, strides, padding)
   if impl == "int8":
     xs = jnp.where(xbits, 1, -1).astype(jnp.int8)
     w = unpack_kernel(sign_bits, kernel_shape, jnp.int8)
     return jax.lax.conv_general_dilated(xs, w, (strides, strides), padding,
                                         dimension_numbers=_DIMS,
                                         preferred_element_type=jnp.int32)
-  if impl != "popcount":
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   a = pack_bits(_patches(xbits, (kh, kw), strides, padding, False))         # (B, H', W', Wd)
   valid = _patches(jnp.ones((1,) + xbits.shape[1:], bool), (kh, kw), strides, padding, False)
   m = pack_bits(valid[0])                                                  # (H', W', Wd)
@@ -146,12 +191,13 @@ def sign_matmul(xbits: Array, sign_bits: Array, impl: str = "int8") -> Array:
   """The +-1 matrix product, exact: (..., Cin) bool x (Cout, ceil(Cin / 32)) -> (..., Cout)
   int32."""
   cin = xbits.shape[-1]
+  impl = resolve_impl(impl)
+  if impl == "cuda":
+    return _cuda_matmul(pack_bits(xbits), sign_bits, cin)
   if impl == "int8":
     xs = jnp.where(xbits, 1, -1).astype(jnp.int8)
     w = unpack_kernel(sign_bits, (cin, sign_bits.shape[0]), jnp.int8)
     return jnp.matmul(xs, w, preferred_element_type=jnp.int32)
-  if impl != "popcount":
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   a = pack_bits(xbits)
   aw = _popcount(a[..., None, :] & sign_bits)
   return 4 * aw - 2 * _popcount(a)[..., None] - 2 * _popcount(sign_bits) + cin
@@ -193,8 +239,14 @@ def binary_conv(x: Array, p: Params, *, kernel_size=(3, 3), strides: int = 1,
   kh, kw = kernel_size
   pads = _pad_amounts(padding, (kh, kw))
   cin, cout = x.shape[-1], p["sign_bits"].shape[0]
-  xbits = activation_bits(x, p.get("threshold"))
-  y = sign_conv(xbits, p["sign_bits"], (kh, kw, cin, cout), strides, pads, impl).astype(x.dtype)
+  shape, impl = (kh, kw, cin, cout), resolve_impl(impl)
+  if impl == "cuda":  # the fused sign-and-pack kernel feeds the conv kernel
+    dot = _cuda_conv(binary_cuda.sign_pack(x, p.get("threshold")), p["sign_bits"], shape,
+                     strides, pads)
+  else:
+    dot = sign_conv(activation_bits(x, p.get("threshold")), p["sign_bits"], shape, strides,
+                    pads, impl)
+  y = dot.astype(x.dtype)
   if method.activation_scale == "xnor":
     a = jnp.sum(jnp.abs(x), axis=-1, keepdims=True)
     y = y * _conv(a, p["scale_kernel"].astype(x.dtype), strides, pads)
@@ -219,8 +271,12 @@ def binary_dense(x: Array, p: Params, *, impl: str = "int8") -> Array:
   p: sign_bits (Cout, words), alpha (Cout,) (Gamma folded in), threshold (Cin,) and bias
   (Cout,) where the layer has them.
   """
-  xbits = activation_bits(x, p.get("threshold"))
-  y = sign_matmul(xbits, p["sign_bits"], impl).astype(x.dtype) * p["alpha"].astype(x.dtype)
+  impl = resolve_impl(impl)
+  if impl == "cuda":
+    dot = _cuda_matmul(binary_cuda.sign_pack(x, p.get("threshold")), p["sign_bits"], x.shape[-1])
+  else:
+    dot = sign_matmul(activation_bits(x, p.get("threshold")), p["sign_bits"], impl)
+  y = dot.astype(x.dtype) * p["alpha"].astype(x.dtype)
   return y + p["bias"].astype(y.dtype) if "bias" in p else y
 
 
@@ -244,9 +300,7 @@ def _route_binary_layers(next_fun, args, kwargs, context, *, impl: str):
 
 def packed_layers(impl: str = "int8"):
   """Context manager: inside it, models run their binary layers on packed parameters."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  return nn.intercept_methods(functools.partial(_route_binary_layers, impl=impl))
+  return nn.intercept_methods(functools.partial(_route_binary_layers, impl=resolve_impl(impl)))
 
 
 def apply(model: nn.Module, params, x: Array, t: Array, *, cache=None, impl: str = "int8"):
