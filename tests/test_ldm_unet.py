@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import fill_params, path_str
+from test_autoencoders import _assert_close, _assert_same_params, _nchw, _numpy_state
 
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import get_method
@@ -26,7 +27,6 @@ from bidm_jax.models.unet import UNetOutput
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-REL_TOL = 1e-5
 SIZE = 8
 
 
@@ -122,27 +122,6 @@ def _to_compvis(state_dict, config):
     elif not re.search(r"\.to_[kv]\.", name):
       out[name] = value
   return out
-
-
-def _numpy_state(model):
-  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def _assert_close(name, ours, ref):
-  err = float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
-  print(f"{name}: max relative error {err:.2e}")
-  assert err <= REL_TOL, (name, err)
-
-
-def _assert_same_params(a, b):
-  flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (a, b))
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (_, x), (_, y) in zip(flat_a, flat_b):
-    np.testing.assert_array_equal(x, y)
 
 
 def _inputs(config, seed=0, n=2):

@@ -25,7 +25,6 @@ unused source tensors. The CompVis ``.ckpt``'s other models (``first_stage_model
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Any, Callable, Mapping
@@ -33,7 +32,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from bidm_jax.export import convert_first_stage as cfs
 from bidm_jax.models import ldm_unet
@@ -217,36 +215,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ldm_unet.LD
   else:
     where, key_of, selected = "", lambda k: k, set(state_dict)
 
-  params: dict = {}
-  used, missing, mismatched = set(), [], []
-  for path, shape in sorted(target_shapes(config).items()):
-    candidates = [key_of(k) for k in source_key(path, layout, config)]
-    key = next((c for c in candidates if c in state_dict), None)
-    if key is None:
-      missing.append(f"{'/'.join(path)} {shape} <- {' or '.join(candidates) or '(no mapping)'}")
-      continue
-    used.add(key)
-    arr = np.asarray(state_dict[key])
+  def transform(arr, path, shape):
     if layout == "compvis" and path[-2] in _QKV and arr.shape[:1] == (3 * shape[-1],):
       arr = _slice_qkv(arr, path[-2], config.heads_of(shape[-1]))
-    value = _to_flax(arr, path, shape) if "float" in arr.dtype.name else None
-    if value is None or value.shape != shape:
-      mismatched.append(f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} "
-                        f"{arr.dtype}")
-      continue
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
-  unused = [f"{k} {tuple(np.shape(state_dict[k]))}" for k in sorted(selected - used)]
-  if missing or mismatched or unused:
-    problems = [cfs._listing(title, items) for title, items in (
-        ("shape mismatches", mismatched), ("missing targets", missing),
-        ("unused source tensors", unused)) if items]
-    raise ValueError(f"cannot convert the {layout}-layout U-Net"
-                     + (f" under {where!r}" if where else "")
-                     + f" into {config}: " + "; ".join(problems))
-  logging.info("converted %d tensors of a %s-layout LDM U-Net%s", len(used), layout,
+    return _to_flax(arr, path, shape)
+
+  targets = target_shapes(config)
+  params = cfs.map_tensors(
+      state_dict, targets, lambda path: [key_of(k) for k in source_key(path, layout, config)],
+      transform, selected, f"the {layout}-layout U-Net" + (f" under {where!r}" if where else "")
+      + f" into {config}")
+  logging.info("converted %d tensors of a %s-layout LDM U-Net%s", len(targets), layout,
                f" under {where!r}" if where else "")
   return params
 
@@ -277,9 +256,6 @@ def config_from_diffusers(config: Mapping[str, Any]) -> ldm_unet.LDMUNetConfig:
   problems = []
   if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
     problems.append(f"_class_name {config.get('_class_name')!r} is not 'UNet2DModel'")
-  for field, allowed in _DIFFUSERS_REQUIRED.items():
-    if field in config and config[field] not in allowed:
-      problems.append(f"{field}: {config[field]!r}, expected {' or '.join(map(repr, allowed))}")
   widths = [int(w) for w in config.get("block_out_channels", (224, 448, 672, 896))]
   groups = int(config.get("norm_num_groups", 32))
   shift = config.get("resnet_time_scale_shift", "default") == "scale_shift"
@@ -311,11 +287,7 @@ def config_from_diffusers(config: Mapping[str, Any]) -> ldm_unet.LDMUNetConfig:
       problems.append(f"down_block_types: {down}, expected per level one of {allowed_down}")
     if len(up) != levels or any(t not in a for t, a in zip(up, allowed_up)):
       problems.append(f"up_block_types: {up}, expected per level one of {allowed_up}")
-  if any(w % widths[0] for w in widths):
-    problems.append(f"block_out_channels {widths} are not multiples of the first")
-  if problems:
-    raise ValueError("the diffusers config.json does not describe a U-Net we build: "
-                     + "; ".join(problems))
+  cfs.check_config(config, _DIFFUSERS_REQUIRED, widths, problems, "a U-Net")
   head_dim = config.get("attention_head_dim", 8)
   size = config.get("sample_size", 64)
   try:
@@ -334,14 +306,6 @@ def config_from_diffusers(config: Mapping[str, Any]) -> ldm_unet.LDMUNetConfig:
     raise ValueError(f"the diffusers config.json does not describe a U-Net we build: {e}") from None
 
 
-def _diffusers_folder(path: epath.Path) -> epath.Path | None:
-  """The folder holding the weights: `path` itself or its unet/ subfolder."""
-  for folder in (path, path / "unet"):
-    if folder.is_dir() and any((folder / w).exists() for w in WEIGHT_FILES):
-      return folder
-  return None
-
-
 def load_ldm_unet(source, config: ldm_unet.LDMUNetConfig | None = None, *,
                   layout: str | None = None,
                   use_ema: bool = True) -> tuple[ldm_unet.LDMUNetConfig, dict]:
@@ -357,29 +321,16 @@ def load_ldm_unet(source, config: ldm_unet.LDMUNetConfig | None = None, *,
     FileNotFoundError: nothing at `source`, or a folder without weights.
     ValueError: an unreadable file, a config that does not fit, a conversion mismatch.
   """
-  path = epath.Path(source)
-  if not path.exists():
-    raise FileNotFoundError(f"no such checkpoint: {path}")
-  if path.is_file() and path.name in WEIGHT_FILES and (path.parent / "config.json").exists():
-    path = path.parent
-  if path.is_dir():
-    folder = _diffusers_folder(path)
-    if folder is None or not (folder / "config.json").exists():
-      raise FileNotFoundError(f"{path}: no config.json with one of {list(WEIGHT_FILES)} here or "
-                              "in unet/")
-    try:
-      found = config_from_diffusers(json.loads((folder / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+  weights, diffusers_config = cfs.resolve_source(source, ("unet",))
+  if diffusers_config is not None:
+    found = config_from_diffusers(diffusers_config)
     if config is not None and config != found:
-      raise ValueError(f"{folder}: its config.json describes {found}, not the given {config}")
+      raise ValueError(f"{weights.parent}: its config.json describes {found}, not the given "
+                       f"{config}")
     config, layout = found, layout or "diffusers"
-    weights = next(folder / w for w in WEIGHT_FILES if (folder / w).exists())
   elif config is None:
-    raise ValueError(f"{path}: a CompVis checkpoint does not hold the architecture; pass "
+    raise ValueError(f"{weights}: a CompVis checkpoint does not hold the architecture; pass "
                      "config=ldm_unet.LDM4, LDM8 or an LDMUNetConfig")
-  else:
-    weights = path
   state_dict = cfs._read_state_dict(weights)
   try:
     params = convert_state_dict(state_dict, config, layout=layout, use_ema=use_ema)
