@@ -219,6 +219,12 @@ def test_presets_match_the_paper():
   assert count(ldm_unet.LDM4) == 274_056_163
   assert round(count(ldm_unet.LDM4) * 4 / 2 ** 20, 1) == 1045.4
   assert count(ldm_unet.LDM8) == 294_966_916
+  ldm4 = {"_class_name": "UNet2DModel", "block_out_channels": [224, 448, 672, 896],
+          "down_block_types": ["DownBlock2D"] + 3 * ["AttnDownBlock2D"],
+          "up_block_types": 3 * ["AttnUpBlock2D"] + ["UpBlock2D"], "attention_head_dim": 32,
+          "layers_per_block": 2, "flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5,
+          "downsample_padding": 1, "in_channels": 3, "out_channels": 3, "sample_size": 64}
+  assert clu.config_from_diffusers(ldm4) == ldm_unet.LDM4
 
 
 @pytest.mark.parametrize("change, message", [

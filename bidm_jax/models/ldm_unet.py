@@ -49,7 +49,8 @@ class LDMUNetConfig:
     model_channels: base width; level i has model_channels * channel_mult[i] channels.
     channel_mult: width multipliers, one level each; the side halves between levels.
     num_res_blocks: res blocks per encoder level (the decoder has one more per level).
-    attention_resolutions: downsample factors (1, 2, 4, ...) of the levels with attention.
+    attention_resolutions: downsample factors (1, 2, 4, ...) of the levels with attention
+      (stored sorted, so configs compare equal whatever the order given).
     num_heads: heads of every attention block; used when num_head_channels is -1.
     num_head_channels: channels per head (heads = width // it), or -1 to use num_heads.
     use_scale_shift_norm: the time projection gives a scale and shift of the second norm.
@@ -74,8 +75,9 @@ class LDMUNetConfig:
   image_size: int = 64
 
   def __post_init__(self):
-    for name in ("channel_mult", "attention_resolutions"):
-      object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+    object.__setattr__(self, "attention_resolutions",
+                       tuple(sorted({int(f) for f in self.attention_resolutions})))
     errors = []
     if not self.channel_mult:
       errors.append("channel_mult is empty")
