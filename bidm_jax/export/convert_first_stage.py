@@ -33,7 +33,7 @@ import itertools
 import json
 import logging
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ PIPELINE_FOLDERS = ("vqvae", "vae")
 _MAX_LISTED = 25
 
 __all__ = ["LAYOUTS", "convert_state_dict", "config_from_diffusers", "load_first_stage",
-           "target_shapes"]
+           "check_config", "map_tensors", "resolve_source", "target_shapes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +163,47 @@ def _listing(title: str, items: list[str]) -> str:
   return f"{title} ({len(items)}): " + ", ".join(items[:_MAX_LISTED]) + more
 
 
+def map_tensors(sources: Mapping[str, np.ndarray], targets: Mapping[tuple[str, ...], tuple],
+                candidates: Callable[[tuple[str, ...]], list[str]],
+                transform: Callable[[np.ndarray, tuple[str, ...], tuple], np.ndarray | None],
+                selected: set[str], what: str, label: Callable[[str], str] = str) -> dict:
+  """Fills every target parameter from its first present candidate key, all or nothing.
+
+  sources: {key: array}; targets: {parameter path: shape}; candidates(path): the source keys of
+  a parameter in order of preference; transform(array, path, shape): the array in our layout,
+  or None; selected: the source keys that must all be used; what: the model, for the error;
+  label(key): how an unused key is shown.
+  Returns nested dicts of float32 numpy arrays. Raises ValueError (one line) listing the shape
+  mismatches, the missing targets and the unused source tensors.
+  """
+  params: dict = {}
+  used, missing, mismatched = set(), [], []
+  for path, shape in sorted(targets.items()):
+    keys = candidates(path)
+    key = next((c for c in keys if c in sources), None)
+    if key is None:
+      missing.append(f"{'/'.join(path)} {shape} <- {' or '.join(keys) or '(no mapping)'}")
+      continue
+    used.add(key)
+    arr = np.asarray(sources[key])
+    value = transform(arr, path, shape) if "float" in arr.dtype.name else None
+    if value is None or value.shape != shape:
+      mismatched.append(f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} "
+                        f"{arr.dtype}")
+      continue
+    node = params
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+  unused = [f"{label(k)} {tuple(np.shape(sources[k]))}" for k in sorted(selected - used)]
+  if missing or mismatched or unused:
+    problems = [_listing(title, items) for title, items in (
+        ("shape mismatches", mismatched), ("missing targets", missing),
+        ("unused source tensors", unused)) if items]
+    raise ValueError(f"cannot convert {what}: " + "; ".join(problems))
+  return params
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstStageConfig, *,
                        layout: str | None = None, prefix: str | None = None) -> dict:
   """The ``params`` of `ae.make_first_stage(config)` from a PyTorch state dict.
@@ -186,34 +227,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstSta
   elif layout not in LAYOUTS:
     raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
 
-  params: dict = {}
-  used, missing, mismatched = set(), [], []
-  for path, shape in sorted(target_shapes(config).items()):
-    candidates = source_keys(path, layout, len(config.ch_mult))
-    key = next((c for c in candidates if c in sub), None)
-    if key is None:
-      missing.append(f"{'/'.join(path)} {shape} <- {' or '.join(candidates)}")
-      continue
-    used.add(key)
-    arr = np.asarray(sub[key])
-    value = _to_flax(arr, path, shape) if "float" in arr.dtype.name else None
-    if value is None or value.shape != shape:
-      mismatched.append(f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} "
-                        f"{arr.dtype}")
-      continue
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
-  unused = [f"{prefix}{k} {tuple(np.shape(sub[k]))}" for k in sorted(set(sub) - used)]
-  if missing or mismatched or unused:
-    problems = [_listing(title, items) for title, items in (
-        ("shape mismatches", mismatched), ("missing targets", missing),
-        ("unused source tensors", unused)) if items]
-    raise ValueError(f"cannot convert the {layout}-layout first stage"
-                     + (f" under {prefix!r}" if prefix else "")
-                     + f" into {config}: " + "; ".join(problems))
-  logging.info("converted %d tensors of a %s-layout %s first stage", len(used), layout,
+  targets = target_shapes(config)
+  params = map_tensors(
+      sub, targets, lambda path: source_keys(path, layout, len(config.ch_mult)), _to_flax,
+      set(sub), f"the {layout}-layout first stage" + (f" under {prefix!r}" if prefix else "")
+      + f" into {config}", label=lambda key: prefix + key)
+  logging.info("converted %d tensors of a %s-layout %s first stage", len(targets), layout,
                config.kind)
   return params
 
@@ -230,6 +249,21 @@ _DIFFUSERS_REQUIRED = {"act_fn": ("silu", "swish"), "norm_type": ("group",),
                        "latents_mean": (None,), "latents_std": (None,)}
 
 
+def check_config(config: Mapping[str, Any], required: Mapping[str, tuple], widths: list[int],
+                 problems: list[str], what: str) -> None:
+  """Raises one ValueError naming `problems`, every field of a diffusers `config` whose value is
+  not among its `required` ones (absent fields are not checked) and block_out_channels `widths`
+  that are not multiples of the first; `what` names the model kind in the message."""
+  problems = list(problems) + [
+      f"{field}: {config[field]!r}, expected {' or '.join(map(repr, allowed))}"
+      for field, allowed in required.items() if field in config and config[field] not in allowed]
+  if any(w % widths[0] for w in widths):
+    problems.append(f"block_out_channels {widths} are not multiples of the first")
+  if problems:
+    raise ValueError(f"the diffusers config.json does not describe {what} we build: "
+                     + "; ".join(problems))
+
+
 def config_from_diffusers(config: Mapping[str, Any],
                           scale_factor: float | None = None) -> ae.FirstStageConfig:
   """Our architecture from a diffusers VQModel / AutoencoderKL ``config.json`` (parsed).
@@ -242,20 +276,13 @@ def config_from_diffusers(config: Mapping[str, Any],
   if kind is None:
     problems.append(f"_class_name {config.get('_class_name')!r} is not one of "
                     f"{sorted(_DIFFUSERS_CLASSES)}")
-  for field, allowed in _DIFFUSERS_REQUIRED.items():
-    if field in config and config[field] not in allowed:
-      problems.append(f"{field}: {config[field]!r}, expected {' or '.join(map(repr, allowed))}")
   widths = [int(w) for w in config.get("block_out_channels", (64,))]
   for field, block in (("down_block_types", "DownEncoderBlock2D"),
                        ("up_block_types", "UpDecoderBlock2D")):
     types = list(config.get(field, (block,)))
     if types != [block] * len(widths):
       problems.append(f"{field}: {types}, expected {len(widths)} x {block!r}")
-  if any(w % widths[0] for w in widths):
-    problems.append(f"block_out_channels {widths} are not multiples of the first")
-  if problems:
-    raise ValueError("the diffusers config.json does not describe a model we build: "
-                     + "; ".join(problems))
+  check_config(config, _DIFFUSERS_REQUIRED, widths, problems, "a model")
   latent = int(config.get("latent_channels", 3 if kind == "vq" else 4))
   if scale_factor is None:
     scale_factor = 1.0 if kind == "vq" else float(config.get("scaling_factor", 0.18215))
@@ -269,12 +296,38 @@ def config_from_diffusers(config: Mapping[str, Any],
       norm_groups=int(config.get("norm_num_groups", 32)), scale_factor=float(scale_factor))
 
 
-def _diffusers_folder(path: epath.Path) -> epath.Path | None:
-  """The folder holding the weights: `path` itself or its vqvae/ or vae/ subfolder."""
-  for folder in (path, *(path / name for name in PIPELINE_FOLDERS)):
+def _diffusers_folder(path: epath.Path, subfolders: tuple[str, ...]) -> epath.Path | None:
+  """The folder holding the weights: `path` itself or one of its `subfolders`."""
+  for folder in (path, *(path / name for name in subfolders)):
     if folder.is_dir() and any((folder / w).exists() for w in WEIGHT_FILES):
       return folder
   return None
+
+
+def resolve_source(source, subfolders: tuple[str, ...] = PIPELINE_FOLDERS
+                   ) -> tuple[epath.Path, dict | None]:
+  """The weights file of `source` and, for a diffusers model, its parsed config.json.
+
+  source: a diffusers folder, a pipeline folder holding it in one of `subfolders`, the weights
+  file next to its config.json (config: the parsed JSON), or any other checkpoint file (None).
+  Raises FileNotFoundError (nothing there, a folder without weights) or ValueError (bad JSON).
+  """
+  path = epath.Path(source)
+  if not path.exists():
+    raise FileNotFoundError(f"no such checkpoint: {path}")
+  if path.is_file() and path.name in WEIGHT_FILES and (path.parent / "config.json").exists():
+    path = path.parent
+  if not path.is_dir():
+    return path, None
+  folder = _diffusers_folder(path, subfolders)
+  if folder is None or not (folder / "config.json").exists():
+    raise FileNotFoundError(f"{path}: no config.json with one of {list(WEIGHT_FILES)} here or "
+                            f"in {'/, '.join(subfolders)}/")
+  try:
+    config = json.loads((folder / "config.json").read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+  return next(folder / w for w in WEIGHT_FILES if (folder / w).exists()), config
 
 
 def _read_state_dict(path) -> dict[str, np.ndarray]:
@@ -300,31 +353,19 @@ def load_first_stage(source, config: ae.FirstStageConfig | None = None, *,
     FileNotFoundError: nothing at `source`, or a folder without weights.
     ValueError: an unreadable file, a config that does not fit, a conversion mismatch.
   """
-  path = epath.Path(source)
-  if not path.exists():
-    raise FileNotFoundError(f"no such checkpoint: {path}")
-  if path.is_file() and path.name in WEIGHT_FILES and (path.parent / "config.json").exists():
-    path = path.parent
-  if path.is_dir():
-    folder = _diffusers_folder(path)
-    if folder is None or not (folder / "config.json").exists():
-      raise FileNotFoundError(f"{path}: no config.json with one of {list(WEIGHT_FILES)} here or "
-                              f"in {'/, '.join(PIPELINE_FOLDERS)}/")
-    try:
-      found = config_from_diffusers(json.loads((folder / "config.json").read_text()),
-                                    scale_factor)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+  weights, diffusers_config = resolve_source(source)
+  if diffusers_config is not None:
+    found = config_from_diffusers(diffusers_config, scale_factor)
     if config is not None and dataclasses.replace(config, scale_factor=found.scale_factor) != found:
-      raise ValueError(f"{folder}: its config.json describes {found}, not the given {config}")
+      raise ValueError(f"{weights.parent}: its config.json describes {found}, not the given "
+                       f"{config}")
     config = found
-    weights = next(folder / w for w in WEIGHT_FILES if (folder / w).exists())
     state_dict = _read_state_dict(weights)
   else:
     if config is None:
-      raise ValueError(f"{path}: a CompVis checkpoint does not hold the architecture; pass "
+      raise ValueError(f"{weights}: a CompVis checkpoint does not hold the architecture; pass "
                        "config=autoencoders.VQ_F4, KL_F8 or a FirstStageConfig")
-    weights, state_dict = path, _read_state_dict(path)
+    state_dict = _read_state_dict(weights)
     root = (_with_dot(prefix) if prefix is not None else _find_prefix(state_dict)).removesuffix(
         "first_stage_model.")
     stored = state_dict.get(root + "scale_factor")
