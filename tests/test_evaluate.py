@@ -24,7 +24,7 @@ from bidm_jax.evaluation import inception
 from bidm_jax.evaluation.metrics import FeatureStats, frechet_distance, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
-from conftest import random_params
+from helpers import random_params
 
 DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
 WEIGHTS = DATA_DIR / "fid-inception-2015-12-05-fp16.npz"
@@ -66,7 +66,7 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("evaluate")
   config = make_config()
   model = train_lib.make_model(config, config_lib.method_from_config(config))
-  params = random_params(model, (1, 8, 8, 1), seed=4)["params"]
+  params = random_params(model, (1, 8, 8, 1), seed=4)
   export = root / "model"
   ckpt_lib.export_params(export, params, config_lib.model_description(config))
   config.sampling.checkpoint = str(export)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import MICRO_SHAPE, TBS_CONNECTIONS, random_params, tiny_inputs
+from helpers import MICRO_SHAPE, TBS_CONNECTIONS, random_params, tiny_inputs
 
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import get_method
@@ -225,7 +225,7 @@ RELEASE_SHAPE = (2, 16, 16, 3)
 def release_bidm():
   model = UNet(**RELEASE_CONFIG, method=get_method("bidm"), tbs_connections=5,
                tbs_structure="release")
-  params = random_params(model, RELEASE_SHAPE, seed=21)
+  params = {"params": random_params(model, RELEASE_SHAPE, seed=21)}
   apply = jax.jit(lambda p, x, t, cache: model.apply(p, x, t, cache=cache,
                                                      capture_intermediates=True,
                                                      mutable=["intermediates"]))
