@@ -54,7 +54,7 @@ class WeightBinarizer:
     multiply per output: 'channel' (Cout values), 'tensor' (one) or None (plain sign).
   frozen_kernel: the FP kernel and bias get no gradient (only the binarizer's own parameters
     train).
-  packed: `packed_scale` gives the per-channel scale of the packed sign kernel.
+  packed: the packed engine runs it as `packed_scale(W)[o] sign(W)`.
   """
   name: str
   scale: str | None = None
@@ -74,8 +74,14 @@ class WeightBinarizer:
     return {"channel": cout, "tensor": 1, None: 0}[self.scale]
 
   def packed_scale(self, kernel: Array) -> Array:
-    """alpha (Cout,) float32 of the packed form `alpha[o] sign(W)`; kernel float32."""
-    raise NotImplementedError(f"weight binarizer {self.name!r} has no packed form")
+    """alpha (Cout,) float32 of the packed form `alpha[o] sign(W)` (kernel float32): mean|W|
+    over the extent of `scale` (per channel, whole tensor), 1 without one. A binarizer whose
+    scale is something else and that is `packed` overrides it."""
+    if self.scale == "channel":
+      return estimators.weight_scale(kernel)
+    if self.scale == "tensor":
+      return jnp.full((kernel.shape[-1],), jnp.mean(jnp.abs(kernel)), jnp.float32)
+    return jnp.ones((kernel.shape[-1],), jnp.float32)
 
 
 class ActivationBinarizer:
@@ -145,9 +151,6 @@ class XnorWeights(WeightBinarizer):
   def __call__(self, module, kernel, sign):
     return estimators.binarize_weight(kernel, sign)
 
-  def packed_scale(self, kernel):
-    return estimators.weight_scale(kernel)
-
 
 @WEIGHT_BINARIZERS.register
 class SignWeights(WeightBinarizer):
@@ -157,9 +160,6 @@ class SignWeights(WeightBinarizer):
 
   def __call__(self, module, kernel, sign):
     return sign(kernel)
-
-  def packed_scale(self, kernel):
-    return jnp.ones((kernel.shape[-1],), jnp.float32)
 
 
 @WEIGHT_BINARIZERS.register
@@ -181,9 +181,6 @@ class ResteWeights(WeightBinarizer):
 
   def __call__(self, module, kernel, sign):
     return estimators.binarize_weight_mean(kernel, sign)
-
-  def packed_scale(self, kernel):
-    return jnp.full((kernel.shape[-1],), jnp.mean(jnp.abs(kernel)), jnp.float32)
 
 
 _lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
