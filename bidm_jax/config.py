@@ -74,10 +74,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def method_from_config(config) -> BinarizationMethod:
-  """The BinarizationMethod named by config.binarization, with its non-None overrides."""
+  """The BinarizationMethod named by config.binarization, with its non-None overrides and the
+  diffusion's number of timesteps."""
   b = config.binarization
   overrides = {k: v for k, v in b.items() if k != "method"}
-  return get_method(b.method, **overrides)
+  return get_method(b.method, num_timesteps=config.diffusion.num_timesteps, **overrides)
 
 
 def model_description(config) -> dict:

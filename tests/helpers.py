@@ -1,16 +1,21 @@
-"""Helpers of the training / CLI / sharding / reliability tests (not fixtures: plain functions).
+"""Helpers of every test module (plain functions and constants; the fixtures are in conftest.py).
 
 Compile time dominates on the test CPUs, so:
-- every run of `train()` or the CLI in these tests uses one of a few configs (`tiny_config`,
-  `TINY_FLAGS`) whose jitted programs are identical across tests, and the subprocesses share a
-  session-wide persistent XLA compilation cache (`subprocess_env`): a program compiled by one
-  test's subprocess is loaded, not recompiled, by the next;
+- parameter trees are built from `jax.eval_shape(model.init)` shapes and filled with NumPy
+  random values (`random_params`, `fill_params`): no init compile (a jitted Flax `init` is as
+  slow as a forward because of the random initialisers), and every parameter (thresholds, k
+  filters, shortcut scales, TBS table) is random and non-zero, so no term of the forward can
+  hide behind a zero initial value;
+- the in-process model tests share a few model sizes (`TINY_UNET`, `MICRO_UNET`) whose jitted
+  apply functions are session fixtures (`model_bundle`);
+- every run of `train()` or the CLI uses one of a few configs (`tiny_config`, `TINY_FLAGS`)
+  whose jitted programs are identical across tests, and the subprocesses share a session-wide
+  persistent XLA compilation cache (`subprocess_env`): a program compiled by one test's
+  subprocess is loaded, not recompiled, by the next;
 - subprocesses compile at XLA backend optimisation level 0 (about half the compile time;
-  the comparisons in these tests are always between runs under the same flags);
-- parameters are filled with NumPy random values from `jax.eval_shape(model.init)` shapes
-  rather than from a jitted init (which compiles as slowly as a forward pass).
+  the comparisons in these tests are always between runs under the same flags).
 
-The tiny model is the digits demo's U-Net (ch 32, ch_mult (1, 2), one res block per level)
+`tiny_config` is the digits demo's U-Net (ch 32, ch_mult (1, 2), one res block per level)
 without attention on 8x8 images, batch 8: the smallest in which the W1A1 model is still more
 than 5x smaller than the FP one (the demo report's check). `micro=True` drops to one level
 (for in-process compiles, where the cache does not apply).
@@ -18,6 +23,7 @@ than 5x smaller than the FP one (the demo report's check). `micro=True` drops to
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,7 +33,7 @@ import pickle
 import signal
 import subprocess
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import grain
 import jax
@@ -92,21 +98,46 @@ def tiny_config(method: str = "bidm", *, micro: bool = False, teacher: str = "",
   return config
 
 
-def _leaf_name(path) -> str:
+TINY_UNET = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+"""The tiny U-Net: 2 levels (16x16 and 8x8), attention at 8x8 (and in the middle block)."""
+TINY_SHAPE = (2, 16, 16, 3)
+"""Batch of the tiny U-Net's inputs (B, H, W, C)."""
+
+MICRO_UNET = dict(ch=64, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+"""An even smaller U-Net (one level, 2 decoder blocks) for the tests that differentiate it.
+
+ch = 64, not 32: with 32 channels GroupNorm(32) normalises every channel on its own, which
+removes the per-channel time-embedding shift of the res blocks entirely, and the output would
+not depend on t.
+"""
+MICRO_SHAPE = (2, 8, 8, 3)
+
+TBS_CONNECTIONS = 2
+
+
+def leaf_name(path) -> str:
+  """The last key of a tree path ('kernel', 'threshold', ...)."""
   last = path[-1]
   return str(getattr(last, "key", getattr(last, "name", last)))
 
 
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def fill_params(shapes, seed: int = 0):
-  """Random float32 values for a tree of ShapeDtypeStructs, by parameter name (sane scales:
-  kernels N(0, 1/fan_in), GroupNorm scales ~1, k filters ~1/(kh kw), TBS table U(0.2, 0.6))."""
+  """Random float32 values for a tree of ShapeDtypeStructs, chosen by parameter name.
+
+  kernels ~ N(0, 1/fan_in); biases, thresholds ~ 0.1 N(0, 1); GroupNorm scales 1 + 0.1 N;
+  XNOR k filters 1/(kh kw) (1 + 0.2 N); shortcut scales U(0.2, 0.5); TBS table U(0.2, 0.6).
+  """
   rng = np.random.default_rng(seed)
 
   def fill(path, s):
-    name, shape = _leaf_name(path), tuple(s.shape)
+    name, shape = leaf_name(path), tuple(s.shape)
     if name in ("kernel", "shortcut_kernel"):
       v = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[:-1])))
-    elif name == "scale":
+    elif name == "scale":  # GroupNorm
       v = 1.0 + 0.1 * rng.standard_normal(shape)
     elif name == "scale_kernel":
       v = (1.0 + 0.2 * rng.standard_normal(shape)) / (shape[0] * shape[1])
@@ -114,19 +145,48 @@ def fill_params(shapes, seed: int = 0):
       v = rng.uniform(0.2, 0.5, shape)
     elif name == "tbs_table":
       v = rng.uniform(0.2, 0.6, shape)
-    else:
+    else:  # bias, threshold, anything new
       v = 0.1 * rng.standard_normal(shape)
     return jnp.asarray(v, s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def random_params(model, config, seed: int = 0):
-  """Random parameters of `model` for the config's image shape, without compiling init."""
-  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
-  x = jax.ShapeDtypeStruct(train_lib.image_shape(config, 1), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+def random_params(model, x_shape, seed: int = 0):
+  """Random parameters (the 'params' tree) of a U-Net for inputs of `x_shape` (B, H, W, C),
+  without compiling init."""
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  t = jax.ShapeDtypeStruct(x_shape[:1], jnp.int32)
   return fill_params(jax.eval_shape(model.init, jax.random.key(0), x, t)["params"], seed)
+
+
+def tiny_inputs(shape=TINY_SHAPE, seed: int = 0):
+  """Random x (B, H, W, C) float32 and t (B,) int32 in distinct TBS buckets."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  t = jnp.asarray(rng.choice(1000, size=shape[0], replace=False), jnp.int32)
+  return x, t
+
+
+@dataclasses.dataclass
+class ModelBundle:
+  """A model, random parameters and jitted apply functions for one config.
+
+  apply(params, x, t) -> UNetOutput without cache; apply_cache(params, x, t, cache) with one.
+  """
+  model: Any
+  params: Any
+  x_shape: tuple
+  apply: Callable
+  apply_cache: Callable
+
+
+def model_bundle(model, x_shape, seed: int) -> ModelBundle:
+  """`model` with random {'params': ...} for inputs of `x_shape`, and its jitted applies."""
+  params = {"params": random_params(model, x_shape, seed)}
+  apply = jax.jit(lambda p, x, t: model.apply(p, x, t))
+  apply_cache = jax.jit(lambda p, x, t, cache: model.apply(p, x, t, cache=cache))
+  return ModelBundle(model, params, x_shape, apply, apply_cache)
 
 
 def export_teacher(config, directory, seed: int = 0) -> str:
@@ -134,7 +194,7 @@ def export_teacher(config, directory, seed: int = 0) -> str:
   from bidm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from bidm_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
-  params = random_params(train_lib.make_model(config), config, seed)
+  params = random_params(train_lib.make_model(config), train_lib.image_shape(config, 1), seed)
   ckpt_lib.export_params(directory, params, config_lib.model_description(config))
   return str(directory)
 

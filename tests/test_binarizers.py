@@ -1,4 +1,4 @@
-"""Sign functions, their gradient estimators and the XNOR weight/activation binarizers.
+"""Sign functions, their gradient estimators, the binarizers and their registry.
 
 Spec section 2: sign(0) = +1; weights alpha[o] sign(W), alpha = mean|W[..., o]| stop-gradient,
 clipped-identity backward (1 where |W| <= 1); activations sign(x + tau) with ApproxSign backward
@@ -7,12 +7,17 @@ clipped-identity backward (1 where |W| <= 1); activations sign(x + tau) with App
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bidm_jax.binarize import binarizers as B
 from bidm_jax.binarize import estimators as E
+from bidm_jax.binarize.methods import get_method
+from bidm_jax.layers.binary import BinaryConv
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -156,11 +161,13 @@ def test_reste_special_cases():
                              [10 ** 0.5, 10 ** 0.5, 0.5, 1.0], rtol=1e-5)
 
 
-def test_reste_schedule():
-  np.testing.assert_allclose(float(E.reste_schedule(0.0, 3.0)), 1.0)
-  np.testing.assert_allclose(float(E.reste_schedule(1.0, 3.0)), 3.0, rtol=1e-6)
-  np.testing.assert_allclose(float(E.reste_schedule(0.5, 3.0)),
-                             1 + 2 * (1 - np.cos(np.pi / 4)), rtol=1e-6)
+def test_reste_schedule_grows_with_progress():
+  p = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+  o = np.asarray(E.reste_schedule(jnp.asarray(p), 3.0))
+  np.testing.assert_allclose(o, 1 + 2 * (1 - np.cos(np.pi / 2 * p)), rtol=1e-6)
+  assert o[0] == 1.0 and abs(o[-1] - 3.0) < 1e-6 and np.all(np.diff(o) > 0)
+  assert float(E.reste_schedule(1.7, 3.0)) == pytest.approx(3.0)  # clipped progress
+  assert float(E.reste_schedule(0.5, 5.0)) == pytest.approx(1 + 4 * (1 - math.cos(math.pi / 4)))
 
 
 def test_sign_grad_under_jit_vmap_and_bf16():
@@ -242,7 +249,7 @@ def test_activation_binarizer_forward_and_threshold_gradient():
   y = E.binarize_activation(jnp.asarray(x), jnp.asarray(tau))
   np.testing.assert_array_equal(np.asarray(y), np.where(z >= 0, 1.0, -1.0))
 
-  loss = lambda xx, tt: jnp.sum(E.binarize_activation(xx, tt, "approx") * g)
+  loss = lambda xx, tt: jnp.sum(E.binarize_activation(xx, tt, E.sign_approx) * g)
   gx, gt = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(tau))
   local = g * approx_sign_grad(z)
   np.testing.assert_allclose(np.asarray(gx), local, rtol=1e-5, atol=1e-6)
@@ -260,5 +267,123 @@ def test_activation_binarizer_without_threshold_and_dtype():
   assert y.dtype == jnp.bfloat16
   # the 'ste' estimator for activations: clipped identity
   xs = jnp.asarray(GRAD_POINTS)
-  got = jax.vmap(jax.grad(lambda v: E.binarize_activation(v, None, "ste")))(xs)
+  got = jax.vmap(jax.grad(lambda v: E.binarize_activation(v, None, E.sign_ste)))(xs)
   np.testing.assert_allclose(np.asarray(got), clipped_identity_grad(GRAD_POINTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# The baselines' binarizers, closed forms
+
+
+def uniform(shape, lo, hi, seed):
+  return np.asarray(jax.random.uniform(jax.random.PRNGKey(seed), shape, minval=lo, maxval=hi))
+
+
+def np_sign(x):
+  return np.where(np.asarray(x) >= 0, 1.0, -1.0)
+
+
+def test_reste_weight_binarizer_closed_form():
+  w = jnp.asarray(uniform((3, 4), -2.0, 2.0, 3), jnp.float32)
+  c = uniform((3, 4), -1.0, 1.0, 4)
+  o = jnp.float32(2.0)
+  sign = E.sign_with_estimator("reste", o)
+  wb, vjp = jax.vjp(lambda v: E.binarize_weight_mean(v, sign), w)
+  m = np.mean(np.abs(np.asarray(w)))
+  np.testing.assert_allclose(np.asarray(wb), m * np_sign(w), rtol=1e-6)
+  grad = np.asarray(vjp(jnp.asarray(c, jnp.float32))[0])
+  _, sign_vjp = jax.vjp(lambda v: E.sign_reste(v, o), w)
+  dsign = np.asarray(sign_vjp(jnp.ones_like(w))[0])  # reste'(w)
+  expected = m * dsign * c + np_sign(w) / w.size * np.sum(c * np_sign(w))
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dorefa_quantizers_closed_form():
+  x = jnp.array([-0.5, 0.0, 0.2, 0.49, 0.5, 0.7, 1.0, 1.3])
+  a, vjp = jax.vjp(E.dorefa_activation, x)
+  np.testing.assert_array_equal(np.asarray(a), [0, 0, 0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.ones_like(x))[0]), [0, 1, 1, 1, 1, 1, 1, 0])
+  w = jnp.asarray(uniform((3, 3, 2, 4), -0.3, 0.3, 5), jnp.float32)
+  c = jnp.asarray(uniform(w.shape, -1.0, 1.0, 6), jnp.float32)
+  wb, vjp = jax.vjp(E.binarize_weight_dorefa, w)
+  e = np.mean(np.abs(np.asarray(w)))  # ONE scalar for the whole tensor
+  np.testing.assert_allclose(np.asarray(wb), e * np_sign(w), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(vjp(c)[0]), np.asarray(c))  # identity STE, no E
+
+
+def test_lsq_binarizer_closed_form():
+  x = jnp.array([[-2.0, -0.6, -0.3, 0.0, 0.3, 0.6, 2.0]])
+  c = jnp.array([[0.5, -1.0, 2.0, 1.0, -0.5, 1.5, 3.0]])
+  step = jnp.array([[0.5]])
+  y, vjp = jax.vjp(E.lsq_binarize, x, step)
+  dx, ds = vjp(c)
+  np.testing.assert_array_equal(np.asarray(y), 0.5 * np_sign(x))
+  inside = (np.abs(np.asarray(x)) <= 0.5).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(c) * inside)
+  expected_ds = np.sum(np.asarray(c) * (np_sign(x) - np.asarray(x) / 0.5 * inside))
+  np.testing.assert_allclose(np.asarray(ds), [[expected_ds]], rtol=1e-6)
+
+
+def test_timestep_bucket():
+  """The row of TBS's blend table and of TALSQ's step table: t * buckets // T, clipped."""
+  t = jnp.arange(1000)
+  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(t, 100, 1000)), np.arange(1000) // 10)
+  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(jnp.arange(500), 100, 500)),
+                                np.arange(500) // 5)
+  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(t, 8, 1000)),
+                                np.arange(1000) * 8 // 1000)
+  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(jnp.array([999, 1000, 5000]), 100,
+                                                             1000)), [99, 99, 99])  # clipped
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+class HalfSignWeights(B.WeightBinarizer):
+  """sign(W) / 2: a binarizer defined outside the package, for the registry test."""
+  name = "half_sign"
+  scale = "tensor"
+
+  def __call__(self, module, kernel, sign):
+    return 0.5 * sign(kernel)
+
+
+def test_a_registered_binarizer_runs_in_a_layer():
+  """One class and one registration: a method names it, a layer runs and counts it."""
+  B.WEIGHT_BINARIZERS.register(HalfSignWeights)
+  try:
+    method = get_method("xnor", weight_binarizer="half_sign", activation_scale="none",
+                        shortcut=False)
+    assert isinstance(method.binarizers.weight, HalfSignWeights)
+    with pytest.raises(ValueError, match="already registered"):
+      B.WEIGHT_BINARIZERS.register(HalfSignWeights)
+    layer = BinaryConv(4, (1, 1), method=method)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5, 5, 3)), jnp.float32)
+    params = dict(layer.init(jax.random.key(0), x)["params"])
+    assert set(params) == {"kernel", "bias", "threshold"}
+    params["threshold"] = jnp.asarray([0.3, -0.2, 0.1])
+    params["bias"] = jnp.asarray([0.5, -0.5, 1.0, 0.0])
+    y, state = layer.apply({"params": params}, x, mutable=["costs"])
+    w = np_sign(params["kernel"][0, 0])
+    expected = np_sign(np.asarray(x) + np.asarray(params["threshold"])) @ (0.5 * w)
+    np.testing.assert_allclose(np.asarray(y), expected + np.asarray(params["bias"]), atol=1e-6)
+    # bops, flops (one scale multiply per output), binary and real (bias, threshold, scale)
+    costs = np.asarray(jax.tree_util.tree_leaves(state["costs"])[0])
+    np.testing.assert_array_equal(costs, [25 * 3 * 4, 25 * 4, 3 * 4, 4 + 3 + 1])
+  finally:
+    del B.WEIGHT_BINARIZERS[HalfSignWeights.name]
+  with pytest.raises(ValueError, match="unknown weight_binarizer 'half_sign'"):
+    get_method("xnor", weight_binarizer="half_sign")
+
+
+@pytest.mark.parametrize("registry", [B.WEIGHT_BINARIZERS, B.ACTIVATION_BINARIZERS,
+                                      B.OUTPUT_SCALES], ids=lambda r: r.kind)
+def test_unknown_name_is_a_one_line_error(registry):
+  with pytest.raises(ValueError) as e:
+    get_method("xnor", **{registry.kind: "ternary"})
+  message = str(e.value)
+  assert "\n" not in message
+  assert message == f"unknown {registry.kind} 'ternary'; registered: {', '.join(registry)}"
+  with pytest.raises(ValueError, match="unknown"):
+    registry["ternary"]  # pylint: disable=pointless-statement

@@ -85,7 +85,7 @@ def _fake_fp_run(workdir, config) -> None:
   manager, items and meta that train() uses, plus a metrics log."""
   model = train_lib.make_model(config, FP)
   tx = train_lib.make_optimizer(config)
-  state = train_lib.create_state(H.random_params(model, config), tx)
+  state = train_lib.create_state(H.random_params(model, train_lib.image_shape(config, 1)), tx)
   mngr = ckpt_lib.make_manager(workdir, keep=3)
   mngr.save(4, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),

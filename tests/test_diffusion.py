@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import MICRO_SHAPE, TBS_CONNECTIONS, TINY_SHAPE
-
 import helpers as H
 from bidm_jax import config as config_lib
 from bidm_jax.bidm import tbs
@@ -216,9 +214,9 @@ def test_ddim_sample_tiny_unet_matches_loop(tiny_fp):
   s = make_schedule()
   params, rng = tiny_fp.params, jax.random.key(6)
   scan_apply = lambda x, t, cache: tiny_fp.model.apply(params, x, t, cache=cache)
-  got = jax.jit(lambda r: ddim_sample(scan_apply, s, TINY_SHAPE, r, steps=3, eta=0.5))(rng)
+  got = jax.jit(lambda r: ddim_sample(scan_apply, s, H.TINY_SHAPE, r, steps=3, eta=0.5))(rng)
   loop_apply = lambda x, t, cache: tiny_fp.apply(params, x, t)
-  ref = ddim_loop(loop_apply, s, TINY_SHAPE, rng, 3, 0.5, 0)
+  ref = ddim_loop(loop_apply, s, H.TINY_SHAPE, rng, 3, 0.5, 0)
   # float32 round-off of a jitted scan vs eager calls, scaled by |x| (up to ~16 here)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5,
                              atol=1e-5 * float(np.abs(ref).max()))
@@ -231,10 +229,10 @@ def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(micro_bidm):
   """
   s = make_schedule()
   params, rng = micro_bidm.params, jax.random.key(7)
-  n = TBS_CONNECTIONS
+  n = H.TBS_CONNECTIONS
   assert micro_bidm.model.num_connections == n
   scan_apply = lambda x, t, cache: micro_bidm.model.apply(params, x, t, cache=cache)
-  got = jax.jit(lambda r: ddim_sample(scan_apply, s, MICRO_SHAPE, r, steps=3, eta=0.0,
+  got = jax.jit(lambda r: ddim_sample(scan_apply, s, H.MICRO_SHAPE, r, steps=3, eta=0.0,
                                       num_connections=n))(rng)
 
   def loop_apply(x, t, cache):
@@ -242,7 +240,7 @@ def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(micro_bidm):
       return micro_bidm.apply(params, x, t)
     return micro_bidm.apply_cache(params, x, t, cache)
 
-  ref = ddim_loop(loop_apply, s, MICRO_SHAPE, rng, 3, 0.0, n)
+  ref = ddim_loop(loop_apply, s, H.MICRO_SHAPE, rng, 3, 0.0, n)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
@@ -392,7 +390,7 @@ def test_make_sampler_passes_x0_options():
   config = H.tiny_config("fp", micro=True)
   config.sampling.steps = 1
   model = train_lib.make_model(config)
-  params = H.random_params(model, config, seed=4)
+  params = H.random_params(model, train_lib.image_shape(config, 1), seed=4)
   params = jax.tree_util.tree_map(lambda p: 20 * p, params)  # x0 predictions far outside [-1, 1]
   mesh = train_lib.make_mesh(config)
   schedule = config_lib.schedule_from_config(config)

@@ -31,7 +31,7 @@ from bidm_jax.binarize.methods import FP, BinarizationMethod, QuantContext, get_
 from bidm_jax.evaluation.efficiency import count_costs, efficiency_report
 from bidm_jax.layers.binary import BinaryConv, BinaryDense
 from bidm_jax.models.unet import UNet
-from conftest import TINY_CONFIG, path_str
+from helpers import TINY_UNET, path_str
 
 H = W = 8      # input height and width
 CIN = 4        # input channels
@@ -126,8 +126,8 @@ FP_LAYERS = ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut"
 def test_unet_binary_params_are_the_binarized_kernels():
   shape = (16, 16, 3)
   method = get_method("bidm")
-  binary_model = UNet(**TINY_CONFIG, method=method, tbs_connections=2)
-  report = efficiency_report(UNet(**TINY_CONFIG), binary_model, shape)
+  binary_model = UNet(**TINY_UNET, method=method, tbs_connections=2)
+  report = efficiency_report(UNet(**TINY_UNET), binary_model, shape)
   fp, binary = report["fp"], report["binary"]
 
   x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)

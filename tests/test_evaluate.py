@@ -25,7 +25,7 @@ from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.metrics import FeatureStats, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
-from conftest import random_params
+from helpers import random_params
 
 METRIC_KEYS = {
     "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "pr_k",
@@ -62,7 +62,7 @@ def run(tmp_path_factory, inception_weights):
   root = tmp_path_factory.mktemp("evaluate")
   config = make_config(inception_weights)
   model = train_lib.make_model(config, config_lib.method_from_config(config))
-  params = random_params(model, (1, 8, 8, 1), seed=4)["params"]
+  params = random_params(model, (1, 8, 8, 1), seed=4)
   export = root / "model"
   ckpt_lib.export_params(export, params, config_lib.model_description(config))
   config.sampling.checkpoint = str(export)

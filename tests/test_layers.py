@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fill_params
+from helpers import fill_params
 
 from bidm_jax.binarize.methods import get_method
 from bidm_jax.layers.binary import BinaryConv, BinaryDense

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fill_params, path_str
+from helpers import fill_params, path_str
 from test_autoencoders import _assert_close, _assert_same_params, _nchw, _numpy_state
 
 from bidm_jax.bidm import tbs

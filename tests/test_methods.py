@@ -1,7 +1,7 @@
 """The W1A1 baselines as binarization methods (issue 4).
 
-Each method's binarizers against their closed forms (forward and gradient), the binary
-layers' outputs as exact multiples of the method's scales, a short QAT run of every method on a
+The binary layers' outputs as exact multiples of each method's scales (forward and gradient;
+the binarizers' own closed forms are in test_binarizers.py), a short QAT run of every method on a
 tiny U-Net, ReSTE's schedule, EfficientDM's timestep-aware steps, the cost records, and the
 registry (names, docs, the BiDM ablations as overrides).
 """
@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from bidm_jax import config as config_lib
 from bidm_jax.binarize import estimators as est
 from bidm_jax.binarize.methods import (ACTIVATION_MEAN_ABS, FP_INITS, METHOD_DOCS, METHODS,
                                        QuantContext, get_method)
@@ -161,102 +162,6 @@ def test_paper_ablations_are_overrides():
   assert "tbs_table" in plus_tbs and "tbs_table" not in vanilla
   assert any(n.endswith("scale_kernel") for n in plus_tbs)
   assert not any(n.endswith("scale_kernel") for n in vanilla)
-
-
-# ------------------------------------------------------------------- estimators, closed forms
-
-
-RESTE_X = np.array([-2.0, -1.6, -1.5, -1.0, -0.5, -0.1, -0.05, 0.0, 0.05, 0.1, 0.3, 1.0, 1.4,
-                    1.5, 1.6, 3.0], np.float32)
-
-
-@pytest.mark.parametrize("o", [1.0, 2.0, 3.0])
-def test_reste_estimator_closed_form(o):
-  y, vjp = jax.vjp(lambda v: est.sign_reste(v, jnp.float32(o)), jnp.asarray(RESTE_X))
-  grad = np.asarray(vjp(jnp.ones_like(y))[0])
-  np.testing.assert_array_equal(np.asarray(y), _np_sign(RESTE_X))
-  ax, m = np.abs(RESTE_X).astype(np.float64), np.float32(0.1)
-  expected = np.where(np.abs(RESTE_X) <= m, 0.1 ** (1 / o - 1),
-                      np.where(np.abs(RESTE_X) <= 1.5,
-                               (1 / o) * np.maximum(ax, 0.1) ** (1 / o - 1), 0.0))
-  np.testing.assert_allclose(grad, expected, rtol=1e-5)
-  if o == 1.0:  # the identity STE clipped at 1.5
-    np.testing.assert_array_equal(grad, (np.abs(RESTE_X) <= 1.5).astype(np.float32))
-
-
-def test_reste_schedule_grows_with_progress():
-  p = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-  o = np.asarray(est.reste_schedule(jnp.asarray(p), 3.0))
-  np.testing.assert_allclose(o, 1 + 2 * (1 - np.cos(np.pi / 2 * p)), rtol=1e-6)
-  assert o[0] == 1.0 and abs(o[-1] - 3.0) < 1e-6 and np.all(np.diff(o) > 0)
-  assert float(est.reste_schedule(1.7, 3.0)) == pytest.approx(3.0)  # clipped progress
-  assert float(est.reste_schedule(0.5, 5.0)) == pytest.approx(1 + 4 * (1 - math.cos(math.pi / 4)))
-
-
-def test_reste_weight_binarizer_closed_form():
-  w = jnp.asarray(_uniform((3, 4), -2.0, 2.0, 3), jnp.float32)
-  c = _uniform((3, 4), -1.0, 1.0, 4)
-  o = jnp.float32(2.0)
-  sign = est.sign_with_estimator("reste", o)
-  wb, vjp = jax.vjp(lambda v: est.binarize_weight_mean(v, sign), w)
-  m = np.mean(np.abs(np.asarray(w)))
-  np.testing.assert_allclose(np.asarray(wb), m * _np_sign(w), rtol=1e-6)
-  grad = np.asarray(vjp(jnp.asarray(c, jnp.float32))[0])
-  _, sign_vjp = jax.vjp(lambda v: est.sign_reste(v, o), w)
-  dsign = np.asarray(sign_vjp(jnp.ones_like(w))[0])  # reste'(w)
-  expected = m * dsign * c + _np_sign(w) / w.size * np.sum(c * _np_sign(w))
-  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
-
-
-def test_dorefa_quantizers_closed_form():
-  x = jnp.array([-0.5, 0.0, 0.2, 0.49, 0.5, 0.7, 1.0, 1.3])
-  a, vjp = jax.vjp(est.dorefa_activation, x)
-  np.testing.assert_array_equal(np.asarray(a), [0, 0, 0, 0, 1, 1, 1, 1])
-  np.testing.assert_array_equal(np.asarray(vjp(jnp.ones_like(x))[0]), [0, 1, 1, 1, 1, 1, 1, 0])
-  w = jnp.asarray(_uniform((3, 3, 2, 4), -0.3, 0.3, 5), jnp.float32)
-  c = jnp.asarray(_uniform(w.shape, -1.0, 1.0, 6), jnp.float32)
-  wb, vjp = jax.vjp(est.binarize_weight_dorefa, w)
-  e = np.mean(np.abs(np.asarray(w)))  # ONE scalar for the whole tensor
-  np.testing.assert_allclose(np.asarray(wb), e * _np_sign(w), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(vjp(c)[0]), np.asarray(c))  # identity STE, no E
-
-
-def test_lsq_binarizer_closed_form():
-  x = jnp.array([[-2.0, -0.6, -0.3, 0.0, 0.3, 0.6, 2.0]])
-  c = jnp.array([[0.5, -1.0, 2.0, 1.0, -0.5, 1.5, 3.0]])
-  step = jnp.array([[0.5]])
-  y, vjp = jax.vjp(est.lsq_binarize, x, step)
-  dx, ds = vjp(c)
-  np.testing.assert_array_equal(np.asarray(y), 0.5 * _np_sign(x))
-  inside = (np.abs(np.asarray(x)) <= 0.5).astype(np.float64)
-  np.testing.assert_allclose(np.asarray(dx), np.asarray(c) * inside)
-  expected_ds = np.sum(np.asarray(c) * (_np_sign(x) - np.asarray(x) / 0.5 * inside))
-  np.testing.assert_allclose(np.asarray(ds), [[expected_ds]], rtol=1e-6)
-
-
-def test_timestep_bucket():
-  t = jnp.array([0, 9, 10, 15, 999, 1000, 5000])
-  np.testing.assert_array_equal(np.asarray(est.timestep_bucket(t, 100, 1000)),
-                                [0, 0, 1, 1, 99, 99, 99])
-  np.testing.assert_array_equal(np.asarray(est.timestep_bucket(t[:5], 10, 1000)),
-                                [0, 0, 0, 0, 9])
-
-
-def test_sign_estimators_closed_form():
-  """xnor/bidm/reactnet/bbcu weights and xnorpp: clipped STE; ApproxSign for RSign methods."""
-  x = jnp.array([-1.5, -1.0, -0.5, 0.0, 0.25, 0.99, 1.0, 2.0])
-  np.testing.assert_array_equal(np.asarray(jax.grad(lambda v: jnp.sum(est.sign_ste(v)))(x)),
-                                [0, 1, 1, 1, 1, 1, 1, 0])
-  np.testing.assert_allclose(np.asarray(jax.grad(lambda v: jnp.sum(est.sign_approx(v)))(x)),
-                             [0, 0, 1, 2, 1.5, 0.02, 0, 0], atol=1e-6)
-  np.testing.assert_array_equal(
-      np.asarray(jax.grad(lambda v: jnp.sum(est.sign_identity(v)))(x)), np.ones(8))
-  w = jnp.asarray(_uniform((3, 3, 4, 2), -1.5, 1.5, 7), jnp.float32)
-  wb, vjp = jax.vjp(lambda v: est.binarize_weight(v, "ste"), w)
-  alpha = np.mean(np.abs(np.asarray(w)), axis=(0, 1, 2))
-  np.testing.assert_allclose(np.asarray(wb), alpha * _np_sign(w), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(w))[0]),
-                             alpha * (np.abs(np.asarray(w)) <= 1), rtol=1e-6)
 
 
 # -------------------------------------------------------------------- layers, exact outputs
@@ -521,14 +426,32 @@ def test_efficientdm_timestep_aware_steps_and_gradients():
   for name in ("lora_a", "lora_b", "weight_step_gain"):
     assert np.any(np.asarray(grads[name]) != 0), name
   # Dense layers read the same table, per example.
-  dense = BinaryDense(4, method=METHODS["efficientdm"])
-  xd = _x((2, 6), seed=27)
+  yd, unscaled, steps = _talsq_dense(METHODS["efficientdm"], seed=27)
+  np.testing.assert_allclose(yd, steps[[0, 1]][:, None] * unscaled, rtol=1e-5, atol=1e-6)
+
+
+def _talsq_dense(method, seed):
+  """A dense layer of `method` with TALSQ steps 0.5 .. 3 applied on CTX: its output, the
+  unscaled product sign(x) @ (s_w sign W) and the steps."""
+  dense = BinaryDense(4, method=method)
+  xd = _x((2, 6), seed=seed)
+  steps = np.linspace(0.5, 3.0, 100)
   dp = _params(dense, xd, act_steps=steps)
   yd = np.asarray(dense.apply({"params": dp}, xd, CTX))
   s_wd = np.mean(np.abs(np.asarray(dp["kernel"])), axis=0)
-  np.testing.assert_allclose(
-      yd, steps[[0, 1]][:, None] * (_np_sign(xd) @ (s_wd * _np_sign(dp["kernel"]))), rtol=1e-5,
-      atol=1e-6)
+  return yd, _np_sign(xd) @ (s_wd * _np_sign(dp["kernel"])), steps
+
+
+def test_num_timesteps_comes_from_the_config():
+  """TALSQ's buckets follow config.diffusion.num_timesteps: T = 500 puts t = 5, 15 in 1, 3."""
+  config = config_lib.default_config()
+  config.binarization.method = "efficientdm"
+  assert config_lib.method_from_config(config) == METHODS["efficientdm"]  # T = 1000
+  config.diffusion.num_timesteps = 500
+  method = config_lib.method_from_config(config)
+  assert method.num_timesteps == 500
+  yd, unscaled, steps = _talsq_dense(method, seed=28)
+  np.testing.assert_allclose(yd, steps[[1, 3]][:, None] * unscaled, rtol=1e-5, atol=1e-6)
 
 
 def test_efficientdm_needs_the_timestep():

@@ -36,8 +36,8 @@ from bidm_jax.layers import packed as pk
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
-from conftest import (MICRO_CONFIG, MICRO_SHAPE, TBS_CONNECTIONS, TINY_CONFIG, TINY_SHAPE,
-                      fill_params, random_params, tiny_inputs)
+from helpers import (MICRO_SHAPE, MICRO_UNET, TBS_CONNECTIONS, TINY_SHAPE, TINY_UNET,
+                     fill_params, random_params, tiny_inputs)
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 REPO = Path(__file__).resolve().parents[1]
@@ -469,9 +469,9 @@ def test_missing_file(tmp_path):
   assert "no packed export" in one_line(e)
 
 
-def tiny_config(**binarization):
+def export_config(**binarization):
   c = config_lib.default_config()
-  c.model.update(**TINY_CONFIG)
+  c.model.update(**TINY_UNET)
   c.data.update(image_size=TINY_SHAPE[1], channels=TINY_SHAPE[3])
   c.tbs.connections = TBS_CONNECTIONS
   c.binarization.update(method="bidm", **binarization)
@@ -486,7 +486,7 @@ def tiny_config(**binarization):
     (lambda c: c.data.update(image_size=32), "image shape"),
 ])
 def test_export_of_another_setting_is_refused(exported, change, message):
-  config = tiny_config()
+  config = export_config()
   params, meta = ex.load_export(exported[0].parent, config)  # a folder holding the file
   assert meta["kind"] == "packed" and meta["method"]["name"] == "bidm" and meta["step"] == 7
   change(config)
@@ -526,7 +526,7 @@ def micro_config():
   c = config_lib.default_config()
   c.data = default_data_config("digits")
   c.data.update(image_size=MICRO_SHAPE[1], channels=1, random_flip=False)
-  c.model.update(**MICRO_CONFIG)
+  c.model.update(**MICRO_UNET)
   c.tbs.connections = TBS_CONNECTIONS
   c.sampling.update(steps=3, num_samples=4, batch_size=4)
   config_lib.validate(c)
@@ -538,7 +538,7 @@ def test_export_mode_and_packed_sampling(tmp_path):
   the images (DDIM with the TBS cache) of the simulated engine from the checkpoint."""
   config = micro_config()
   model = train_lib.make_model(config, config_lib.method_from_config(config))
-  params = random_params(model, (1, *MICRO_SHAPE[1:3], 1), seed=5)["params"]
+  params = random_params(model, (1, *MICRO_SHAPE[1:3], 1), seed=5)
   ckpt_lib.export_params(tmp_path / "model", params, config_lib.model_description(config))
   config.sampling.checkpoint = str(tmp_path / "model")
   work = tmp_path / "work"
@@ -573,7 +573,7 @@ def test_evaluate_reads_the_export_with_the_packed_engine(exported, tmp_path):
   config's method differs from the export's)."""
   weights = tmp_path / "default_1.pt"
   weights.write_bytes(b"")  # found by name, never loaded: the model is refused first
-  config = tiny_config(learnable_k=False)
+  config = export_config(learnable_k=False)
   config.sampling.update(engine="packed", checkpoint=str(exported[0]))
   config.eval.inception_weights = str(weights)
   with pytest.raises(ckpt_lib.CheckpointError) as e:

@@ -449,7 +449,7 @@ def test_non_finite_ema_counts_as_divergence():
   config = H.tiny_config("fp", micro=True, warmup_steps=0)
   model = train_lib.make_model(config, FP)
   tx = train_lib.make_optimizer(config)
-  state = train_lib.create_state(H.random_params(model, config), tx)
+  state = train_lib.create_state(H.random_params(model, train_lib.image_shape(config, 1)), tx)
   ema = jax.tree_util.tree_map(jnp.copy, state.ema_params)
   ema["conv_in"]["bias"] = ema["conv_in"]["bias"].at[0].set(jnp.inf)
   state = state.replace(ema_params=ema)

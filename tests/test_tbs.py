@@ -1,4 +1,4 @@
-"""TBS cross-timestep connections (spec section 3): bucket, blend, cached forward, paired forward.
+"""TBS cross-timestep connections (spec section 3): blend, cached forward, paired forward.
 
 The U-Net tests use the micro BiDM U-Net of conftest (one level; its 2 decoder blocks are the 2
 connection points; a down block and the middle block precede them): the cached-forward logic
@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import MICRO_SHAPE, TBS_CONNECTIONS, random_params, tiny_inputs
+from helpers import MICRO_SHAPE, TBS_CONNECTIONS, random_params, tiny_inputs
 
 from bidm_jax.bidm import tbs
-from bidm_jax.binarize.estimators import timestep_bucket
 from bidm_jax.binarize.methods import get_method
 from bidm_jax.diffusion import ddim_sample, ddim_step, ddim_timesteps, make_schedule
 from bidm_jax.models.unet import UNet, UNetOutput
@@ -48,21 +47,6 @@ def assert_outputs_equal(a, b, atol=0.0):
 
 # ---------------------------------------------------------------------------------------------
 # Table indexing and the blend
-
-
-def test_bucket_index():
-  t = jnp.arange(1000)
-  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(t, 1000, 100)), np.arange(1000) // 10)
-  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(t, 1000, 100)),
-                                np.arange(1000) * 100 // 1000)
-  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(jnp.arange(500), 500, 100)),
-                                np.arange(500) // 5)
-  np.testing.assert_array_equal(np.asarray(tbs.bucket_index(jnp.arange(1000), 1000, 8)),
-                                np.arange(1000) * 8 // 1000)
-  assert int(tbs.bucket_index(jnp.int32(1000), 1000, 100)) == 99  # clipped
-  # the timestep-aware quantizers use the same rule
-  np.testing.assert_array_equal(np.asarray(timestep_bucket(t, 100, 1000)),
-                                np.arange(1000) // 10)
 
 
 def test_blend_weights():
@@ -241,7 +225,7 @@ RELEASE_SHAPE = (2, 16, 16, 3)
 def release_bidm():
   model = UNet(**RELEASE_CONFIG, method=get_method("bidm"), tbs_connections=5,
                tbs_structure="release")
-  params = random_params(model, RELEASE_SHAPE, seed=21)
+  params = {"params": random_params(model, RELEASE_SHAPE, seed=21)}
   apply = jax.jit(lambda p, x, t, cache: model.apply(p, x, t, cache=cache,
                                                      capture_intermediates=True,
                                                      mutable=["intermediates"]))

@@ -35,12 +35,13 @@ def _compute_qat_results():
   method = config_lib.method_from_config(config)
   model = train_lib.make_model(config, method)
   teacher = train_lib.make_model(config, FP)
-  teacher_params = H.random_params(teacher, config, seed=0)
-  params0 = train_lib.overlay_params(H.random_params(model, config, seed=1), teacher_params)
+  shape = train_lib.image_shape(config, 1)
+  teacher_params = H.random_params(teacher, shape, seed=0)
+  params0 = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
   tx = train_lib.make_optimizer(config)
   state0 = train_lib.create_state(params0, tx)
   # a distinct EMA start, so that the EMA check sees which tree each term comes from
-  state0 = state0.replace(ema_params=H.random_params(model, config, seed=2))
+  state0 = state0.replace(ema_params=H.random_params(model, shape, seed=2))
   step = jax.jit(train_lib.make_train_step(config, model, config_lib.schedule_from_config(config),
                                            tx, teacher))
   images = jnp.asarray(H.digits_batch(config))
@@ -222,8 +223,9 @@ def test_loss_reduction_sum():
   config = H.tiny_config("bidm", micro=True)
   method = config_lib.method_from_config(config)
   model, teacher = train_lib.make_model(config, method), train_lib.make_model(config, FP)
-  teacher_params = H.random_params(teacher, config, seed=0)
-  params = train_lib.overlay_params(H.random_params(model, config, seed=1), teacher_params)
+  shape = train_lib.image_shape(config, 1)
+  teacher_params = H.random_params(teacher, shape, seed=0)
+  params = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
   schedule = config_lib.schedule_from_config(config)
   images = jnp.asarray(H.digits_batch(config))
   fns = {}
@@ -260,8 +262,9 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
   assert model.tbs_structure == "release" and model.num_connections == 1
   assert model.release_points == ("down_0_downsample", "down_1_block_0/conv2",
                                   "mid_block_2/conv2", "up_1_upsample")
-  teacher_params = H.random_params(teacher, config, seed=0)
-  params = train_lib.overlay_params(H.random_params(model, config, seed=1), teacher_params)
+  shape = train_lib.image_shape(config, 1)
+  teacher_params = H.random_params(teacher, shape, seed=0)
+  params = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
   assert "tbs_release_table" in params and "tbs_table" not in params
   schedule = config_lib.schedule_from_config(config)
   images = jnp.asarray(H.digits_batch(config))

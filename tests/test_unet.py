@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_CONFIG, TINY_SHAPE, path_str, tiny_inputs
+from helpers import TINY_SHAPE, TINY_UNET, path_str, tiny_inputs
 
 from bidm_jax.binarize.methods import get_method
 from bidm_jax.models.unet import UNet, UNetOutput
@@ -70,7 +70,7 @@ def test_cifar10_features_and_output_shapes():
 
 def test_tiny_output_and_feature_shapes(tiny_fp, tiny_bidm):
   x, t = tiny_inputs()
-  expected = expected_feature_shapes(TINY_CONFIG, TINY_SHAPE)
+  expected = expected_feature_shapes(TINY_UNET, TINY_SHAPE)
   assert expected == [(2, 16, 16, 32), (2, 8, 8, 32), (2, 8, 8, 64), (2, 8, 8, 64),
                       (2, 8, 8, 64), (2, 16, 16, 64), (2, 16, 16, 32), (2, 16, 16, 32)]
   for bundle in (tiny_fp, tiny_bidm):
@@ -101,7 +101,7 @@ def test_binary_tree_contains_fp_tree_cifar():
 
 def test_full_precision_layers_stay_full_precision():
   """Spec section 2: first/last conv, time MLP, nin shortcuts are FP; q/k/v/proj_out binary."""
-  params = param_shapes(UNet(**TINY_CONFIG, method=get_method("bidm"), tbs_connections=2),
+  params = param_shapes(UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2),
                         TINY_SHAPE)
   leaves = flat_shapes(params)
   modules = {}
@@ -166,11 +166,11 @@ def test_timestep_changes_output(tiny_fp):
 def test_invalid_configurations_raise():
   x = jax.ShapeDtypeStruct(TINY_SHAPE, jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
-  too_many = UNet(**TINY_CONFIG, method=get_method("bidm"), tbs_connections=5)
+  too_many = UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=5)
   with pytest.raises(ValueError):
     jax.eval_shape(too_many.init, jax.random.key(0), x, t)
   with pytest.raises(ValueError):
-    jax.eval_shape(UNet(**TINY_CONFIG).init, jax.random.key(0),
+    jax.eval_shape(UNet(**TINY_UNET).init, jax.random.key(0),
                    jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32), t)
 
 

@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bidm_jax.binarize.estimators import timestep_bucket
+
 Array = jax.Array
 
 
@@ -42,17 +44,12 @@ def empty_cache(feature_shapes) -> TBSCache:
                   jnp.zeros((), bool))
 
 
-def bucket_index(t: Array, num_timesteps: int, num_buckets: int) -> Array:
-  """Row of the blend table for timesteps t: t * num_buckets // num_timesteps. (B,) -> (B,)."""
-  return jnp.clip(t * num_buckets // num_timesteps, 0, num_buckets - 1)
-
-
 def blend_weights(table: Array, t: Array, valid: Array, num_timesteps: int) -> Array:
   """a[bucket(t), p] per sample and point, zero where the cache is not valid.
 
   table: (buckets, n); t: (B,); valid: () or (B,) -> (B, n).
   """
-  a = table[bucket_index(t, num_timesteps, table.shape[0])]
+  a = table[timestep_bucket(t, table.shape[0], num_timesteps)]
   return jnp.where(jnp.reshape(valid, (-1, 1)), a, jnp.zeros_like(a))
 
 

@@ -146,29 +146,34 @@ def weight_scale(w: Array) -> Array:
   return jax.lax.stop_gradient(jnp.mean(jnp.abs(w), axis=axes))
 
 
-def binarize_weight(w: Array, estimator: str = "ste") -> Array:
+def binarize_weight(w: Array, sign: Callable[[Array], Array] = sign_ste) -> Array:
   """XNOR weight binarizer `alpha * sign(W)`; alpha per output channel (last axis).
 
   w: (kh, kw, Cin, Cout) or (Cin, Cout) latent weights -> same shape, entries +-alpha[o].
-  Gradient: the chosen estimator through sign (alpha is stop-gradient), so with 'ste' the
+  Gradient: `sign`'s estimator (alpha is stop-gradient), so with the default clipped STE the
   gradient is alpha * g where |W| <= 1.
   """
-  return weight_scale(w) * get_estimator(estimator)(w)
+  return weight_scale(w) * sign(w)
 
 
 def binarize_activation(x: Array, threshold: Array | None = None,
-                        estimator: str = "approx") -> Array:
+                        sign: Callable[[Array], Array] = sign_approx) -> Array:
   """Activation binarizer `sign(x + tau)` (ReActNet's RSign when tau is learnable).
 
-  x: (..., C); threshold: (C,) or None (tau = 0) -> (...) of +-1 in x's dtype.
+  x: (..., C); threshold: (C,) or None (tau = 0) -> (...) of +-1 in x's dtype. Gradient:
+  `sign`'s estimator (default ApproxSign).
   """
   if threshold is not None:
     x = x + threshold.astype(x.dtype)
-  return get_estimator(estimator)(x)
+  return sign(x)
 
 
 # ---------------------------------------------------------------------------------------------
 # Binarizers of the baseline methods (see `methods.METHODS` for which method uses which).
+
+
+SIGN_ESTIMATORS = (*ESTIMATORS, "reste")
+"""Every estimator `sign_with_estimator` takes ('reste' also takes its parameter o)."""
 
 
 def sign_with_estimator(name: str, o: Array | float | None = None) -> Callable[[Array], Array]:
@@ -241,8 +246,8 @@ def lsq_binarize(x: Array, step: Array,
 def timestep_bucket(t: Array, num_buckets: int, num_timesteps: int) -> Array:
   """Bucket of integer timesteps: t * num_buckets // num_timesteps, clipped. (B,) -> (B,).
 
-  The same rule as the TBS blend table (bidm.tbs.bucket_index): 100 buckets over T = 1000
-  gives t // 10, one bucket per step of a 100-step DDIM sampler.
+  The row of TBS's blend table (`bidm.tbs`) and of TALSQ's step table ('lsq_timestep'):
+  100 buckets over T = 1000 gives t // 10, one bucket per step of a 100-step DDIM sampler.
   """
   t = jnp.asarray(t, jnp.int32)
   return jnp.clip(t * num_buckets // num_timesteps, 0, num_buckets - 1)

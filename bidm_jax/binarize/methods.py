@@ -25,13 +25,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bidm_jax.binarize import binarizers as binarizers_lib
+from bidm_jax.binarize import estimators
+
 ACTIVATION_SCALES = ("none", "xnor")
 DISTILLATIONS = ("none", "spd", "l2")
-WEIGHT_BINARIZERS = ("xnor", "sign", "dorefa", "reste", "lora_lsq")
-ACTIVATION_BINARIZERS = ("sign", "dorefa", "lsq_timestep")
-OUTPUT_SCALES = ("none", "channel", "factorised")
 RPRELUS = ("none", "before_shortcut", "after_shortcut")
-SIGN_ESTIMATORS = ("ste", "approx", "identity", "reste")
 
 ACTIVATION_MEAN_ABS = 1.0 / math.sqrt(2.0 * math.pi)
 """Data-independent estimate of mean_c |x| at a binary layer's input: E|swish(z)| for
@@ -49,8 +48,8 @@ def _xnor_output_scales(method: "BinarizationMethod", params):
 
   For each layer (a dict holding 'kernel' and 'output_scale'), Gamma[o] gets the factors of
   XNOR's forward `conv(sign x, alpha sign W) * K` that the method's own forward lacks:
-  alpha[o] = mean |W[..., o]| of the layer's (FP teacher) kernel when the weights are
-  binarized by plain sign, times E[K] ~ ACTIVATION_MEAN_ABS when the layer has no XNOR
+  alpha[o] = mean |W[..., o]| of the layer's (FP teacher) kernel when the weight binarizer
+  carries no scale (plain sign), times E[K] ~ ACTIVATION_MEAN_ABS when the layer has no XNOR
   activation scale (k sums to 1, so E[K] = E mean_c |x|). XNOR++ thus starts with
   Gamma[o] = alpha[o] / sqrt(2 pi), its output about the FP teacher's at init, instead of
   Gamma = 1 (some 40x too large on CIFAR's kernels). Dense layers take the same
@@ -63,7 +62,7 @@ def _xnor_output_scales(method: "BinarizationMethod", params):
     if "kernel" in node and "output_scale" in node:
       kernel = jnp.asarray(node["kernel"], jnp.float32)
       scale = jnp.ones(kernel.shape[-1], jnp.float32)
-      if method.weight_binarizer == "sign":
+      if not method.binarizers.weight.scaled:
         scale = scale * jnp.mean(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
       if method.activation_scale == "none" or kernel.ndim == 2:
         scale = scale * ACTIVATION_MEAN_ABS
@@ -121,17 +120,9 @@ class BinarizationMethod:
     shortcut_scale_init: initial s.
     cross_timestep: blend the last decoder block outputs with the previous step's (TBS, Eq. 12).
     distillation: 'spd' (Eq. 13-15), 'l2' (plain feature MSE) or 'none'.
-    weight_binarizer: 'xnor' = alpha[o] sign(W), alpha = mean|W[..., o]| stop-gradient;
-      'sign' = sign(W), unscaled (XNOR++: the output scale carries it);
-      'dorefa' = E sign(W), E = mean|W| one stop-gradient scalar, gradient not scaled by E;
-      'reste' = mean|W| sign(W), one scalar WITH gradient (ReSTE's code);
-      'lora_lsq' = s_w[o] sign(W0 + A B): frozen W0, LoRA factors A, B of rank `lora_rank`,
-      LSQ step s_w per output channel (EfficientDM's QALoRA at one bit).
-    activation_binarizer: 'sign' = sign(x [+ tau]); 'dorefa' = round(clip(x, 0, 1)) in
-      {0, 1}; 'lsq_timestep' = s_x[bucket(t)] sign(x), an LSQ step per timestep bucket
-      (EfficientDM's TALSQ at one bit).
-    output_scale: learned output scale Gamma after the binary conv (XNOR++): 'none',
-      'channel' = Gamma[o], 'factorised' = alpha[o] beta[h] gamma[w] (dense layers: channel).
+    weight_binarizer, activation_binarizer, output_scale: names in the registries
+      `binarizers.WEIGHT_BINARIZERS`, `ACTIVATION_BINARIZERS` and `OUTPUT_SCALES` of the
+      objects the binary layers use (`binarizers`; each object's docstring has its formula).
     output_scale_init: initial value of Gamma (of its channel factor when factorised).
     rprelu: ReActNet's RPReLU `PReLU_beta(y - gamma) + zeta` (per output channel) on the
       binary conv's output, 'before_shortcut' (BBCU) or 'after_shortcut' (ReActNet), or 'none'.
@@ -142,6 +133,8 @@ class BinarizationMethod:
     lora_rank: rank r of the LoRA factors ('lora_lsq').
     timestep_buckets, num_timesteps: the step-size table of 'lsq_timestep' has
       `timestep_buckets` rows; timestep t reads row t * timestep_buckets // num_timesteps.
+      num_timesteps is the diffusion's T (`config.method_from_config` sets it from
+      config.diffusion.num_timesteps; 1000, DDPM's T, by default).
     fp_init: the `FP_INITS` entry that `init_from_fp` applies after the student is
       initialised from the FP teacher: 'none', or 'xnor_scales' (XNOR++: Gamma from alpha
       and the activation mean, `_xnor_output_scales`).
@@ -175,13 +168,12 @@ class BinarizationMethod:
 
   def __post_init__(self):
     choices = dict(activation_scale=ACTIVATION_SCALES, distillation=DISTILLATIONS,
-                   weight_binarizer=WEIGHT_BINARIZERS,
-                   activation_binarizer=ACTIVATION_BINARIZERS, output_scale=OUTPUT_SCALES,
-                   rprelu=RPRELUS, weight_estimator=SIGN_ESTIMATORS,
-                   activation_estimator=SIGN_ESTIMATORS, fp_init=tuple(FP_INITS))
+                   rprelu=RPRELUS, weight_estimator=estimators.SIGN_ESTIMATORS,
+                   activation_estimator=estimators.SIGN_ESTIMATORS, fp_init=tuple(FP_INITS))
     for field, valid in choices.items():
       if getattr(self, field) not in valid:
         raise ValueError(f"{field} must be one of {valid}, got {getattr(self, field)!r}")
+    self.binarizers  # pylint: disable=pointless-statement  (an unknown name raises)
     if self.reste_o_end < 1:
       raise ValueError(f"reste_o_end must be >= 1, got {self.reste_o_end}")
     for field in ("lora_rank", "timestep_buckets", "num_timesteps"):
@@ -197,19 +189,17 @@ class BinarizationMethod:
     return FP_INITS[self.fp_init](self, params)
 
   @property
+  def binarizers(self) -> binarizers_lib.Binarizers:
+    """The weight binarizer, activation binarizer and output scale objects this method names."""
+    return binarizers_lib.Binarizers(
+        binarizers_lib.WEIGHT_BINARIZERS[self.weight_binarizer],
+        binarizers_lib.ACTIVATION_BINARIZERS[self.activation_binarizer],
+        binarizers_lib.OUTPUT_SCALES[self.output_scale])
+
+  @property
   def doc(self) -> str:
     """The formulas and paper of this method (METHOD_DOCS[name]); '' for unknown names."""
     return METHOD_DOCS.get(self.name, "")
-
-  @property
-  def uses_timestep(self) -> bool:
-    """Binary layers read QuantContext.t (timestep-aware quantizers)."""
-    return self.binary and self.activation_binarizer == "lsq_timestep"
-
-  @property
-  def uses_progress(self) -> bool:
-    """Binary layers read QuantContext.progress (ReSTE's schedule)."""
-    return self.binary and "reste" in (self.weight_estimator, self.activation_estimator)
 
 
 METHOD_DOCS: dict[str, str] = {}

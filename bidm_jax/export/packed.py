@@ -36,7 +36,6 @@ import numpy as np
 from etils import epath
 
 from bidm_jax import config as config_lib
-from bidm_jax.binarize import estimators
 from bidm_jax.binarize.methods import FP, METHODS, BinarizationMethod
 from bidm_jax.io import files
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
@@ -61,11 +60,14 @@ def unsupported_reason(method: BinarizationMethod) -> str | None:
   """Why `method` has no packed inference form here, or None when it has one."""
   if not method.binary:
     return "it is full precision: there are no binary layers to pack"
-  if method.activation_binarizer != "sign":
+  parts = method.binarizers
+  if not parts.activation.packed:
     return (f"its activations are {method.activation_binarizer!r}, not a sign (+-1) "
             "binarizer")
-  if method.weight_binarizer not in ("xnor", "sign", "reste"):
+  if not parts.weight.packed:
     return f"its weights are {method.weight_binarizer!r}, not a scaled sign"
+  if not parts.output_scale.packed:
+    return f"its output scale {method.output_scale!r} has no packed form"
   return None
 
 
@@ -118,17 +120,6 @@ def trace_binary_layers(model: UNet, image_shape) -> tuple[dict[str, dict], Any]
   return layers, shapes
 
 
-def _weight_scale(method: BinarizationMethod, kernel) -> jax.Array:
-  """The per-output-channel weight scale of the method's binarizer: (Cout,) float32."""
-  cout = kernel.shape[-1]
-  kernel = jnp.asarray(kernel, jnp.float32)
-  if method.weight_binarizer == "xnor":
-    return estimators.weight_scale(kernel)
-  if method.weight_binarizer == "reste":
-    return jnp.full((cout,), jnp.mean(jnp.abs(kernel)), jnp.float32)
-  return jnp.ones((cout,), jnp.float32)
-
-
 def pack_layer(p: Mapping[str, Any], spec: Mapping[str, Any], method: BinarizationMethod,
                fp_dtype: str = "float32") -> dict[str, jax.Array]:
   """One binary layer's simulated parameters -> its packed ones (see layers.packed).
@@ -139,7 +130,7 @@ def pack_layer(p: Mapping[str, Any], spec: Mapping[str, Any], method: Binarizati
   """
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   kernel = p["kernel"]
-  alpha = _weight_scale(method, kernel)
+  alpha = method.binarizers.weight.packed_scale(f32(kernel))
   if method.output_scale != "none":
     alpha = alpha * f32(p["output_scale"])
   out = {"sign_bits": pack_kernel(kernel), "alpha": alpha}

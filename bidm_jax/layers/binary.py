@@ -11,14 +11,16 @@ report reads: `bops` for binary multiply-accumulates, `flops` for real ones, and
 parameter storage.
 
 The binary forward of a conv, in the order applied (each step only where the method has it):
-  xq = activation binarizer (sign(x + tau) | DoReFa {0,1} | s_x[bucket(t)] sign(x))
-  wq = weight binarizer (alpha sign W | sign W | E sign W | mean|W| sign W | s_w sign(W0 + AB))
-  y  = conv(xq, wq) [* K, XNOR activation scale] [* Gamma, XNOR++ output scale] [+ b]
+  xq = activation binarizer (x [+ tau])    e.g. sign, DoReFa {0,1}, s_x[bucket(t)] sign
+  wq = weight binarizer (W)                e.g. alpha sign W, sign W, s_w sign(W0 + AB)
+  y  = conv(xq, wq) [* K, XNOR activation scale] [output scale, e.g. XNOR++'s Gamma] [+ b]
   y  = [RPReLU(y), BBCU] + s * shortcut(x); [RPReLU(y), ReActNet]
-Dense layers apply the binarizers and the output scale only (no activation scale, shortcut or
-RPReLU). The formulas and papers are in `binarize.methods.METHOD_DOCS`. The bias b is added
-unless the method has `binary_bias=False` (the authors' release), in which case the 'bias'
-parameter is still created (the student's tree contains the FP tree) but left unused.
+The binarizers and output scales are the method's registered objects (`method.binarizers`,
+`binarize/binarizers.py`). Dense layers apply the binarizers and the output scale only (no
+activation scale, shortcut or RPReLU). The formulas and papers are in
+`binarize.methods.METHOD_DOCS`. The bias b is added unless the method has `binary_bias=False`
+(the authors' release), in which case the 'bias' parameter is still created (the student's tree
+contains the FP tree) but left unused.
 """
 
 from __future__ import annotations
@@ -91,18 +93,13 @@ class BinaryConv(nn.Module):
       self._record(y, cin, binary=False)
       return y + bias.astype(self.dtype) if bias is not None else y
 
-    if method.weight_binarizer == "lora_lsq":
-      # LoRA: the base kernel (and bias) are frozen; only the adapters and steps train.
-      kernel = jax.lax.stop_gradient(kernel)
-      bias = jax.lax.stop_gradient(bias) if bias is not None else None
-    if not method.binary_bias:
-      bias = None
+    kernel, bias = _binary_kernel_and_bias(method, kernel, bias)
     xb = _binarize_activation(self, x, ctx)
     wb = _binarize_weight(self, kernel, ctx).astype(self.dtype)
     y = _conv(xb, wb, self.strides, padding)
     if method.activation_scale == "xnor":
       y = y * self._activation_scale(x, padding)
-    y = _output_scale(self, y)
+    y = method.binarizers.output_scale(self, y)
     if bias is not None:
       y = y + bias.astype(self.dtype)
     if method.rprelu == "before_shortcut":
@@ -149,6 +146,7 @@ class BinaryConv(nn.Module):
       record_cost(self, flops=2.0 * macs, real_params=weights + extra)
       return
     method, cout = self.method, self.features
+    parts = method.binarizers
     extra += _scale_params(method, cin, cout, y.shape)
     if method.activation_scale == "xnor":
       # the k filter stays real; mean_c|x|, the k conv and the two multiplies (K, alpha).
@@ -156,13 +154,11 @@ class BinaryConv(nn.Module):
       scale_flops = 2.0 * hw * (kh * kw + cin + cout)
     else:
       # every other scale (alpha, E, m, Gamma, s_x[b] s_w) folds into one multiply per output.
-      scale_flops = float(hw * cout) if _has_output_multiplier(method) else 0.0
-    if method.activation_binarizer == "dorefa":
-      scale_flops += hw * cout  # + conv(1, Wb) / 2, the constant map of {0,1} activations
+      scale_flops = float(hw * cout) if any(p.scaled for p in parts) else 0.0
+    scale_flops += parts.activation.flops_per_output * hw * cout
     if method.rprelu != "none":
       extra += 3 * cout
       scale_flops += 3.0 * hw * cout  # shift, PReLU, shift
-    # LoRA factors (lora_a, lora_b) merge into the 1-bit weight at inference: not stored.
     record_cost(self, bops=macs, flops=scale_flops, binary_params=weights, real_params=extra)
 
 
@@ -190,11 +186,7 @@ class BinaryDense(nn.Module):
     rows = float(x.size // cin // x.shape[0]) if x.ndim > 1 else 1.0  # per example
     method = self.method
     if method.binary:
-      if method.weight_binarizer == "lora_lsq":
-        kernel = jax.lax.stop_gradient(kernel)
-        bias = jax.lax.stop_gradient(bias) if bias is not None else None
-      if not method.binary_bias:
-        bias = None
+      kernel, bias = _binary_kernel_and_bias(method, kernel, bias)
       x = _binarize_activation(self, x, ctx)
       kernel = _binarize_weight(self, kernel, ctx)
       # The per-output scales (alpha, E, m, Gamma, s_x[b] s_w) and DoReFa's constant column
@@ -207,7 +199,7 @@ class BinaryDense(nn.Module):
                   real_params=kernel.size + self.features)
     y = x @ kernel.astype(self.dtype)
     if method.binary:
-      y = _output_scale(self, y)
+      y = method.binarizers.output_scale(self, y)
     return y + bias.astype(self.dtype) if bias is not None else y
 
 
@@ -228,73 +220,30 @@ def _sign(method: BinarizationMethod, estimator: str, ctx: QuantContext | None):
   return estimators.sign_with_estimator(estimator, o)
 
 
+def _binary_kernel_and_bias(method: BinarizationMethod, kernel: Array, bias: Array | None):
+  """(kernel, bias) of the binary forward: stop-gradient under a weight binarizer that trains
+  only its own parameters (LoRA), and no bias where the method has `binary_bias=False`."""
+  if method.binarizers.weight.frozen_kernel:
+    kernel = jax.lax.stop_gradient(kernel)
+    bias = jax.lax.stop_gradient(bias) if bias is not None else None
+  return kernel, (bias if method.binary_bias else None)
+
+
 def _binarize_activation(module: nn.Module, x: Array, ctx: QuantContext | None) -> Array:
-  """The method's activation binarizer: (..., Cin) -> same shape (+-1, {0,1} or +-s_x)."""
+  """x + tau (the learnable threshold, where the method has it), then the method's activation
+  binarizer: (..., Cin) -> same shape (+-1, {0,1} or +-s_x)."""
   method = module.method
-  cin = x.shape[-1]
-  threshold = (module.param("threshold", nn.initializers.zeros, (cin,))
-               if method.learnable_threshold else None)
-  kind, estimator = method.activation_binarizer, method.activation_estimator
-  if kind == "sign" and estimator != "reste":
-    return estimators.binarize_activation(x, threshold, estimator)
-  if threshold is not None:
+  if method.learnable_threshold:
+    threshold = module.param("threshold", nn.initializers.zeros, (x.shape[-1],))
     x = x + threshold.astype(x.dtype)
-  if kind == "sign":
-    return _sign(method, estimator, ctx)(x)
-  if kind == "dorefa":
-    return estimators.dorefa_activation(x)
-  # 'lsq_timestep': one LSQ step per timestep bucket, per example.
-  if ctx is None:
-    raise ValueError(f"method {method.name!r} binarizes activations with timestep-aware steps; "
-                     "call the layer with a QuantContext")
-  steps = module.param("act_steps", nn.initializers.ones, (method.timestep_buckets,))
-  t = jnp.broadcast_to(ctx.t, (x.shape[0],))
-  bucket = estimators.timestep_bucket(t, method.timestep_buckets, method.num_timesteps)
-  step = steps[bucket].reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-  return estimators.lsq_binarize(x, step, _sign(method, estimator, ctx))
-
-
-_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-"""PyTorch's kaiming_uniform_(a=sqrt(5)), as EfficientDM initialises LoRA A: U(+-1/sqrt(fan_in))."""
+  sign = _sign(method, method.activation_estimator, ctx)
+  return method.binarizers.activation(module, x, sign, ctx)
 
 
 def _binarize_weight(module: nn.Module, kernel: Array, ctx: QuantContext | None) -> Array:
   """The method's weight binarizer: (..., Cin, Cout) -> same shape, two values per channel."""
   method = module.method
-  kind, estimator = method.weight_binarizer, method.weight_estimator
-  if kind == "xnor" and estimator != "reste":
-    return estimators.binarize_weight(kernel, estimator)
-  sign = _sign(method, estimator, ctx)
-  if kind == "xnor":
-    return estimators.weight_scale(kernel) * sign(kernel)
-  if kind == "sign":
-    return sign(kernel)
-  if kind == "dorefa":
-    return estimators.binarize_weight_dorefa(kernel, sign)
-  if kind == "reste":
-    return estimators.binarize_weight_mean(kernel, sign)
-  # 'lora_lsq' (kernel arrives stop-gradient): Wq = s_w sign(W0 + A B), s_w = gain mean|W0|.
-  rank, cout = method.lora_rank, kernel.shape[-1]
-  lora_a = module.param("lora_a", _lora_a_init, kernel.shape[:-1] + (rank,))
-  lora_b = module.param("lora_b", nn.initializers.zeros, (rank, cout))
-  w = kernel + jnp.tensordot(lora_a, lora_b, axes=1).astype(kernel.dtype)
-  gain = module.param("weight_step_gain", nn.initializers.ones, (cout,))
-  return estimators.lsq_binarize(w, gain * estimators.weight_scale(kernel), sign)
-
-
-def _output_scale(module: nn.Module, y: Array) -> Array:
-  """XNOR++'s learned Gamma: per channel, or alpha[o] beta[h] gamma[w] on (B, H, W, C)."""
-  method = module.method
-  if method.output_scale == "none":
-    return y
-  gamma = module.param("output_scale", nn.initializers.constant(method.output_scale_init),
-                       (y.shape[-1],))
-  y = y * gamma.astype(y.dtype)
-  if method.output_scale == "factorised" and y.ndim == 4:
-    rows = module.param("output_scale_h", nn.initializers.ones, (y.shape[1],))
-    cols = module.param("output_scale_w", nn.initializers.ones, (y.shape[2],))
-    y = y * rows.astype(y.dtype)[:, None, None] * cols.astype(y.dtype)[:, None]
-  return y
+  return method.binarizers.weight(module, kernel, _sign(method, method.weight_estimator, ctx))
 
 
 def _rprelu(module: nn.Module, y: Array) -> Array:
@@ -316,20 +265,8 @@ def _shortcut_scale(module: nn.Module) -> Array:
   return jnp.asarray(method.shortcut_scale_init, jnp.float32)
 
 
-def _has_output_multiplier(method: BinarizationMethod) -> bool:
-  return (method.weight_binarizer != "sign" or method.output_scale != "none"
-          or method.activation_binarizer == "lsq_timestep")
-
-
 def _scale_params(method: BinarizationMethod, cin: int, cout: int, out_shape) -> int:
-  """Real parameters a binary layer stores at inference besides its bias and k filter."""
+  """Real parameters a binary layer stores at inference besides its bias and k filter:
+  thresholds and what its binarizers and output scale store (out_shape None: dense)."""
   n = cin if method.learnable_threshold else 0
-  n += {"xnor": cout, "sign": 0, "dorefa": 1, "reste": 1, "lora_lsq": cout}[
-      method.weight_binarizer]
-  if method.output_scale != "none":
-    n += cout
-    if method.output_scale == "factorised" and out_shape is not None and len(out_shape) == 4:
-      n += out_shape[1] + out_shape[2]
-  if method.activation_binarizer == "lsq_timestep":
-    n += method.timestep_buckets
-  return n
+  return n + sum(p.stored_params(method, cout, out_shape) for p in method.binarizers)
