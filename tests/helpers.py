@@ -123,19 +123,18 @@ def fill_params(shapes, seed: int = 0):
 
 def random_params(model, config, seed: int = 0):
   """Random parameters of `model` for the config's image shape, without compiling init."""
-  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
-  x = jax.ShapeDtypeStruct(train_lib.image_shape(config, 1), jnp.float32)
+  from bidm_jax import builders  # pylint: disable=import-outside-toplevel
+  x = jax.ShapeDtypeStruct(builders.image_shape(config, 1), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   return fill_params(jax.eval_shape(model.init, jax.random.key(0), x, t)["params"], seed)
 
 
 def export_teacher(config, directory, seed: int = 0) -> str:
   """Exports random FP parameters of the config's model (a QAT teacher) to `directory`."""
-  from bidm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from bidm_jax import builders  # pylint: disable=import-outside-toplevel
   from bidm_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
-  params = random_params(train_lib.make_model(config), config, seed)
-  ckpt_lib.export_params(directory, params, config_lib.model_description(config))
+  params = random_params(builders.make_model(config), config, seed)
+  ckpt_lib.export_params(directory, params, builders.model_description(config))
   return str(directory)
 
 

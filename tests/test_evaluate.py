@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
 from bidm_jax.data import default_data_config
@@ -23,7 +24,6 @@ from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation import inception
 from bidm_jax.evaluation.metrics import FeatureStats, frechet_distance, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import train as train_lib
 from conftest import random_params
 
 DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
@@ -65,10 +65,10 @@ def run(tmp_path_factory):
     pytest.skip(f"FID Inception weights not found at {WEIGHTS}")
   root = tmp_path_factory.mktemp("evaluate")
   config = make_config()
-  model = train_lib.make_model(config, config_lib.method_from_config(config))
+  model = builders.make_model(config, config_lib.method_from_config(config))
   params = random_params(model, (1, 8, 8, 1), seed=4)["params"]
   export = root / "model"
-  ckpt_lib.export_params(export, params, config_lib.model_description(config))
+  ckpt_lib.export_params(export, params, builders.model_description(config))
   config.sampling.checkpoint = str(export)
 
   workdir = root / "work"
