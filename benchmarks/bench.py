@@ -18,10 +18,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
+from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
 from bidm_jax.evaluation.efficiency import count_costs
 from bidm_jax.training import train as train_lib
@@ -68,7 +69,7 @@ def forward_flops(model, config) -> float:
   """Arithmetic of one image's forward as the accelerator runs it (binary convs simulated in
   floating point: 2 FLOPs per binary multiply-accumulate), from the model's own op counter.
   XLA's cost analysis is not used: it does not count cuDNN convolutions."""
-  costs = count_costs(model, train_lib.image_shape(config, 1)[1:])
+  costs = count_costs(model, builders.image_shape(config, 1)[1:])
   return costs["flops"] + 2.0 * costs["bops"]
 
 
@@ -77,29 +78,29 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
   c = config.copy_and_resolve_references()
   c.binarization.method = method_name
   method = config_lib.method_from_config(c)
-  model = train_lib.make_model(c, method)
-  mesh = train_lib.make_mesh(c)
+  model = builders.make_model(c, method)
+  mesh = builders.make_mesh(c)
   repl = NamedSharding(mesh, P())
-  tx = train_lib.make_optimizer(c)
-  teacher = train_lib.make_model(c, FP) if method.binary else None
+  tx = builders.make_optimizer(c)
+  teacher = builders.make_model(c, FP) if method.binary else None
   key = jax.random.PRNGKey(0)
-  params = train_lib.init_params(model, c, key)
-  teacher_params = train_lib.init_params(teacher, c, key) if teacher else None
+  params = builders.init_params(model, c, key)
+  teacher_params = builders.init_params(teacher, c, key) if teacher else None
   if teacher_params is not None:
     params = train_lib.overlay_params(params, teacher_params)
     teacher_params = jax.device_put(teacher_params, repl)
   state = jax.device_put(train_lib.create_state(params, tx), repl)
   images = jax.device_put(
-      jax.random.uniform(key, train_lib.image_shape(c, batch), jnp.float32, -1, 1),
+      jax.random.uniform(key, builders.image_shape(c, batch), jnp.float32, -1, 1),
       NamedSharding(mesh, P("data")))
-  step = jax.jit(train_lib.make_train_step(c, model, config_lib.schedule_from_config(c),
+  step = jax.jit(train_lib.make_train_step(c, model, builders.make_schedule(c),
                                            tx, teacher), donate_argnums=0)
   start = time.perf_counter()
   compiled = step.lower(state, images, key, teacher_params).compile()
   compile_s = time.perf_counter() - start
   # forward + backward (2x) of the trained pass; the TBS first pass and the teacher: forward only
-  passes = 3 + (1 if model.num_connections else 0) + (1 if method.binary and
-                                                      method.distillation != "none" else 0)
+  passes = (3 + (1 if model.num_connections else 0)
+            + (1 if builders.make_distillation(c, method) is not None else 0))
   flops = passes * batch * forward_flops(model, c)
   holder = {"state": state}
 
@@ -123,11 +124,11 @@ def bench_sampling(config, batch: int, args, rate: float) -> None:
   """DDIM (config.sampling.steps) with the TBS cache of the BiDM model, images/s."""
   c = config.copy_and_resolve_references()
   method = config_lib.method_from_config(c)
-  model = train_lib.make_model(c, method)
-  mesh = train_lib.make_mesh(c)
-  params = jax.device_put(train_lib.init_params(model, c, jax.random.PRNGKey(0)),
+  model = builders.make_model(c, method)
+  mesh = builders.make_mesh(c)
+  params = jax.device_put(builders.init_params(model, c, jax.random.PRNGKey(0)),
                           NamedSharding(mesh, P()))
-  sample = train_lib.make_sampler(c, model, config_lib.schedule_from_config(c), mesh)
+  sample = sampling.make_sampler(c, model, builders.make_schedule(c), mesh)
   key = jax.random.PRNGKey(1)
   start = time.perf_counter()
   compiled = sample.lower(params, key, batch).compile()

@@ -28,13 +28,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax.export import packed as ex
 from bidm_jax.kernels import binary_cuda
 from bidm_jax.layers import packed as pk
-from bidm_jax.training import train as train_lib
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 SETS = 3
@@ -43,7 +42,7 @@ SETS = 3
 def conv_shapes(config_path: str) -> collections.Counter:
   """(kernel HWIO, stride, padding, input (H, W)) -> number of binary convs of that shape."""
   config = config_lib.load_config_file(config_path)
-  model = train_lib.make_model(config, config_lib.method_from_config(config))
+  model = builders.make_model(config, config_lib.method_from_config(config))
   image = (config.data.image_size, config.data.image_size, config.data.channels)
   layers, _ = ex.trace_binary_layers(model, image)
   return collections.Counter(

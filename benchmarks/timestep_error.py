@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax.binarize.methods import get_method
 from bidm_jax.data import pipeline as data_lib
 from bidm_jax.diffusion import q_sample
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import train as train_lib
 
 
 def main():
@@ -37,16 +37,16 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   config = config_lib.load_config_file(args.config)
-  schedule = config_lib.schedule_from_config(config)
+  schedule = builders.make_schedule(config)
   batch = next(iter(data_lib.make_eval_iterator(config.data, batch_size=args.num_images,
                                                 num_examples=args.num_images)))
   x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
   noise = jax.random.normal(jax.random.PRNGKey(args.seed), x0.shape)
   for workdir in args.workdirs:
-    params, meta = ckpt_lib.load_params(workdir, config_lib.model_description(config))
+    params, meta = ckpt_lib.load_params(workdir, builders.model_description(config))
     fields = dict(meta["method"])
     method = get_method(fields.pop("name"), **fields)
-    model = train_lib.make_model(config, method)
+    model = builders.make_model(config, method)
     apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t).eps)
     errors = {}
     for t in args.timesteps:

@@ -6,6 +6,8 @@ The pieces a user composes, by where they live:
   models     the DDPM U-Net returning eps and its timestep blocks' features
   diffusion  schedules, q_sample, epsilon loss, DDIM/DDPM samplers (lax.scan)
   bidm       TBS (cross-timestep connections, paired-timestep forward) and SPD
+  builders   a config's model, schedule, mesh, optimizer, distillation and teacher
+  sampling   load_model, the config's sampler, batched sampling (generate)
 
 Importing the package keeps XLA:CPU's reductions out of YNNPACK (`_deterministic_cpu`).
 """

@@ -14,16 +14,14 @@ from ml_collections import config_dict
 
 from bidm_jax.binarize.methods import METHODS, BinarizationMethod, get_method
 from bidm_jax.data import default_data_config
-from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS, Schedule, make_schedule
-from bidm_jax.models.unet import TBS_STRUCTURES
+from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS
+from bidm_jax.models.unet import DISTILL_POINTS, TBS_STRUCTURES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
 ENGINES = ("simulated", "packed")
 EXPORT_FP_DTYPES = ("float32", "bfloat16")
-MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_ch")
-DISTILL_POINTS = ("blocks", "release")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -79,19 +77,6 @@ def method_from_config(config) -> BinarizationMethod:
   b = config.binarization
   overrides = {k: v for k, v in b.items() if k != "method"}
   return get_method(b.method, num_timesteps=config.diffusion.num_timesteps, **overrides)
-
-
-def model_description(config) -> dict:
-  """The architecture fields that must match between a checkpoint and a config."""
-  m = config.model
-  return dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
-              attn_resolutions=list(m.attn_resolutions), dropout=m.dropout,
-              out_ch=config.data.channels)
-
-
-def schedule_from_config(config) -> Schedule:
-  d = config.diffusion
-  return make_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
 def validate(config) -> None:

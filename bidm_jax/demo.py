@@ -18,7 +18,9 @@ import time
 
 import jax
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
+from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
 from bidm_jax.evaluation.digits import DigitsJudge
 from bidm_jax.evaluation.efficiency import count_costs
@@ -84,15 +86,15 @@ def run_pipeline(config, workdir: str) -> dict:
     summary = train_lib.train(cfg, stage_dir)
     losses = final_losses(summary, stage_dir)
     method = config_lib.method_from_config(cfg)
-    model = train_lib.make_model(cfg, method)
-    images, rate = train_lib.generate(cfg, model, summary["state"].ema_params, p.eval_samples,
-                                      seed=cfg.seed + 1)
+    model = builders.make_model(cfg, method)
+    images, rate = sampling.generate(cfg, model, summary["state"].ema_params, p.eval_samples,
+                                     seed=cfg.seed + 1)
     costs = count_costs(model, shape)
     plain = {}
     if cfg.sampling.clip_x0 or cfg.sampling.dynamic_threshold:
       plain_cfg = cfg.copy_and_resolve_references()
       plain_cfg.sampling.update(clip_x0=False, dynamic_threshold=0.0)
-      plain_images, _ = train_lib.generate(plain_cfg, model, summary["state"].ema_params,
+      plain_images, _ = sampling.generate(plain_cfg, model, summary["state"].ema_params,
                                            p.eval_samples, seed=cfg.seed + 1)
       plain = {"digits_fd_unprocessed_x0": judge.evaluate(plain_images)["digits_fd"]}
     report[name] = dict(
@@ -104,7 +106,7 @@ def run_pipeline(config, workdir: str) -> dict:
         ops=costs["ops"])
     timing[f"{name}_sampling_images_per_s"] = rate if math.isfinite(rate) else None
     rows[f"{name} ({method.name})"] = images[:16]
-  fp_costs = count_costs(train_lib.make_model(stages["fp"], FP), shape)
+  fp_costs = count_costs(builders.make_model(stages["fp"], FP), shape)
   report["size_ratio"] = fp_costs["size_mb"] * 2**20 / report["bidm"]["param_bytes"]
   report["ops_ratio"] = fp_costs["ops"] / report["bidm"]["ops"]
   report["quality_metric"] = ("digits_fd: Frechet distance between the hidden-layer features "

@@ -26,11 +26,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import demo
 from bidm_jax import runtime
+from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
-from bidm_jax.data.preprocess import BadImageError
+from bidm_jax.data.preprocess import BadImageError, to_uint8
 from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.efficiency import efficiency_report
@@ -39,7 +41,7 @@ from bidm_jax.export import packed as packed_export
 from bidm_jax.io import files
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
-from bidm_jax.training.logging import save_grid, to_uint8
+from bidm_jax.training.logging import save_grid
 
 MODES = ("train", "sample", "pipeline", "convert", "report", "evaluate", "ref_stats", "export")
 
@@ -55,19 +57,9 @@ FLAGS = flags.FLAGS
 
 def sample(config, workdir: str) -> dict:
   """Samples from a trained model; writes samples.png, samples.npz (uint8) and returns stats."""
-  source = config.sampling.checkpoint or workdir
-  method = config_lib.method_from_config(config)
-  if config.sampling.engine == "packed":
-    params, meta = packed_export.load_export(source, config)
-  else:
-    params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
-  if meta.get("method", {}).get("name", method.name) != method.name:
-    raise ckpt_lib.CheckpointError(
-        f"{source} holds a {meta['method']['name']!r} model; set "
-        f"--config.binarization.method={meta['method']['name']}")
-  model = train_lib.make_model(config, method)
-  images, rate = train_lib.generate(config, model, params, config.sampling.num_samples,
-                                    seed=config.seed)
+  model, params, _ = sampling.load_model(config, config.sampling.checkpoint or workdir)
+  images, rate = sampling.generate(config, model, params, config.sampling.num_samples,
+                                   seed=config.seed)
   files.makedirs(workdir)
   save_grid(images[:64], os.path.join(workdir, "samples.png"))
   if config.sampling.save_npz:
@@ -79,7 +71,7 @@ def convert(config, workdir: str) -> dict:
   if not config.convert.source:
     raise ValueError("config.convert.source: give the PyTorch checkpoint to convert")
   convert_ddpm.convert_checkpoint(config.convert.source, workdir,
-                                  config_lib.model_description(config),
+                                  builders.model_description(config),
                                   layout=config.convert.layout or None,
                                   image_size=config.data.image_size,
                                   in_channels=config.data.channels,
@@ -89,8 +81,8 @@ def convert(config, workdir: str) -> dict:
 
 def report(config, workdir: str) -> dict:
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  result = efficiency_report(train_lib.make_model(config, FP),
-                             train_lib.make_model(config, config_lib.method_from_config(config)),
+  result = efficiency_report(builders.make_model(config, FP),
+                             builders.make_model(config, config_lib.method_from_config(config)),
                              shape)
   files.write_json(os.path.join(workdir, "efficiency.json"), result)
   return result

@@ -191,11 +191,10 @@ def model_bundle(model, x_shape, seed: int) -> ModelBundle:
 
 def export_teacher(config, directory, seed: int = 0) -> str:
   """Exports random FP parameters of the config's model (a QAT teacher) to `directory`."""
-  from bidm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from bidm_jax import builders  # pylint: disable=import-outside-toplevel
   from bidm_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
-  params = random_params(train_lib.make_model(config), train_lib.image_shape(config, 1), seed)
-  ckpt_lib.export_params(directory, params, config_lib.model_description(config))
+  params = random_params(builders.make_model(config), builders.image_shape(config, 1), seed)
+  ckpt_lib.export_params(directory, params, builders.model_description(config))
   return str(directory)
 
 

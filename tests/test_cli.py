@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import helpers as H
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax.binarize.methods import FP
 from bidm_jax.training import checkpoint as ckpt_lib
@@ -30,8 +31,8 @@ def _error_lines(stderr: str, prefix: str) -> list[str]:
 
 
 def _param_count(config) -> int:
-  shapes = jax.eval_shape(train_lib.make_model(config, FP).init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct(train_lib.image_shape(config, 1), np.float32),
+  shapes = jax.eval_shape(builders.make_model(config, FP).init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct(builders.image_shape(config, 1), np.float32),
                           jax.ShapeDtypeStruct((1,), np.int32))["params"]
   return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
 
@@ -83,9 +84,9 @@ def test_qat_without_teacher_fails(tmp_path, env, teacher):
 def _fake_fp_run(workdir, config) -> None:
   """A workdir whose checkpoint (step 4) holds an FP run of `config`'s model, written with the
   manager, items and meta that train() uses, plus a metrics log."""
-  model = train_lib.make_model(config, FP)
-  tx = train_lib.make_optimizer(config)
-  state = train_lib.create_state(H.random_params(model, train_lib.image_shape(config, 1)), tx)
+  model = builders.make_model(config, FP)
+  tx = builders.make_optimizer(config)
+  state = train_lib.create_state(H.random_params(model, builders.image_shape(config, 1)), tx)
   mngr = ckpt_lib.make_manager(workdir, keep=3)
   mngr.save(4, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
@@ -215,7 +216,7 @@ def test_loader_says_what_it_found(tmp_path):
   """load_params takes an export or a training workdir, says which it read, and refuses a
   folder holding both, or neither, naming what it found there."""
   config = H.tiny_config("fp")
-  model = config_lib.model_description(config)
+  model = builders.model_description(config)
   export = tmp_path / "export"
   H.export_teacher(config, export)
   assert ckpt_lib.load_params(export, model)[1]["kind"] == "export"

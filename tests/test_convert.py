@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bidm_jax import builders
 from bidm_jax.export import convert_ddpm
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
@@ -170,7 +171,7 @@ def test_diffusers_folders_convert_to_the_same_noise_prediction(small, tmp_path)
   pa, meta = ckpt_lib.load_params(tmp_path / "a", SMALL_KWARGS)
   pb, _ = ckpt_lib.load_params(tmp_path / "b", SMALL_KWARGS)
   assert meta["model"] == SMALL_KWARGS
-  assert set(meta["model"]) == set(convert_ddpm.MODEL_FIELDS)
+  assert set(meta["model"]) == set(builders.ARCHITECTURE)
   _assert_same_tree(pa, pb)
   err = _rel_err(_our_eps(pa, SMALL_KWARGS, small["x"], small["t"]), small["ref"])
   print(f"small diffusers model: max relative error {err:.2e}")

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 import helpers as H
+from bidm_jax import builders
 from bidm_jax import config as config_lib
+from bidm_jax import sampling
 from bidm_jax.bidm import tbs
 from bidm_jax.diffusion import (ddim_sample, ddim_step, ddim_timesteps, ddpm_sample,
                                 dynamic_threshold_x0, epsilon_loss, make_schedule, process_x0,
                                 q_sample)
 from bidm_jax.models.unet import UNetOutput
-from bidm_jax.training import train as train_lib
 
 # ---------------------------------------------------------------------------------------------
 # Schedules and the forward process
@@ -153,12 +154,20 @@ def test_ddim_step_eta0_ignores_noise():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def toy_apply(x, t, cache):
-  """A deterministic stand-in for a model with one TBS connection point."""
-  h = jnp.tanh(x) + 1e-4 * t[:, None, None, None].astype(jnp.float32)
-  if cache is not None:
-    h = tbs.blend(h, cache.features[0], jnp.where(cache.valid, 0.5, 0.0) * jnp.ones(x.shape[0]))
-  return UNetOutput(0.5 * h, (x, h))
+def toy_model(num_connections: int):
+  """A deterministic stand-in for a model with `num_connections` (0 or 1) TBS connection
+  points: its connection is its second feature."""
+
+  def apply(x, t, cache):
+    h = jnp.tanh(x) + 1e-4 * t[:, None, None, None].astype(jnp.float32)
+    if num_connections and cache is not None:
+      h = tbs.blend(h, cache.features[0], jnp.where(cache.valid, 0.5, 0.0) * jnp.ones(x.shape[0]))
+    return UNetOutput(0.5 * h, (x, h), connections=(h,)[:num_connections])
+
+  return apply
+
+
+toy_apply = toy_model(0)
 
 
 def ddim_loop(apply_fn, schedule, shape, rng, steps, eta, num_connections, noise_rng=None):
@@ -174,7 +183,7 @@ def ddim_loop(apply_fn, schedule, shape, rng, steps, eta, num_connections, noise
     noise = jax.random.normal(keys[i], shape, jnp.float32)
     x = ddim_step(schedule, x, out.eps, jnp.int32(t), jnp.int32(t_next), eta, noise)
     if num_connections:
-      cache = tbs.TBSCache(tuple(out.features[-num_connections:]), jnp.ones((), bool))
+      cache = tbs.TBSCache(out.connections, jnp.ones((), bool))
   return x
 
 
@@ -183,9 +192,8 @@ def ddim_loop(apply_fn, schedule, shape, rng, steps, eta, num_connections, noise
 def test_ddim_sample_matches_python_loop_toy(eta, num_connections):
   s = make_schedule()
   shape, rng = (2, 4, 4, 3), jax.random.key(3)
-  got = ddim_sample(toy_apply, s, shape, rng, steps=20, eta=eta,
-                    num_connections=num_connections)
-  ref = ddim_loop(toy_apply, s, shape, rng, 20, eta, num_connections)
+  got = ddim_sample(toy_model(num_connections), s, shape, rng, steps=20, eta=eta)
+  ref = ddim_loop(toy_model(num_connections), s, shape, rng, 20, eta, num_connections)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
   # the carried cache changes the result (the blend is active after the first step)
   if num_connections:
@@ -232,8 +240,7 @@ def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(micro_bidm):
   n = H.TBS_CONNECTIONS
   assert micro_bidm.model.num_connections == n
   scan_apply = lambda x, t, cache: micro_bidm.model.apply(params, x, t, cache=cache)
-  got = jax.jit(lambda r: ddim_sample(scan_apply, s, H.MICRO_SHAPE, r, steps=3, eta=0.0,
-                                      num_connections=n))(rng)
+  got = jax.jit(lambda r: ddim_sample(scan_apply, s, H.MICRO_SHAPE, r, steps=3, eta=0.0))(rng)
 
   def loop_apply(x, t, cache):
     if cache is None:  # the first step runs without a cache
@@ -279,8 +286,7 @@ def np_ddpm_loop(shape, rng, betas32, variance, num_connections):
 def test_ddpm_sample_matches_python_loop_toy(variance, num_connections):
   s = make_schedule("linear", 40, 1e-3, 0.2)
   shape, rng = (2, 4, 4, 3), jax.random.key(8)
-  got = ddpm_sample(toy_apply, s, shape, rng, variance=variance,
-                    num_connections=num_connections)
+  got = ddpm_sample(toy_model(num_connections), s, shape, rng, variance=variance)
   assert got.shape == shape and np.all(np.isfinite(np.asarray(got)))
   ref = np_ddpm_loop(shape, rng, s.betas, variance, num_connections)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
@@ -389,16 +395,16 @@ def test_make_sampler_passes_x0_options():
   """config.sampling.clip_x0 / dynamic_threshold reach the jitted sampler; validation."""
   config = H.tiny_config("fp", micro=True)
   config.sampling.steps = 1
-  model = train_lib.make_model(config)
-  params = H.random_params(model, train_lib.image_shape(config, 1), seed=4)
+  model = builders.make_model(config)
+  params = H.random_params(model, builders.image_shape(config, 1), seed=4)
   params = jax.tree_util.tree_map(lambda p: 20 * p, params)  # x0 predictions far outside [-1, 1]
-  mesh = train_lib.make_mesh(config)
-  schedule = config_lib.schedule_from_config(config)
+  mesh = builders.make_mesh(config)
+  schedule = builders.make_schedule(config)
   out = {}
   for clip, percentile in ((False, 0.0), (True, 0.0), (False, 99.5)):
     config.sampling.update(clip_x0=clip, dynamic_threshold=percentile)
     config_lib.validate(config)
-    sample = train_lib.make_sampler(config, model, schedule, mesh)
+    sample = sampling.make_sampler(config, model, schedule, mesh)
     out[clip, percentile] = np.asarray(sample(params, jax.random.key(0), 2))
   assert np.abs(out[False, 0.0]).max() > 1
   # one DDIM step from T - 1 to the clean image returns the processed x0

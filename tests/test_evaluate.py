@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
 from bidm_jax.data import default_data_config
@@ -24,7 +25,6 @@ from bidm_jax.evaluation import inception_weights
 from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.metrics import FeatureStats, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import train as train_lib
 from helpers import random_params
 
 METRIC_KEYS = {
@@ -61,10 +61,10 @@ def run(tmp_path_factory, inception_weights):
   samples kept); returns what the tests check."""
   root = tmp_path_factory.mktemp("evaluate")
   config = make_config(inception_weights)
-  model = train_lib.make_model(config, config_lib.method_from_config(config))
+  model = builders.make_model(config, config_lib.method_from_config(config))
   params = random_params(model, (1, 8, 8, 1), seed=4)
   export = root / "model"
-  ckpt_lib.export_params(export, params, config_lib.model_description(config))
+  ckpt_lib.export_params(export, params, builders.model_description(config))
   config.sampling.checkpoint = str(export)
 
   workdir = root / "work"

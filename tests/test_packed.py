@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import main
 from bidm_jax.bidm import tbs
@@ -35,7 +36,6 @@ from bidm_jax.export import packed as ex
 from bidm_jax.layers import packed as pk
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import train as train_lib
 from helpers import (MICRO_SHAPE, MICRO_UNET, TBS_CONNECTIONS, TINY_SHAPE, TINY_UNET,
                      fill_params, random_params, tiny_inputs)
 
@@ -118,7 +118,7 @@ def unet_layer_shapes() -> tuple:
 
 
 def train_model(config):
-  return train_lib.make_model(config, config_lib.method_from_config(config))
+  return builders.make_model(config, config_lib.method_from_config(config))
 
 
 def pack_dense(params, method):
@@ -537,9 +537,9 @@ def test_export_mode_and_packed_sampling(tmp_path):
   """--mode=export of a BiDM model, then --mode=sample from the export with the packed engine:
   the images (DDIM with the TBS cache) of the simulated engine from the checkpoint."""
   config = micro_config()
-  model = train_lib.make_model(config, config_lib.method_from_config(config))
+  model = builders.make_model(config, config_lib.method_from_config(config))
   params = random_params(model, (1, *MICRO_SHAPE[1:3], 1), seed=5)
-  ckpt_lib.export_params(tmp_path / "model", params, config_lib.model_description(config))
+  ckpt_lib.export_params(tmp_path / "model", params, builders.model_description(config))
   config.sampling.checkpoint = str(tmp_path / "model")
   work = tmp_path / "work"
   info = main.run(config, str(work), "export")

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import helpers as H
-from bidm_jax import config as config_lib
+from bidm_jax import builders
 from bidm_jax.binarize.methods import FP
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
@@ -303,7 +303,7 @@ def test_load_params_skips_a_damaged_latest_checkpoint(fp_run, tmp_path, how, ca
   before = H.snapshot(run)
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    params, meta = ckpt_lib.load_params(run, config_lib.model_description(H.tiny_config("fp")))
+    params, meta = ckpt_lib.load_params(run, builders.model_description(H.tiny_config("fp")))
   lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert len(lines) == 1 and "step 6" in lines[0] and "using step 4" in lines[0], lines
   assert meta["kind"] == "training" and meta["step"] == 4
@@ -447,13 +447,13 @@ def test_non_finite_ema_counts_as_divergence():
   """A train step whose loss and gradient are finite but whose EMA is not (an inf carried in
   the EMA tree): metrics['finite'] is False and params, EMA and optimizer keep their values."""
   config = H.tiny_config("fp", micro=True, warmup_steps=0)
-  model = train_lib.make_model(config, FP)
-  tx = train_lib.make_optimizer(config)
-  state = train_lib.create_state(H.random_params(model, train_lib.image_shape(config, 1)), tx)
+  model = builders.make_model(config, FP)
+  tx = builders.make_optimizer(config)
+  state = train_lib.create_state(H.random_params(model, builders.image_shape(config, 1)), tx)
   ema = jax.tree_util.tree_map(jnp.copy, state.ema_params)
   ema["conv_in"]["bias"] = ema["conv_in"]["bias"].at[0].set(jnp.inf)
   state = state.replace(ema_params=ema)
-  step = jax.jit(train_lib.make_train_step(config, model, config_lib.schedule_from_config(config),
+  step = jax.jit(train_lib.make_train_step(config, model, builders.make_schedule(config),
                                            tx))
   new, metrics = step(state, jnp.asarray(H.digits_batch(config)), jax.random.PRNGKey(0), None)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
@@ -495,4 +495,4 @@ def test_damaged_export_is_one_error(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(export / "params", params)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"damaged: .* e\.g\. conv_in/kernel"):
-    ckpt_lib.load_params(export, config_lib.model_description(config))
+    ckpt_lib.load_params(export, builders.model_description(config))

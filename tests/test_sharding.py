@@ -20,32 +20,34 @@ SHARDED = r"""
 import pickle, sys
 import jax, jax.numpy as jnp, numpy as np
 import helpers as H
+from bidm_jax import builders
 from bidm_jax import config as CL
+from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
 from bidm_jax.training import train as T
 
 assert jax.device_count() == 8, jax.devices()
 cfg = H.tiny_config("bidm", micro=True, warmup_steps=0)
 method = CL.method_from_config(cfg)
-model, teacher = T.make_model(cfg, method), T.make_model(cfg, FP)
-shape = T.image_shape(cfg, 1)
+model, teacher = builders.make_model(cfg, method), builders.make_model(cfg, FP)
+shape = builders.image_shape(cfg, 1)
 teacher_params = H.random_params(teacher, shape, seed=0)
 params = T.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
-tx = T.make_optimizer(cfg)
+tx = builders.make_optimizer(cfg)
 state0 = T.create_state(params, tx)
 images = H.digits_batch(cfg)
 rng = jax.random.PRNGKey(0)
 out = {}
 for n in (8, 1):
   cfg.mesh.data = n
-  mesh = T.make_mesh(cfg)
+  mesh = builders.make_mesh(cfg)
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(T.make_train_step(cfg, model, CL.schedule_from_config(cfg), tx, teacher))
+  step = jax.jit(T.make_train_step(cfg, model, builders.make_schedule(cfg), tx, teacher))
   state, tp = jax.device_put(state0, repl), jax.device_put(teacher_params, repl)
   batch = T.global_batch(mesh, images)
   state1, metrics1 = step(state, batch, rng, tp)
   state2, metrics2 = step(state1, batch, rng, tp)
-  samples, _ = T.generate(cfg, model, params, 8, seed=0, mesh=mesh, progress_bar=False)
+  samples, _ = sampling.generate(cfg, model, params, 8, seed=0, mesh=mesh, progress_bar=False)
   out[n] = dict(
       mesh_devices=mesh.devices.size,
       batch_shards=sorted(s.data.shape[0] for s in batch.addressable_shards),

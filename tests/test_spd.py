@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bidm_jax import builders
+from bidm_jax import config as config_lib
 from bidm_jax.bidm import spd
+from bidm_jax.binarize.methods import get_method
 
 SHAPES = [(2, 8, 8, 16), (3, 16, 16, 4), (1, 4, 4, 8), (2, 8, 12, 6), (2, 32, 32, 3)]
 
@@ -131,3 +134,24 @@ def test_mismatched_features_raise():
       fn([a, a], [a])
     with pytest.raises(ValueError):
       fn([a], [jnp.zeros((1, 8, 8, 2))])
+
+
+def test_distillation_table_names_the_methods_losses():
+  """`DISTILLATION_LOSSES` holds spd and l2 by name; a `Distillation` computes the registered
+  loss with its patch count, and `builders.make_distillation` picks it for a method."""
+  rng = np.random.default_rng(7)
+  s, t = ([jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)] for _ in range(2))
+  assert set(spd.DISTILLATION_LOSSES) == {"spd", "l2"}
+  np.testing.assert_allclose(float(spd.Distillation("spd", 0.5, 2).loss(s, t)),
+                             float(spd.spd_loss(s, t, 2)), rtol=1e-6)
+  np.testing.assert_allclose(float(spd.Distillation("l2", 0.5, 2).loss(s, t)),
+                             float(spd.l2_distillation_loss(s, t)), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown distillation loss 'kl'"):
+    spd.Distillation("kl", 1.0, 4).loss(s, t)
+  with pytest.raises(ValueError, match="registered already"):
+    spd.register_distillation("spd")(spd.spd_loss)
+  config = config_lib.default_config()
+  assert builders.make_distillation(config, get_method("fp")) is None
+  assert builders.make_distillation(config, get_method("bidm", distillation="none")) is None
+  assert builders.make_distillation(config, get_method("xnor", distillation="l2")) == (
+      spd.Distillation("l2", config.distill.weight, config.distill.patches))

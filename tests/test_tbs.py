@@ -29,8 +29,8 @@ def with_table(params, table):
 
 
 def random_cache(bundle, x, t, seed, valid=True):
-  """A cache of random features shaped like the model's last N features."""
-  shapes = jax.eval_shape(bundle.apply, bundle.params, x, t).features[-N:]
+  """A cache of random features shaped like the model's N connections."""
+  shapes = jax.eval_shape(bundle.apply, bundle.params, x, t).connections
   rng = np.random.default_rng(seed)
   feats = tuple(jnp.asarray(rng.standard_normal(s.shape), jnp.float32) for s in shapes)
   return tbs.TBSCache(feats, jnp.asarray(valid))
@@ -106,7 +106,8 @@ def test_unit_table_connection_features_equal_cache(micro_bidm):
   cache = random_cache(micro_bidm, x, t, seed=6)
   out = micro_bidm.apply_cache(params, x, t, cache)
   plain = micro_bidm.apply(params, x, t)
-  for got, c in zip(out.features[-N:], cache.features):
+  assert len(out.connections) == N
+  for got, c in zip(out.connections, cache.features):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(c))
   # the blocks before the connection points are untouched
   for got, ref in zip(out.features[:-N], plain.features[:-N]):
@@ -126,10 +127,9 @@ def test_first_connection_point_blend_uses_table_row_of_bucket(micro_bidm):
   cache = random_cache(micro_bidm, x, t, seed=9)
   out = micro_bidm.apply_cache(params, x, t, cache)
   plain = micro_bidm.apply(params, x, t)
-  first = len(plain.features) - N
   a = table[[1, 80], 0][:, None, None, None]
-  expected = (1 - a) * np.asarray(plain.features[first]) + a * np.asarray(cache.features[0])
-  np.testing.assert_allclose(np.asarray(out.features[first]), expected, rtol=1e-5, atol=1e-5)
+  expected = (1 - a) * np.asarray(plain.connections[0]) + a * np.asarray(cache.features[0])
+  np.testing.assert_allclose(np.asarray(out.connections[0]), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_no_gradient_into_cache(micro_bidm):
@@ -164,13 +164,13 @@ def test_paired_forward_equals_two_explicit_calls(micro_bidm):
   x_prev, t_prev, x_t, t = paired_inputs(MICRO_SHAPE, seed=13)
   apply_fn = lambda p, x, tt, cache, rng: model.apply(p, x, tt, cache=cache)
   paired = jax.jit(lambda p, r, tp: tbs.paired_timestep_forward(
-      apply_fn, p, x_prev, tp, x_t, t, N, r))
+      apply_fn, p, x_prev, tp, x_t, t, r))
   # t' = min(t + 1, T - 1) as in training, and a distant t' (a binary model's output barely
   # moves between t and t + 1, so only the latter shows that the first pass runs at t')
   for tp in (t_prev, jnp.asarray([403, 10], jnp.int32)):
     out = paired(params, jax.random.key(0), tp)
     first = micro_bidm.apply(params, x_prev, tp)  # at t', no cache
-    cache = tbs.TBSCache(tuple(first.features[-N:]), jnp.ones((), bool))
+    cache = tbs.TBSCache(first.connections, jnp.ones((), bool))
     second = micro_bidm.apply_cache(params, x_t, t, cache)
     assert_outputs_equal(out, second, atol=1e-5)
   # the cache did matter, and so did t'
@@ -190,12 +190,12 @@ def test_paired_forward_gradient_equals_explicit_stop_gradient(micro_bidm):
     return jnp.mean((out.eps - noise) ** 2) + 0.1 * sum(jnp.mean(f ** 2) for f in out.features)
 
   def paired_loss(p):
-    return loss_of(tbs.paired_timestep_forward(apply_fn, p, x_prev, t_prev, x_t, t, N,
+    return loss_of(tbs.paired_timestep_forward(apply_fn, p, x_prev, t_prev, x_t, t,
                                                jax.random.key(1)))
 
   def explicit_loss(p):
     first = model.apply(p, x_prev, t_prev)
-    cache = tbs.TBSCache(tuple(jax.lax.stop_gradient(f) for f in first.features[-N:]),
+    cache = tbs.TBSCache(tuple(jax.lax.stop_gradient(f) for f in first.connections),
                          jnp.ones((), bool))
     return loss_of(model.apply(p, x_t, t, cache=cache))
 
@@ -309,10 +309,10 @@ def test_samplers_and_paired_forward_carry_the_models_connections():
     h = jnp.tanh(x) + 1e-3 * t[:, None, None, None].astype(jnp.float32)
     if cache is not None:
       h = tbs.blend(h, cache.features[0], jnp.where(cache.valid, 0.5, 0.0) * jnp.ones(x.shape[0]))
-    return UNetOutput(0.5 * h, (x, -x), None, (h,))
+    return UNetOutput(0.5 * h, (x, -x), connections=(h,))
 
   s, shape = make_schedule(), (2, 4, 4, 1)
-  got = ddim_sample(apply_fn, s, shape, jax.random.key(0), steps=4, num_connections=1)
+  got = ddim_sample(apply_fn, s, shape, jax.random.key(0), steps=4)
   init_key, _ = jax.random.split(jax.random.key(0))
   x = jax.random.normal(init_key, shape, jnp.float32)
   cache = None
@@ -324,7 +324,7 @@ def test_samplers_and_paired_forward_carry_the_models_connections():
     cache = tbs.TBSCache(out.connections, jnp.ones((), bool))
   np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-5, atol=1e-5)
   paired = tbs.paired_timestep_forward(lambda p, x, t, c, r: apply_fn(x, t, c), None,
-                                       x, jnp.array([5, 6]), x + 1, jnp.array([4, 5]), 1,
+                                       x, jnp.array([5, 6]), x + 1, jnp.array([4, 5]),
                                        jax.random.key(1))
   first = apply_fn(x, jnp.array([5, 6]), None)
   second = apply_fn(x + 1, jnp.array([4, 5]), tbs.TBSCache(first.connections, jnp.ones((), bool)))

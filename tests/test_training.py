@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import helpers as H
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax.bidm import spd, tbs
 from bidm_jax.binarize.methods import ACTIVATION_MEAN_ABS, FP
@@ -33,16 +34,16 @@ def _numpy(tree):
 def _compute_qat_results():
   config = H.tiny_config("bidm", micro=True, warmup_steps=0)
   method = config_lib.method_from_config(config)
-  model = train_lib.make_model(config, method)
-  teacher = train_lib.make_model(config, FP)
-  shape = train_lib.image_shape(config, 1)
+  model = builders.make_model(config, method)
+  teacher = builders.make_model(config, FP)
+  shape = builders.image_shape(config, 1)
   teacher_params = H.random_params(teacher, shape, seed=0)
   params0 = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
-  tx = train_lib.make_optimizer(config)
+  tx = builders.make_optimizer(config)
   state0 = train_lib.create_state(params0, tx)
   # a distinct EMA start, so that the EMA check sees which tree each term comes from
   state0 = state0.replace(ema_params=H.random_params(model, shape, seed=2))
-  step = jax.jit(train_lib.make_train_step(config, model, config_lib.schedule_from_config(config),
+  step = jax.jit(train_lib.make_train_step(config, model, builders.make_schedule(config),
                                            tx, teacher))
   images = jnp.asarray(H.digits_batch(config))
   rng = jax.random.PRNGKey(0)
@@ -127,7 +128,7 @@ def test_non_finite_step_changes_nothing(qat):
 
 
 def _first_moment_and_update(config, grads, params):
-  tx = train_lib.make_optimizer(config)
+  tx = builders.make_optimizer(config)
   updates, state = tx.update(grads, tx.init(params), params)
   return optax.tree_utils.tree_get(state, "mu"), updates
 
@@ -222,11 +223,11 @@ def test_loss_reduction_sum():
   code), the distillation term unchanged; 'eps_mse' reports the per-value MSE."""
   config = H.tiny_config("bidm", micro=True)
   method = config_lib.method_from_config(config)
-  model, teacher = train_lib.make_model(config, method), train_lib.make_model(config, FP)
-  shape = train_lib.image_shape(config, 1)
+  model, teacher = builders.make_model(config, method), builders.make_model(config, FP)
+  shape = builders.image_shape(config, 1)
   teacher_params = H.random_params(teacher, shape, seed=0)
   params = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
-  schedule = config_lib.schedule_from_config(config)
+  schedule = builders.make_schedule(config)
   images = jnp.asarray(H.digits_batch(config))
   fns = {}
   for reduction in ("mean", "sum"):
@@ -258,15 +259,15 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
   config.distill.points = "release"
   config_lib.validate(config)
   method = config_lib.method_from_config(config)
-  model, teacher = train_lib.make_model(config, method), train_lib.make_model(config, FP)
+  model, teacher = builders.make_model(config, method), builders.make_model(config, FP)
   assert model.tbs_structure == "release" and model.num_connections == 1
   assert model.release_points == ("down_0_downsample", "down_1_block_0/conv2",
                                   "mid_block_2/conv2", "up_1_upsample")
-  shape = train_lib.image_shape(config, 1)
+  shape = builders.image_shape(config, 1)
   teacher_params = H.random_params(teacher, shape, seed=0)
   params = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
   assert "tbs_release_table" in params and "tbs_table" not in params
-  schedule = config_lib.schedule_from_config(config)
+  schedule = builders.make_schedule(config)
   images = jnp.asarray(H.digits_batch(config))
   loss_fn = train_lib.make_loss_fn(config, model, schedule, teacher)
   rng = jax.random.PRNGKey(5)
@@ -280,7 +281,7 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
     apply = lambda p, x, tt, cache, r: model.apply({"params": p}, x, tt, cache=cache, train=True,
                                                    progress=0.5, rngs={"dropout": r})
     out = tbs.paired_timestep_forward(apply, params, q_sample(schedule, images, t_prev, noise),
-                                      t_prev, x_t, t, 1, k_drop)
+                                      t_prev, x_t, t, k_drop)
     target = teacher.apply({"params": teacher_params}, x_t, t)
     names = model.release_points
     return (spd.spd_loss([out.points[k] for k in names], [target.points[k] for k in names], 4),

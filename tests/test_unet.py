@@ -189,6 +189,11 @@ def test_release_points_cifar10():
       (16, 16, 128), (8, 8, 256), (4, 4, 256), (4, 4, 256), (4, 4, 256), (8, 8, 256),
       (16, 16, 256), (32, 32, 256)]
   assert len(out.connections) == 2
+  assert model.connection_points == ("up_0_block_1", "up_0_block_2")
+  assert [d.shape for d in out.distill] == [f.shape for f in out.features]
+  release = model.clone(distill_points="release")
+  out = jax.eval_shape(release.apply, jax.eval_shape(release.init, jax.random.key(0), x, t), x, t)
+  assert [d.shape for d in out.distill] == [out.points[k].shape for k in model.release_points]
 
 
 def test_points_are_the_named_layer_outputs(tiny_bidm):

@@ -1,5 +1,9 @@
 """Space Patched Distillation (paper Eq. 13-16, spec section 4) and plain L2 distillation.
 
+`DISTILLATION_LOSSES` registers each distillation loss by the name a method's `distillation`
+field gives ('spd', 'l2'); a `Distillation` is one of them with its weight lambda and patch
+count, as the train step adds it: L = L_DM + lambda * L_distill.
+
 SPD splits each block output into p x p spatial patches; for a patch P, viewed as (B, C, h, w)
 like the paper's NCHW tensors, the attention map is A = P @ P^T over the last two axes,
 (B, C, h, h). Student and teacher maps are each divided by their Frobenius norm (over the
@@ -9,7 +13,7 @@ patches and over the features.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +63,48 @@ def l2_distillation_loss(student_features: Sequence[Array],
   return jnp.mean(jnp.stack([
       jnp.mean(jnp.square(s.astype(jnp.float32) - jax.lax.stop_gradient(t).astype(jnp.float32)))
       for s, t in zip(student_features, teacher_features)]))
+
+
+DistillationLoss = Callable[[Sequence[Array], Sequence[Array], int], Array]
+"""loss(student_features, teacher_features, patches) -> (); features pair up by position."""
+
+DISTILLATION_LOSSES: dict[str, DistillationLoss] = {}
+
+
+def register_distillation(name: str):
+  """Registers a `DistillationLoss` under `name` (a method's `distillation` value)."""
+  def register(loss: DistillationLoss) -> DistillationLoss:
+    if name in DISTILLATION_LOSSES:
+      raise ValueError(f"distillation loss {name!r} is registered already")
+    DISTILLATION_LOSSES[name] = loss
+    return loss
+  return register
+
+
+register_distillation("spd")(spd_loss)
+
+
+@register_distillation("l2")
+def _l2_loss(student_features: Sequence[Array], teacher_features: Sequence[Array],
+             patches: int) -> Array:
+  """`l2_distillation_loss` in the registry's signature (L2 compares whole features)."""
+  del patches
+  return l2_distillation_loss(student_features, teacher_features)
+
+
+class Distillation(NamedTuple):
+  """The registered loss `name` with its weight lambda (L = L_DM + weight * loss) and the
+  patch count p that SPD splits features into (unused by L2)."""
+  name: str
+  weight: float
+  patches: int
+
+  def loss(self, student_features: Sequence[Array], teacher_features: Sequence[Array]) -> Array:
+    """The unweighted distillation loss of paired (B, H, W, C) features -> ()."""
+    if self.name not in DISTILLATION_LOSSES:
+      raise ValueError(f"unknown distillation loss {self.name!r}; registered: "
+                       f"{', '.join(DISTILLATION_LOSSES)}")
+    return DISTILLATION_LOSSES[self.name](student_features, teacher_features, self.patches)
 
 
 def _fit_patches(feature: Array, patches: int) -> int:

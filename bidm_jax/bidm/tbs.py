@@ -10,12 +10,15 @@ The other half of TBS, the learnable k of the activation scale, lives in the bin
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from bidm_jax.binarize.estimators import timestep_bucket
+
+if TYPE_CHECKING:  # annotations only: models import this module
+  from bidm_jax.models.unet import UNetOutput
 
 Array = jax.Array
 
@@ -28,14 +31,6 @@ class TBSCache(NamedTuple):
   """
   features: tuple[Array, ...]
   valid: Array
-
-
-def connection_features(out, num_connections: int) -> tuple:
-  """The tensors of a model output that the next step blends with: `out.connections`, or the
-  last `num_connections` features for outputs that do not say (stand-in models)."""
-  if getattr(out, "connections", None) is not None:
-    return tuple(out.connections)
-  return tuple(out.features[len(out.features) - num_connections:])
 
 
 def empty_cache(feature_shapes) -> TBSCache:
@@ -59,24 +54,38 @@ def blend(h: Array, cached: Array, a: Array) -> Array:
   return (1 - a) * h + a * jax.lax.stop_gradient(cached).astype(h.dtype)
 
 
+StepFn = Callable[..., "UNetOutput"]  # (x, t, cache) -> UNetOutput
+
+
+def cached_step(apply_fn: StepFn, x: Array, t: Array, cache: TBSCache):
+  """One denoising step with the TBS cache: (apply_fn(x, t, cache), the next step's cache).
+
+  The next cache holds the step's `connections`, valid. x: (B, H, W, C); t: (B,). Training's
+  paired-timestep forward and the samplers chain their steps through it.
+  """
+  out = apply_fn(x, t, cache)
+  return out, TBSCache(tuple(out.connections), jnp.ones((), bool))
+
+
 ApplyFn = Callable[..., "UNetOutput"]  # (params, x, t, cache, rng) -> UNetOutput
 
 
 def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Array,
-                            x_t: Array, t: Array, num_connections: int, rng: Array):
+                            x_t: Array, t: Array, rng: Array):
   """The TBS training forward: the model at t' = t + 1, then at t with the first pass's cache.
 
   A `lax.scan` over the two timesteps (one trace of the model) whose carry is the TBS cache
-  and the latest output. The first pass runs on stop-gradient parameters, so the backward pass
-  skips it: its outputs reach the loss only through the stop-gradient cache anyway. The scan
-  is unrolled: XLA then sees straight-line code (a rolled loop of convolutions runs tens of
-  times slower on XLA:CPU) and can drop the first pass's backward.
+  and the latest output, each pass a `cached_step`. The first pass runs on stop-gradient
+  parameters, so the backward pass skips it: its outputs reach the loss only through the
+  stop-gradient cache anyway. The scan is unrolled: XLA then sees straight-line code (a rolled
+  loop of convolutions runs tens of times slower on XLA:CPU) and can drop the first pass's
+  backward.
 
   apply_fn(params, x, t, cache, rng) -> UNetOutput; x_prev, x_t: (B, H, W, C); t_prev, t: (B,).
   Returns the second pass's UNetOutput (eps and features at t).
   """
   abstract = jax.eval_shape(lambda: apply_fn(params, x_t, t, None, rng))
-  cache0 = empty_cache(connection_features(abstract, num_connections))
+  cache0 = empty_cache(abstract.connections)
   out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
 
   def step(carry, inputs):
@@ -86,9 +95,8 @@ def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Ar
     # so `cache.valid` is a compile-time constant per pass and XLA drops that pass's backward.
     p = jax.tree_util.tree_map(lambda a: jnp.where(cache.valid, a, jax.lax.stop_gradient(a)),
                                params)
-    out = apply_fn(p, x, tt, cache, r)
-    features = connection_features(out, num_connections)
-    return (TBSCache(features, jnp.ones((), bool)), out), None
+    out, cache = cached_step(lambda x, tt, c: apply_fn(p, x, tt, c, r), x, tt, cache)
+    return (cache, out), None
 
   xs = (jnp.stack([x_prev, x_t]), jnp.stack([t_prev, t]), jax.random.split(rng, 2))
   (_, out), _ = jax.lax.scan(step, (cache0, out0), xs, unroll=True)

@@ -106,6 +106,12 @@ def scale_batch(batch: dict) -> dict:
   return out
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats (N, H, W, C) -> uint8 [0, 255], C = 1 or 3 (the inverse of scale_batch,
+  rounded): samples as saved images hold them."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 class DecodedArraySource:
   """Examples decoded once into host memory: uint8 images (N, H, W, C), labels and skip counts.
 

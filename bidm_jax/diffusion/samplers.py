@@ -1,9 +1,9 @@
 """DDIM and DDPM samplers, each one `lax.scan` over steps carrying (x, TBS cache).
 
-A sampler takes `apply_fn(x, t, cache) -> UNetOutput` (a model with its parameters bound) and
-`num_connections`, the number of TBS connection points of that model (0 for models without
-TBS); step i then blends with the connection features (`tbs.connection_features`) of step
-i - 1, the first step with none.
+A sampler takes `apply_fn(x, t, cache) -> UNetOutput` (a model with its parameters bound);
+each step is a `tbs.cached_step`, so step i blends with the connections
+(`UNetOutput.connections`) of step i - 1, the first step with none (an invalid cache; a model
+without TBS connections carries an empty one).
 
 Both samplers can post-process the model's x0 prediction at every step (`process_x0`):
 `clip_x0` clips it to [-1, 1] (DDPM's `clip_denoised`, diffusers' `clip_sample`), and
@@ -16,7 +16,7 @@ takes the posterior mean q(x_{t-1} | x_t, x0) of it (DDPM's `p_mean_variance`).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ import numpy as np
 
 from bidm_jax.bidm import tbs
 from bidm_jax.diffusion.schedules import Schedule
+
+if TYPE_CHECKING:  # annotations only: models import this module
+  from bidm_jax.models.unet import UNetOutput
 
 Array = jax.Array
 ApplyFn = Callable[[Array, Array, "tbs.TBSCache | None"], "UNetOutput"]
@@ -81,23 +84,18 @@ def ddim_step(schedule: Schedule, x: Array, eps: Array, t: Array, t_next: Array,
   return jnp.sqrt(abar_next) * x0 + c1 * noise + c2 * eps
 
 
-def _initial_cache(apply_fn: ApplyFn, x: Array, t: Array, num_connections: int) -> tbs.TBSCache:
-  abstract = jax.eval_shape(lambda: apply_fn(x, t, None))
-  return tbs.empty_cache(tbs.connection_features(abstract, num_connections))
-
-
-def _run(apply_fn, x, ts, num_connections, rng, update):
+def _run(apply_fn, x, ts, rng, update):
   """Scans `update(x, eps, i, noise)` over the steps ts, carrying the TBS cache."""
   batch = x.shape[0]
-  cache = _initial_cache(apply_fn, x, jnp.full((batch,), ts[0]), num_connections)
+  abstract = jax.eval_shape(lambda: apply_fn(x, jnp.full((batch,), ts[0]), None))
+  cache = tbs.empty_cache(abstract.connections)
 
   def step(carry, inputs):
     x, cache = carry
     i, key = inputs
-    out = apply_fn(x, jnp.full((batch,), ts[i], jnp.int32), cache if num_connections else None)
+    out, cache = tbs.cached_step(apply_fn, x, jnp.full((batch,), ts[i], jnp.int32), cache)
     x = update(x, out.eps, i, jax.random.normal(key, x.shape, x.dtype))
-    cached = tbs.connection_features(out, num_connections)
-    return (x, tbs.TBSCache(cached, jnp.ones((), bool))), None
+    return (x, cache), None
 
   keys = jax.random.split(rng, len(ts))
   (x, _), _ = jax.lax.scan(step, (x, cache), (jnp.arange(len(ts)), keys))
@@ -111,7 +109,7 @@ def _check_x0_options(dynamic_threshold: float) -> None:
 
 
 def ddim_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *, steps: int = 100,
-                eta: float = 0.0, num_connections: int = 0, clip_x0: bool = False,
+                eta: float = 0.0, clip_x0: bool = False,
                 dynamic_threshold: float = 0.0) -> Array:
   """Samples `shape` = (B, H, W, C) images with DDIM; eta = 0 is deterministic given rng.
 
@@ -126,11 +124,11 @@ def ddim_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *, ste
   update = lambda x, eps, i, noise: ddim_step(schedule, x, eps, ts[i], ts_next[i], eta, noise,
                                               clip_x0=clip_x0,
                                               dynamic_threshold=dynamic_threshold)
-  return _run(apply_fn, x, ts, num_connections, rng, update)
+  return _run(apply_fn, x, ts, rng, update)
 
 
 def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
-                variance: str = "fixedlarge", num_connections: int = 0, clip_x0: bool = False,
+                variance: str = "fixedlarge", clip_x0: bool = False,
                 dynamic_threshold: float = 0.0) -> Array:
   """Ancestral DDPM sampling over all T steps; variance 'fixedlarge' (beta) or 'fixedsmall'.
 
@@ -159,4 +157,4 @@ def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
       mean = (x - betas[t] / jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(1 - betas[t])
     return mean + jnp.where(t > 0, jnp.sqrt(var[t]), 0.0) * noise
 
-  return _run(apply_fn, x, ts, num_connections, rng, update)
+  return _run(apply_fn, x, ts, rng, update)

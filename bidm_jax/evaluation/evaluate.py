@@ -19,27 +19,23 @@ its own devices (features are identical on all hosts); process 0 writes the file
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from bidm_jax import config as config_lib
+from bidm_jax import sampling
+from bidm_jax.data.preprocess import to_uint8
 from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.featurizer import get_featurizer
 from bidm_jax.evaluation.inception import SPATIAL_DIM
 from bidm_jax.evaluation.inception_weights import inception_weights_file
 from bidm_jax.evaluation.metrics import (HEALTH_KEYS, PR_K, FeatureStats, ImageHealth,
                                          compute_metrics)
-from bidm_jax.export import packed as packed_export
 from bidm_jax.io import files
-from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import train as train_lib
-from bidm_jax.training.logging import to_uint8
 
 __all__ = ["METRICS_FILE", "SAMPLES_FILE", "evaluate"]
 
@@ -51,15 +47,15 @@ def evaluate(config, workdir: str) -> dict:
   """FID, sFID, IS and precision/recall of config.eval.num_samples samples; writes
   <workdir>/metrics.json (and <workdir>/eval_samples.npz when config.eval.keep_samples).
 
-  The model comes from config.sampling.checkpoint, else the workdir (an exported folder or a
-  training workdir, whose EMA parameters are used; with config.sampling.engine 'packed', a
-  --mode=export file or a folder holding it), checked against the config's model and
-  binarization method. Samples are drawn with config.sampling's sampler, steps and eta in
-  batches of config.eval.batch_size (rounded up to the device count), seeded by config.seed
-  as `train.generate`; each batch is quantised to uint8, as saved images would be, and
-  featurised at once. The reference is config.eval.reference (else
-  <workdir>/reference_stats.npz), computed from config.data first when the file is missing;
-  a reference written by ref_stats must describe config.data.
+  The model comes from config.sampling.checkpoint, else the workdir (`sampling.load_model`:
+  an exported folder or a training workdir, whose EMA parameters are used; with
+  config.sampling.engine 'packed', a --mode=export file or a folder holding it), checked
+  against the config's model and binarization method. Samples are drawn with
+  config.sampling's sampler, steps and eta in batches of config.eval.batch_size (rounded up to
+  the device count), seeded by config.seed (`sampling.sample_batches`); each batch is
+  quantised to uint8, as saved images would be, and featurised at once. The reference is
+  config.eval.reference (else <workdir>/reference_stats.npz), computed from config.data first
+  when the file is missing; a reference written by ref_stats must describe config.data.
 
   Returns the metrics dict written to metrics.json: fid, sfid, inception_score(_std) (None
   without the classifier), precision, recall, saturated_fraction, mean_image_std (of the uint8
@@ -75,55 +71,33 @@ def evaluate(config, workdir: str) -> dict:
   weights = inception_weights_file(config)  # fail before loading or sampling anything
 
   source = s.checkpoint or workdir
-  method = config_lib.method_from_config(config)
-  if s.engine == "packed":
-    params, meta = packed_export.load_export(source, config)
-  else:
-    params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
-  found = meta.get("method", {}).get("name", method.name)
-  if found != method.name:
-    raise ckpt_lib.CheckpointError(f"{source} holds a {found!r} model; set "
-                                   f"--config.binarization.method={found}")
+  model, params, meta = sampling.load_model(config, source)
   step = meta.get("step")  # the verified step load_params read; None for an export
 
   reference, _ = ref_stats_lib.load_or_compute(config, workdir, weights, allow_external=True)
   featurizer = get_featurizer(weights, e.batch_size)
 
-  model = train_lib.make_model(config, method)
-  mesh = train_lib.make_mesh(config)
-  sample = train_lib.make_sampler(config, model, config_lib.schedule_from_config(config), mesh)
-  devices = mesh.devices.size
   num = e.num_samples
-  batch = -(-min(e.batch_size, num) // devices) * devices
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  key = jax.random.PRNGKey(config.seed)
-
   spatial = FeatureStats(SPATIAL_DIM)
   health = ImageHealth()
   pool_parts, logit_parts, spatial_parts, kept = [], [], [], []
   keep_spatial = num < SPATIAL_DIM
-  done, timed, elapsed = 0, 0, 0.0
-  with tqdm(total=num, desc="evaluate", unit="img",
-            disable=not e.progress_bar or jax.process_index() != 0) as bar:
-    for i in range(-(-num // batch)):
-      t0 = time.perf_counter()
-      images = jax.block_until_ready(sample(params, jax.random.fold_in(key, i), batch))
-      if i:
-        timed, elapsed = timed + batch, elapsed + time.perf_counter() - t0
-      images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-      images = to_uint8(images[:num - done])
-      health.update(images)
-      feats = featurizer(images)
-      pool_parts.append(feats["pool"])
-      spatial.update(feats["spatial"])
-      if keep_spatial:
-        spatial_parts.append(feats["spatial"])
-      if "logits" in feats:
-        logit_parts.append(feats["logits"])
-      if e.keep_samples:
-        kept.append(images)
-      done += len(images)
-      bar.update(len(images))
+  rate = float("nan")
+  for batch in sampling.sample_batches(config, model, params, num, seed=config.seed,
+                                       batch_size=e.batch_size, desc="evaluate",
+                                       progress_bar=e.progress_bar):
+    rate = batch.images_per_s
+    images = to_uint8(batch.images)
+    health.update(images)
+    feats = featurizer(images)
+    pool_parts.append(feats["pool"])
+    spatial.update(feats["spatial"])
+    if keep_spatial:
+      spatial_parts.append(feats["spatial"])
+    if "logits" in feats:
+      logit_parts.append(feats["logits"])
+    if e.keep_samples:
+      kept.append(images)
 
   pool = np.concatenate(pool_parts)
   logits = np.concatenate(logit_parts) if logit_parts else None
@@ -146,12 +120,12 @@ def evaluate(config, workdir: str) -> dict:
       steps=int(s.steps if s.sampler == "ddim" else config.diffusion.num_timesteps),
       eta=float(s.eta) if s.sampler == "ddim" else None, clip_x0=bool(s.clip_x0),
       dynamic_threshold=float(s.dynamic_threshold), seed=int(config.seed),
-      method=method.name, checkpoint=str(source), checkpoint_step=step,
+      method=model.method.name, checkpoint=str(source), checkpoint_step=step,
       reference=reference.path, reference_description=reference.description,
       reference_count=reference.count,
       reference_pr_features=None if reference.pr_features is None else len(reference.pr_features),
       inception_weights=str(weights),
-      images_per_s=timed / elapsed if elapsed else None,
+      images_per_s=rate if math.isfinite(rate) else None,
       seconds=time.perf_counter() - start, samples_file=samples_file, notes=notes)
   if jax.process_index() == 0:
     if samples_file:

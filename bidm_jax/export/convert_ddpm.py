@@ -44,19 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from bidm_jax import builders
 from bidm_jax.io import files
 from bidm_jax.io.torch_files import load_torch_state_dict
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 
-LAYOUTS = ("ddim", "diffusers")
 _LAYOUT_ALIASES = {"ddim": "ddim", "pytorch_diffusion": "ddim", "diffusers": "diffusers"}
-MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_ch")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _MAX_LISTED = 25
 _LOW_PRECISION_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
-__all__ = ["LAYOUTS", "MODEL_FIELDS", "convert_state_dict", "convert_checkpoint",
+__all__ = ["convert_state_dict", "convert_checkpoint",
            "model_description", "detect_layout", "check_diffusers_config"]
 
 
@@ -65,37 +64,23 @@ __all__ = ["LAYOUTS", "MODEL_FIELDS", "convert_state_dict", "convert_checkpoint"
 
 
 def model_description(model_kwargs: Mapping[str, Any] | None = None) -> dict:
-  """The six FP U-Net constructor fields, defaults filled in, sequences as lists.
+  """The six FP U-Net constructor fields (`builders.ARCHITECTURE`), defaults filled in,
+  sequences as lists (`builders.describe_unet`).
 
   This dict is what `export_params` stores as the model description (`model.json`) and what
-  training compares with `config_lib.model_description(config)`.
+  training compares with `builders.model_description(config)`.
   """
   model_kwargs = dict(model_kwargs or {})
-  unknown = sorted(set(model_kwargs) - set(MODEL_FIELDS))
+  unknown = sorted(set(model_kwargs) - set(builders.ARCHITECTURE))
   if unknown:
     raise ValueError(f"model_kwargs: unknown field(s) {unknown}; the converted FP U-Net is "
-                     f"described by {list(MODEL_FIELDS)}")
-  defaults = UNet()
-  desc = {}
-  for k in MODEL_FIELDS:
-    v = model_kwargs.get(k, getattr(defaults, k))
-    desc[k] = [int(x) for x in v] if k in ("ch_mult", "attn_resolutions") else v
-  desc["ch"], desc["num_res_blocks"], desc["out_ch"] = (
-      int(desc["ch"]), int(desc["num_res_blocks"]), int(desc["out_ch"]))
-  desc["dropout"] = float(desc["dropout"])
-  return desc
-
-
-def _make_unet(desc: Mapping[str, Any]) -> UNet:
-  return UNet(ch=desc["ch"], ch_mult=tuple(desc["ch_mult"]),
-              num_res_blocks=desc["num_res_blocks"],
-              attn_resolutions=tuple(desc["attn_resolutions"]), dropout=desc["dropout"],
-              out_ch=desc["out_ch"])
+                     f"described by {list(builders.ARCHITECTURE)}")
+  return builders.describe_unet(UNet(**model_kwargs))
 
 
 def _target_shapes(desc: Mapping[str, Any], image_size: int, in_channels: int) -> dict:
   """{(module, [sub,] leaf): shape} of the FP U-Net's parameters, from jax.eval_shape (no FLOPs)."""
-  model = _make_unet(desc)
+  model = builders.unet_from_description(desc)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   variables = jax.eval_shape(lambda x, t: model.init(jax.random.PRNGKey(0), x, t), x, t)
@@ -282,8 +267,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], layout: str | None 
     state_dict: ``{name: array}`` as `load_torch_state_dict` returns it: a bare model state
       dict, or a container holding one (``module.`` prefix, ``[model, optimizer, ..., ema]``).
     layout: 'ddim' (alias 'pytorch_diffusion'), 'diffusers', or None to detect it.
-    model_kwargs: the U-Net fields of `MODEL_FIELDS` (missing ones take the UNet defaults, the
-      DDPM CIFAR-10 model).
+    model_kwargs: the U-Net fields of `builders.ARCHITECTURE` (missing ones take the UNet
+      defaults, the DDPM CIFAR-10 model).
     image_size: input side; decides at which levels `attn_resolutions` puts attention.
     in_channels: input channels (default out_ch).
     use_ema: when the checkpoint holds both raw and EMA weights, take the EMA ones.

@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax.binarize.methods import FP, METHODS, BinarizationMethod
 from bidm_jax.io import files
@@ -42,7 +43,6 @@ from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.layers.packed import num_words, pack_kernel
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import train as train_lib
 
 FORMAT = "bidm-jax-packed"
 VERSION = 1
@@ -324,14 +324,10 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
 # Writing and reading exports.
 
 
-def _plain(value):
-  return list(value) if isinstance(value, tuple) else value
-
-
 def describe(model: UNet, image_shape, layers, fp_dtype: str) -> dict:
   """The description stored with the tensors: enough to rebuild `model` and check the file."""
   return dict(format=FORMAT, version=VERSION,
-              model={k: _plain(getattr(model, k)) for k in config_lib.MODEL_KEYS},
+              model=builders.describe_unet(model),
               method=dataclasses.asdict(model.method),
               tbs={k: getattr(model, k) for k in TBS_KEYS},
               image_shape=list(image_shape), fp_dtype=fp_dtype,
@@ -342,8 +338,9 @@ def describe(model: UNet, image_shape, layers, fp_dtype: str) -> dict:
 
 def model_from_description(desc: Mapping[str, Any], dtype=jnp.float32) -> UNet:
   """The U-Net an export describes."""
-  arch = {k: tuple(v) if isinstance(v, list) else v for k, v in desc["model"].items()}
-  return UNet(**arch, method=BinarizationMethod(**desc["method"]), **desc["tbs"], dtype=dtype)
+  return builders.unet_from_description(desc["model"],
+                                       method=BinarizationMethod(**desc["method"]),
+                                       **desc["tbs"], dtype=dtype)
 
 
 def write_export(path, model: UNet, params, image_shape, *, fp_dtype: str = "float32",
@@ -439,7 +436,7 @@ def load_export(source, config) -> tuple[dict, dict]:
   path = export_path(source)
   tree, desc = read_export(path)
   where = str(path)
-  ckpt_lib.check_model_matches(desc["model"], config_lib.model_description(config), where)
+  ckpt_lib.check_model_matches(desc["model"], builders.model_description(config), where)
   diffs = []
   method = dataclasses.asdict(config_lib.method_from_config(config))
   for k in sorted(set(method) | set(desc["method"])):
@@ -488,9 +485,9 @@ def export(config, workdir: str) -> dict:
   if files.exists(target):
     raise ckpt_lib.CheckpointError(f"{target} already exists; remove it or choose another "
                                    "--config.export.path")
-  params, meta = ckpt_lib.load_params(source, config_lib.model_description(config))
+  params, meta = ckpt_lib.load_params(source, builders.model_description(config))
   _check_trained_method(meta, method, source)
-  model = train_lib.make_model(config, method)
+  model = builders.make_model(config, method)
   d = config.data
   return write_export(target, model, params, (d.image_size, d.image_size, d.channels),
                       fp_dtype=config.export.fp_dtype,

@@ -223,15 +223,16 @@ class AttnBlock(nn.Module):
 
 
 def make_output(eps: Array, features: Sequence[Array], num_connections: int) -> UNetOutput:
-  """The model's `UNetOutput`: eps, every timestep block's output, and the last
-  `num_connections` of them as the tensors the next denoising step's TBS blends with.
+  """The model's `UNetOutput`: eps, every timestep block's output (all of them distilled, the
+  paper's 'blocks' points), and the last `num_connections` of them as the tensors the next
+  denoising step's TBS blends with.
 
   The one place that knows `UNetOutput`'s fields (no release points: those are the CIFAR
   release's).
   """
   features = tuple(features)
-  return UNetOutput(eps.astype(jnp.float32), features, None,
-                    features[len(features) - num_connections:])
+  return UNetOutput(eps.astype(jnp.float32), features,
+                    connections=features[len(features) - num_connections:], distill=features)
 
 
 class LDMUNet(nn.Module):

@@ -37,6 +37,8 @@ Array = jax.Array
 
 
 TBS_STRUCTURES = ("blocks", "release")
+DISTILL_POINTS = ("blocks", "release")
+"""`UNetOutput.distill`: every timestep block's output, or the release's points."""
 RELEASE_TBS_LEVELS = 2
 """The release blends at decoder levels i < 2 (its `i_level < 2`)."""
 RELEASE_TBS_INIT = 0.0
@@ -44,19 +46,25 @@ RELEASE_TBS_INIT = 0.0
 
 
 class UNetOutput(NamedTuple):
-  """eps: (B, H, W, C) noise prediction; features: the timestep blocks' outputs, in order.
+  """The noise prediction and the U-Net's feature points, each set by name.
 
+  eps: (B, H, W, C) noise prediction.
+  features: every timestep block's output, in forward order (encoder units, the middle block,
+    decoder units; the connected decoder units after their TBS blend).
+  connections: the tensors the next denoising step's TBS blends with (the TBS cache), in
+    `UNet.connection_points` order; () for a model without TBS connections.
+  distill: the features SPD (or L2) distils, by `UNet.distill_points`: 'blocks' = `features`,
+    'release' = the release points in `UNet.release_points` order.
   points: the release's distillation points by name (`UNet.release_points`): the encoder
     downsamples 'down_{i}_downsample', the last encoder res block's conv2
     'down_{L-1}_block_{R-1}/conv2', the middle block's conv2 'mid_block_2/conv2' and the decoder
     upsamples 'up_{i}_upsample' (after any TBS blend); None from stand-in models.
-  connections: the tensors the next denoising step's TBS blends with (the cache), in order;
-    None (stand-in models) means the last n entries of `features`.
   """
   eps: Array
   features: tuple[Array, ...]
+  connections: tuple[Array, ...] = ()
+  distill: tuple[Array, ...] = ()
   points: dict[str, Array] | None = None
-  connections: tuple[Array, ...] | None = None
 
 
 def timestep_embedding(t: Array, dim: int) -> Array:
@@ -126,6 +134,7 @@ class UNet(nn.Module):
     tbs_buckets, tbs_init, num_timesteps: the learnable blend table a[bucket, point]
       (tbs_init: of 'blocks'; 'release' starts at RELEASE_TBS_INIT).
     tbs_structure: 'blocks' or 'release' (module docstring).
+    distill_points: which features `UNetOutput.distill` holds, one of DISTILL_POINTS.
     dtype: compute dtype (parameters stay float32).
   """
   ch: int = 128
@@ -140,6 +149,7 @@ class UNet(nn.Module):
   tbs_init: float = 0.3
   num_timesteps: int = 1000
   tbs_structure: str = "blocks"
+  distill_points: str = "blocks"
   dtype: Any = jnp.float32
 
   @property
@@ -160,6 +170,19 @@ class UNet(nn.Module):
     return tuple(f"up_{k}_upsample" for k in range(RELEASE_TBS_LEVELS, 0, -1) if k < levels)
 
   @property
+  def connection_points(self) -> tuple[str, ...]:
+    """Names of the outputs the next step's TBS blends with (`UNetOutput.connections`), in
+    order: 'blocks' the last `num_connections` decoder units 'up_{i}_block_{j}' (res block,
+    its attention and, at j = num_res_blocks, the upsample), 'release' `release_connections`."""
+    if not self.num_connections:
+      return ()
+    if self.tbs_structure == "release":
+      return self.release_connections
+    units = tuple(f"up_{i}_block_{j}" for i in reversed(range(len(self.ch_mult)))
+                  for j in range(self.num_res_blocks + 1))
+    return units[len(units) - self.num_connections:]
+
+  @property
   def release_points(self) -> tuple[str, ...]:
     """Names of the release's distillation points (`UNetOutput.points`), in forward order."""
     levels, last = len(self.ch_mult), self.num_res_blocks - 1
@@ -178,12 +201,14 @@ class UNet(nn.Module):
 
     cache: the previous denoising step's connection features (TBS); None runs without it.
     progress: training progress in [0, 1] for methods whose estimators follow a schedule.
-    Returns eps (B, H, W, out_ch) and the timestep blocks' outputs (the last
-    `num_connections` of them after the TBS blend).
+    Returns the UNetOutput: eps (B, H, W, out_ch) and the named feature points.
     """
     if self.tbs_structure not in TBS_STRUCTURES:
       raise ValueError(f"tbs_structure must be one of {TBS_STRUCTURES}, got "
                        f"{self.tbs_structure!r}")
+    if self.distill_points not in DISTILL_POINTS:
+      raise ValueError(f"distill_points must be one of {DISTILL_POINTS}, got "
+                       f"{self.distill_points!r}")
     release = self.tbs_structure == "release"
     if not release and self.num_connections > self.num_decoder_blocks:
       raise ValueError(f"tbs_connections={self.tbs_connections} exceeds the "
@@ -204,11 +229,12 @@ class UNet(nn.Module):
                            (self.tbs_buckets, self.num_connections))
       if cache is not None:
         blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
-    carried = self.release_connections if release and self.num_connections else ()
+    carried = self.connection_points
 
     def release_blend(h, name, level):
       """The release's blend of h with the cached `name` at `level` (no-op elsewhere)."""
-      if blend_weights is None or name not in carried or level >= RELEASE_TBS_LEVELS:
+      if (not release or blend_weights is None or name not in carried
+          or level >= RELEASE_TBS_LEVELS):
         return h
       return tbs.blend(h, cache.features[carried.index(name)], blend_weights[:, level])
 
@@ -216,7 +242,7 @@ class UNet(nn.Module):
     temb = BinaryDense(self.ch * 4, name="temb_dense0")(temb)
     temb = BinaryDense(self.ch * 4, name="temb_dense1")(nn.swish(temb)).astype(dtype)
 
-    features, points, connections = [], {}, {}
+    features, points, decoder = [], {}, {}
     hs = [BinaryConv(self.ch, dtype=dtype, name="conv_in")(x)]
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
@@ -241,8 +267,6 @@ class UNet(nn.Module):
                                               name="mid_block_2")(h, temb, ctx, train)
     features.append(h)
 
-    first_connection = self.num_decoder_blocks - self.num_connections
-    block = 0
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
         h, _ = ResBlock(self.ch * self.ch_mult[i], self.dropout, method, dtype,
@@ -256,20 +280,20 @@ class UNet(nn.Module):
           h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest 2x
           h = release_blend(BinaryConv(h.shape[-1], method=method, dtype=dtype,
                                        name=name)(h, ctx), name, i)
-          points[name] = connections[name] = h
-        if not release and blend_weights is not None and block >= first_connection:
-          point = block - first_connection
+          points[name] = decoder[name] = h
+        name = f"up_{i}_block_{j}"
+        if not release and blend_weights is not None and name in carried:
+          point = carried.index(name)
           h = tbs.blend(h, cache.features[point], blend_weights[:, point])
           if j == self.num_res_blocks and i != 0:
             points[f"up_{i}_upsample"] = h
+        decoder[name] = h
         features.append(h)
-        block += 1
 
     h = nn.swish(_norm("norm_out", dtype)(h))
     eps = BinaryConv(self.out_ch, dtype=dtype, name="conv_out")(h)
-    if release:
-      carry = tuple(connections[name] for name in carried)
-    else:
-      carry = tuple(features[len(features) - self.num_connections:])
     points = {name: points[name] for name in self.release_points}
-    return UNetOutput(eps.astype(jnp.float32), tuple(features), points, carry)
+    distill = (tuple(points[name] for name in self.release_points)
+               if self.distill_points == "release" else tuple(features))
+    return UNetOutput(eps.astype(jnp.float32), tuple(features),
+                      tuple(decoder[name] for name in carried), distill, points)

@@ -12,11 +12,12 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bidm_jax.data.preprocess import to_uint8
 from bidm_jax.io import files
 
 
@@ -152,11 +153,6 @@ class _Buffer:
 
   def write(self, chunk: bytes | str) -> None:
     self._data += chunk.encode() if isinstance(chunk, str) else chunk
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats (N, H, W, C) -> uint8 [0, 255], C = 1 or 3."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:

@@ -3,7 +3,8 @@
 One jitted train step serves both: the loss is L_DM (epsilon MSE) plus, for a binary method
 with distillation, lambda * L_SPD (or L2) against a frozen FP teacher; methods with TBS run the
 paired-timestep forward. The step runs data-parallel under a device mesh: parameters
-replicated, batches sharded over the 'data' axis, on any number of devices and hosts.
+replicated, batches sharded over the 'data' axis, on any number of devices and hosts. The
+model, schedule, mesh, optimizer and teacher come from the assembly layer (`bidm_jax.builders`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
-from bidm_jax.bidm import spd, tbs
-from bidm_jax.binarize.methods import FP, BinarizationMethod
-from bidm_jax.diffusion import samplers
+from bidm_jax import sampling
+from bidm_jax.bidm import tbs
+from bidm_jax.binarize.methods import BinarizationMethod
 from bidm_jax.diffusion.schedules import Schedule, epsilon_loss, q_sample
 from bidm_jax.io import files
-from bidm_jax.layers import packed as packed_layers
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training.logging import MetricWriter, save_grid
@@ -53,27 +53,6 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
-def make_model(config, method: BinarizationMethod = FP) -> UNet:
-  """The U-Net of `config.model` binarized by `method` (FP for the teacher)."""
-  m = config.model
-  return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-              attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-              out_ch=config.data.channels, method=method,
-              tbs_connections=config.tbs.connections, tbs_buckets=config.tbs.buckets,
-              tbs_init=config.tbs.init, num_timesteps=config.diffusion.num_timesteps,
-              tbs_structure=config.tbs.structure, dtype=jnp.dtype(m.compute_dtype))
-
-
-def image_shape(config, batch: int) -> tuple[int, int, int, int]:
-  return (batch, config.data.image_size, config.data.image_size, config.data.channels)
-
-
-def init_params(model: UNet, config, rng: Array):
-  """Fresh parameters of `model` for the config's image shape."""
-  x = jnp.zeros(image_shape(config, 1), jnp.float32)
-  return jax.jit(model.init)(rng, x, jnp.zeros((1,), jnp.int32))["params"]
-
-
 def overlay_params(base, update):
   """`base` with every leaf that `update` also has replaced by update's (same shape).
 
@@ -91,16 +70,6 @@ def overlay_params(base, update):
   return flax.traverse_util.unflatten_dict(flat_base)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam or AdamW with linear warm-up and global-norm gradient clipping (0 = no clipping)."""
-  t = config.training
-  lr = (optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps) if t.warmup_steps
-        else t.learning_rate)
-  opt = (optax.adamw(lr, weight_decay=t.weight_decay) if t.optimizer == "adamw"
-         else optax.adam(lr))
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
-
-
 def create_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
@@ -114,19 +83,17 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
   (when the method distils) sees the same (x_t, t). L_DM is reduced by `distill.reduction`:
   'mean' (the paper's MSE) or 'sum' over each image's values (the authors' CIFAR code, which
   makes lambda * L_distill H*W*C times weaker relative to L_DM; metrics then add 'eps_mse').
-  The distilled features are `distill.points`: 'blocks' (every timestep block's output) or
-  'release' (the authors' points, `UNet.release_points`).
+  The distilled features are the student's and the teacher's `UNetOutput.distill`, the
+  points `distill.points` names (`builders.make_model`): 'blocks' (every timestep block's
+  output) or 'release' (the authors' points, `UNet.release_points`); the loss and its weight
+  are `builders.make_distillation`'s.
   """
   method = model.method
   reduction = config.distill.reduction
-  if config.distill.points == "release":
-    distill_features = lambda o: tuple(o.points[name] for name in model.release_points)
-  else:
-    distill_features = lambda o: o.features
   n = model.num_connections
   num_t = schedule.num_timesteps
-  distill = method.distillation if method.binary else "none"
-  if distill != "none" and teacher is None:
+  distillation = builders.make_distillation(config, method)
+  if distillation is not None and teacher is None:
     raise ValueError(f"method {method.name!r} distils from a teacher, but none was given")
 
   def loss_fn(params, teacher_params, images, rng, progress):
@@ -142,7 +109,7 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
     if n:
       t_prev = jnp.minimum(t + 1, num_t - 1)
       out = tbs.paired_timestep_forward(apply, params, q_sample(schedule, images, t_prev, noise),
-                                        t_prev, x_t, t, n, k_drop)
+                                        t_prev, x_t, t, k_drop)
     else:
       out = apply(params, x_t, t, None, k_drop)
     loss_dm = epsilon_loss(out.eps, noise, reduction)
@@ -150,15 +117,11 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
     if reduction == "sum":  # the per-value MSE as well, comparable with 'mean' runs
       metrics["eps_mse"] = loss_dm / np.prod(images.shape[1:])
     loss = loss_dm
-    if distill != "none":
-      target = distill_features(teacher.apply({"params": teacher_params}, x_t, t))
-      student = distill_features(out)
-      if distill == "spd":
-        loss_distill = spd.spd_loss(student, target, config.distill.patches)
-      else:
-        loss_distill = spd.l2_distillation_loss(student, target)
+    if distillation is not None:
+      target = teacher.apply({"params": teacher_params}, x_t, t)
+      loss_distill = distillation.loss(out.distill, target.distill)
       metrics["loss_distill"] = loss_distill
-      loss = loss + config.distill.weight * loss_distill
+      loss = loss + distillation.weight * loss_distill
     metrics["loss"] = loss
     return loss, metrics
 
@@ -202,74 +165,9 @@ def _all_finite(tree) -> Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-  """A 1-D ('data',) mesh over config.mesh.data devices (-1: all devices of all hosts)."""
-  devices = jax.devices()
-  n = len(devices) if config.mesh.data == -1 else config.mesh.data
-  if not 1 <= n <= len(devices):
-    raise ValueError(f"config.mesh.data: {config.mesh.data} devices requested, "
-                     f"{len(devices)} available")
-  return jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:n])
-
-
 def global_batch(mesh, local: np.ndarray) -> Array:
   """Assembles each host's (B_local, ...) rows into one batch sharded over 'data'."""
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
-
-
-def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
-  """sample(params, rng, batch) -> (batch, H, W, C) images in about [-1, 1], batch-sharded.
-
-  Runs config.sampling's sampler (DDIM with `steps` and `eta`, or DDPM) as one jitted scan,
-  carrying the TBS cache of models that have connections, with the x0 clipping or dynamic
-  thresholding of `clip_x0` and `dynamic_threshold` (both off by default). With `engine`
-  'packed', `params` is an export's packed tree (`export.packed.load_export`) and the binary
-  layers run on its sign bits (`layers.packed.apply`).
-  """
-  s = config.sampling
-  data_sharding = NamedSharding(mesh, P("data"))
-  n = model.num_connections
-  x0_options = dict(clip_x0=bool(s.clip_x0), dynamic_threshold=float(s.dynamic_threshold))
-
-  def sample(params, rng, batch):
-    def apply(x, t, cache):
-      x = jax.lax.with_sharding_constraint(x, data_sharding)
-      if s.engine == "packed":
-        return packed_layers.apply(model, params, x, t, cache=cache)
-      return model.apply({"params": params}, x, t, cache=cache)
-
-    shape = image_shape(config, batch)
-    if s.sampler == "ddim":
-      return samplers.ddim_sample(apply, schedule, shape, rng, steps=s.steps, eta=s.eta,
-                                  num_connections=n, **x0_options)
-    return samplers.ddpm_sample(apply, schedule, shape, rng, num_connections=n, **x0_options)
-
-  return jax.jit(sample, static_argnums=2, out_shardings=data_sharding)
-
-
-def generate(config, model: UNet, params, num: int, *, seed: int, mesh=None,
-             progress_bar: bool = True) -> tuple[np.ndarray, float]:
-  """`num` samples (num, H, W, C) float32 on the host, and the sampling rate in images/s.
-
-  Batches of config.sampling.batch_size (rounded up to the mesh size) run sharded over all
-  devices; the rate excludes the first batch's compilation.
-  """
-  mesh = mesh or make_mesh(config)
-  sample = make_sampler(config, model, config_lib.schedule_from_config(config), mesh)
-  devices = mesh.devices.size
-  batch = -(-min(config.sampling.batch_size, num) // devices) * devices
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  key = jax.random.PRNGKey(seed)
-  out, timed, elapsed = [], 0, 0.0
-  batches = -(-num // batch)
-  for i in tqdm(range(batches), desc="sampling", disable=not progress_bar, unit="batch"):
-    start = time.perf_counter()
-    images = jax.block_until_ready(sample(params, jax.random.fold_in(key, i), batch))
-    if i:
-      timed, elapsed = timed + batch, elapsed + time.perf_counter() - start
-    out.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
-  rate = timed / elapsed if elapsed else float("nan")
-  return np.concatenate(out)[:num], rate
 
 
 def run_meta(config, method: BinarizationMethod, model: UNet) -> dict:
@@ -278,35 +176,17 @@ def run_meta(config, method: BinarizationMethod, model: UNet) -> dict:
   The TBS structure is recorded only when it is not the default, so that workdirs written
   before the field existed still match.
   """
-  meta = {"model": config_lib.model_description(config), "method": dataclasses.asdict(method),
+  meta = {"model": builders.model_description(config), "method": dataclasses.asdict(method),
           "tbs_connections": model.num_connections, "image_size": config.data.image_size}
   if config.tbs.structure != "blocks":
     meta["tbs_structure"] = config.tbs.structure
   return meta
 
 
-def load_teacher(config, mesh):
-  """The frozen FP teacher: (model, replicated params) from config.training.teacher."""
-  path = config.training.teacher
-  if not path:
-    raise ckpt_lib.CheckpointError(
-        f"config.training.teacher: QAT of method {config.binarization.method!r} starts from a "
-        "full-precision model; point it at an FP training workdir or an exported/converted "
-        "checkpoint (see README, 'Start from the public DDPM CIFAR-10 model')")
-  try:
-    params, meta = ckpt_lib.load_params(path, config_lib.model_description(config))
-  except ckpt_lib.CheckpointError as e:  # missing, unreadable or another architecture
-    raise ckpt_lib.CheckpointError(f"config.training.teacher: {e}") from e
-  if meta.get("method", {}).get("binary"):
-    raise ckpt_lib.CheckpointError(f"config.training.teacher: {path} holds a binary model "
-                                   f"({meta['method']['name']}), not a full-precision one")
-  return make_model(config, FP), jax.device_put(params, NamedSharding(mesh, P()))
-
-
 def sample_grid(config, model: UNet, state: TrainState, mesh, workdir: str) -> None:
   """Writes 64 samples of the EMA parameters to workdir/samples_<step>.png."""
-  images, _ = generate(config, model, state.ema_params, 64, seed=config.seed, mesh=mesh,
-                       progress_bar=False)
+  images, _ = sampling.generate(config, model, state.ema_params, 64, seed=config.seed,
+                                mesh=mesh, progress_bar=False)
   if jax.process_index() == 0:
     save_grid(images, os.path.join(workdir, f"samples_{int(state.step)}.png"))
 
@@ -388,16 +268,16 @@ def _check_run_meta(found: dict, meta: dict, workdir: str) -> None:
 def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
   """train() inside the workdir lock."""
   method = config_lib.method_from_config(config)
-  model = make_model(config, method)
-  schedule = config_lib.schedule_from_config(config)
-  mesh = make_mesh(config)
+  model = builders.make_model(config, method)
+  schedule = builders.make_schedule(config)
+  mesh = builders.make_mesh(config)
   t = config.training
   if t.batch_size % mesh.devices.size:
     raise ValueError(f"config.training.batch_size: {t.batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices of the mesh")
   repl = NamedSharding(mesh, P())
   meta = run_meta(config, method, model)
-  tx = make_optimizer(config)
+  tx = builders.make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
   if data_iterator is None:
     data_iterator = data_lib.make_train_iterator(config.data, global_batch_size=t.batch_size,
@@ -406,7 +286,7 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
 
   with ckpt_lib.make_manager(workdir) as mngr:
     abstract = jax.eval_shape(
-        lambda: create_state(init_params(model, config, jax.random.fold_in(rng, 1)), tx))
+        lambda: create_state(builders.init_params(model, config, jax.random.fold_in(rng, 1)), tx))
     data_args = data_lib.orbax_restore_args(data_iterator) if checkpoint_data else None
     latest, restored, damaged = ckpt_lib.newest_good(mngr, lambda step: ckpt_lib.read_step(
         mngr, step, abstract=abstract, data_args=data_args,
@@ -430,9 +310,9 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
 
     teacher, teacher_params = None, None
     if method.binary:
-      teacher, teacher_params = load_teacher(config, mesh)
+      teacher, teacher_params = builders.load_teacher(config, mesh)
     if latest is None:
-      params = init_params(model, config, jax.random.fold_in(rng, 1))
+      params = builders.init_params(model, config, jax.random.fold_in(rng, 1))
       if teacher_params is not None:
         params = method.init_from_fp(overlay_params(params, teacher_params))
       state = create_state(params, tx)

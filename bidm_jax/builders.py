@@ -1,0 +1,129 @@
+"""The assembly layer: a config turned into what every mode runs, each part built in one place.
+
+`make_model` (the U-Net of `config.model` binarized by a method), `make_schedule`,
+`make_mesh`, `make_optimizer`, `make_distillation` (SPD / L2 with its weight and patches) and
+`load_teacher` (the frozen FP teacher) serve training, sampling, evaluation, the export, the
+conversion, the demo and the benchmarks. The architecture a checkpoint must agree with is
+`model_description(config)`, and `describe_unet` / `unet_from_description` turn a U-Net into
+that description and back. Sampling, and `load_model`, live in `bidm_jax.sampling`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bidm_jax.bidm import spd
+from bidm_jax.binarize.methods import FP, BinarizationMethod
+from bidm_jax.diffusion.schedules import Schedule
+from bidm_jax.diffusion.schedules import make_schedule as _beta_schedule
+from bidm_jax.models.unet import UNet
+from bidm_jax.training import checkpoint as ckpt_lib
+
+Array = jax.Array
+
+ARCHITECTURE = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_ch")
+"""The U-Net fields a checkpoint's model description holds (the rest come from the config)."""
+
+
+def model_description(config) -> dict:
+  """The architecture fields that must match between a checkpoint and a config."""
+  m = config.model
+  return dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=list(m.attn_resolutions), dropout=m.dropout,
+              out_ch=config.data.channels)
+
+
+def describe_unet(model: UNet) -> dict:
+  """The `ARCHITECTURE` fields of `model` as JSON values (sequences as lists of int)."""
+  return dict(ch=int(model.ch), ch_mult=[int(k) for k in model.ch_mult],
+              num_res_blocks=int(model.num_res_blocks),
+              attn_resolutions=[int(r) for r in model.attn_resolutions],
+              dropout=float(model.dropout), out_ch=int(model.out_ch))
+
+
+def unet_from_description(desc: Mapping[str, Any], **kwargs) -> UNet:
+  """The U-Net of an architecture description (`ARCHITECTURE` fields; lists become tuples);
+  `kwargs` set its other fields (method, TBS, dtype)."""
+  return UNet(ch=desc["ch"], ch_mult=tuple(desc["ch_mult"]),
+              num_res_blocks=desc["num_res_blocks"],
+              attn_resolutions=tuple(desc["attn_resolutions"]), dropout=desc["dropout"],
+              out_ch=desc["out_ch"], **kwargs)
+
+
+def make_model(config, method: BinarizationMethod = FP) -> UNet:
+  """The U-Net of `config.model` binarized by `method` (FP for the teacher), with the config's
+  TBS settings and distillation points."""
+  return unet_from_description(
+      model_description(config), method=method, tbs_connections=config.tbs.connections,
+      tbs_buckets=config.tbs.buckets, tbs_init=config.tbs.init,
+      num_timesteps=config.diffusion.num_timesteps, tbs_structure=config.tbs.structure,
+      distill_points=config.distill.points, dtype=jnp.dtype(config.model.compute_dtype))
+
+
+def make_schedule(config) -> Schedule:
+  """The beta schedule of `config.diffusion`."""
+  d = config.diffusion
+  return _beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def image_shape(config, batch: int) -> tuple[int, int, int, int]:
+  """(batch, H, W, C) of the config's images."""
+  return (batch, config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def init_params(model: UNet, config, rng: Array):
+  """Fresh parameters of `model` for the config's image shape."""
+  x = jnp.zeros(image_shape(config, 1), jnp.float32)
+  return jax.jit(model.init)(rng, x, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over config.mesh.data devices (-1: all devices of all hosts)."""
+  devices = jax.devices()
+  n = len(devices) if config.mesh.data == -1 else config.mesh.data
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"config.mesh.data: {config.mesh.data} devices requested, "
+                     f"{len(devices)} available")
+  return jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam or AdamW with linear warm-up and global-norm gradient clipping (0 = no clipping)."""
+  t = config.training
+  lr = (optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps) if t.warmup_steps
+        else t.learning_rate)
+  opt = (optax.adamw(lr, weight_decay=t.weight_decay) if t.optimizer == "adamw"
+         else optax.adam(lr))
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
+
+
+def make_distillation(config, method: BinarizationMethod) -> spd.Distillation | None:
+  """The distillation loss of a binary `method` (`spd.DISTILLATION_LOSSES`) with
+  `config.distill`'s weight and patches; None for FP and for methods that do not distil."""
+  if not method.binary or method.distillation == "none":
+    return None
+  return spd.Distillation(method.distillation, config.distill.weight, config.distill.patches)
+
+
+def load_teacher(config, mesh) -> tuple[UNet, Any]:
+  """The frozen FP teacher: (model, replicated params) from config.training.teacher."""
+  path = config.training.teacher
+  if not path:
+    raise ckpt_lib.CheckpointError(
+        f"config.training.teacher: QAT of method {config.binarization.method!r} starts from a "
+        "full-precision model; point it at an FP training workdir or an exported/converted "
+        "checkpoint (see README, 'Start from the public DDPM CIFAR-10 model')")
+  try:
+    params, meta = ckpt_lib.load_params(path, model_description(config))
+  except ckpt_lib.CheckpointError as e:  # missing, unreadable or another architecture
+    raise ckpt_lib.CheckpointError(f"config.training.teacher: {e}") from e
+  if meta.get("method", {}).get("binary"):
+    raise ckpt_lib.CheckpointError(f"config.training.teacher: {path} holds a binary model "
+                                   f"({meta['method']['name']}), not a full-precision one")
+  return make_model(config, FP), jax.device_put(params, NamedSharding(mesh, P()))
+
