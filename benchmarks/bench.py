@@ -29,8 +29,19 @@ from bidm_jax.training import train as train_lib
 
 
 def emit(name: str, value, unit: str, **extra) -> None:
-  print(json.dumps(dict(figure=name, value=value, unit=unit, device=jax.devices()[0].device_kind,
-                        backend=jax.default_backend(), **extra)), flush=True)
+  print(
+      json.dumps(
+          dict(
+              figure=name,
+              value=value,
+              unit=unit,
+              device=jax.devices()[0].device_kind,
+              backend=jax.default_backend(),
+              **extra,
+          )
+      ),
+      flush=True,
+  )
 
 
 def time_calls(fn, warmup: int, iters: int) -> float:
@@ -92,15 +103,20 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
   state = jax.device_put(train_lib.create_state(params, tx), repl)
   images = jax.device_put(
       jax.random.uniform(key, builders.image_shape(c, batch), jnp.float32, -1, 1),
-      NamedSharding(mesh, P("data")))
-  step = jax.jit(train_lib.make_train_step(c, model, builders.make_schedule(c),
-                                           tx, teacher), donate_argnums=0)
+      NamedSharding(mesh, P("data")),
+  )
+  step = jax.jit(
+      train_lib.make_train_step(c, model, builders.make_schedule(c), tx, teacher), donate_argnums=0
+  )
   start = time.perf_counter()
   compiled = step.lower(state, images, key, teacher_params).compile()
   compile_s = time.perf_counter() - start
   # forward + backward (2x) of the trained pass; the TBS first pass and the teacher: forward only
-  passes = (3 + (1 if model.num_connections else 0)
-            + (1 if builders.make_distillation(c, method) is not None else 0))
+  passes = (
+      3
+      + (1 if model.num_connections else 0)
+      + (1 if builders.make_distillation(c, method) is not None else 0)
+  )
   flops = passes * batch * forward_flops(model, c)
   holder = {"state": state}
 
@@ -110,9 +126,18 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
 
   sec = time_calls(call, args.warmup, args.iters)
   name = {"fp": "fp_train_step", "xnor": "xnor_qat_step", "bidm": "bidm_qat_step"}[method_name]
-  emit(name, sec * 1e3, "ms", batch=batch, dtype=c.model.compute_dtype, compile_s=compile_s,
-       flops=flops, passes=passes, floor_ms=flops / rate * 1e3,
-       fraction_of_floor=(flops / rate) / sec)
+  emit(
+      name,
+      sec * 1e3,
+      "ms",
+      batch=batch,
+      dtype=c.model.compute_dtype,
+      compile_s=compile_s,
+      flops=flops,
+      passes=passes,
+      floor_ms=flops / rate * 1e3,
+      fraction_of_floor=(flops / rate) / sec,
+  )
   if method_name == "bidm":
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -126,8 +151,9 @@ def bench_sampling(config, batch: int, args, rate: float) -> None:
   method = config_lib.method_from_config(c)
   model = builders.make_model(c, method)
   mesh = builders.make_mesh(c)
-  params = jax.device_put(builders.init_params(model, c, jax.random.PRNGKey(0)),
-                          NamedSharding(mesh, P()))
+  params = jax.device_put(
+      builders.init_params(model, c, jax.random.PRNGKey(0)), NamedSharding(mesh, P())
+  )
   sample = sampling.make_sampler(c, model, builders.make_schedule(c), mesh)
   key = jax.random.PRNGKey(1)
   start = time.perf_counter()
@@ -135,15 +161,24 @@ def bench_sampling(config, batch: int, args, rate: float) -> None:
   compile_s = time.perf_counter() - start
   flops = c.sampling.steps * batch * forward_flops(model, c)
   sec = time_calls(lambda: compiled(params, key).block_until_ready(), 1, max(3, args.iters // 4))
-  emit("ddim_sampling_throughput", batch / sec, "images/s", batch=batch,
-       steps=c.sampling.steps, tbs_connections=model.num_connections,
-       dtype=c.model.compute_dtype, compile_s=compile_s, flops=flops,
-       fraction_of_floor=(flops / rate) / sec)
+  emit(
+      "ddim_sampling_throughput",
+      batch / sec,
+      "images/s",
+      batch=batch,
+      steps=c.sampling.steps,
+      tbs_connections=model.num_connections,
+      dtype=c.model.compute_dtype,
+      compile_s=compile_s,
+      flops=flops,
+      fraction_of_floor=(flops / rate) / sec,
+  )
 
 
 def bench_inception(args) -> None:
   """Inception-v3 pool features of 32x32 images (resized to 299), images/s, random weights."""
   from bidm_jax.evaluation.inception import InceptionV3
+
   model = InceptionV3()
   batch = 16 if args.preset == "tiny" else 500
   images = jax.random.uniform(jax.random.PRNGKey(0), (batch, 32, 32, 3), jnp.float32, 0, 255)
@@ -154,16 +189,18 @@ def bench_inception(args) -> None:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--preset", choices=("cifar10", "tiny"), default="cifar10")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--train-batch", type=int, default=64)
   parser.add_argument("--sample-batches", type=int, nargs="+", default=[128, 512])
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--only", nargs="+", default=None,
-                      help="subset of: floor fp xnor bidm sampling inception")
+  parser.add_argument(
+      "--only", nargs="+", default=None, help="subset of: floor fp xnor bidm sampling inception"
+  )
   args = parser.parse_args()
   only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))
   config = preset_config(args.preset, args.dtype)

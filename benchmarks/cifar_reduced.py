@@ -62,6 +62,7 @@ CONFIG_FILE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cif
 def parse_value(text: str):
   """A --set value: a Python literal (number, bool, tuple) where it parses, else the string."""
   import ast  # pylint: disable=import-outside-toplevel
+
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -74,11 +75,16 @@ def base_config(args, variant: str):
   c.data.update(source="folder", data_dir=args.data_dir, split="train")
   c.training.update(checkpoint_every=args.checkpoint_every, keep_checkpoints=1)
   c.sampling.update(steps=args.ddim_steps, batch_size=args.eval_batch)
-  c.eval.update(num_samples=args.eval_samples, batch_size=args.eval_batch,
-                inception_weights=args.inception_weights, keep_samples=True,
-                reference=os.path.join(args.workdir, "reference_stats.npz"),
-                num_reference=args.num_reference, pr_reference=args.eval_samples,
-                progress_bar=False)
+  c.eval.update(
+      num_samples=args.eval_samples,
+      batch_size=args.eval_batch,
+      inception_weights=args.inception_weights,
+      keep_samples=True,
+      reference=os.path.join(args.workdir, "reference_stats.npz"),
+      num_reference=args.num_reference,
+      pr_reference=args.eval_samples,
+      progress_bar=False,
+  )
   for item in args.set:
     key, _, value = item.partition("=")
     *groups, field = key.split(".")
@@ -117,8 +123,12 @@ def stage(name: str, record: str, fn) -> dict:
     os.makedirs(os.path.dirname(record), exist_ok=True)
     with open(record, "w") as f:
       json.dump(result, f, indent=2, default=str)
-    print(json.dumps({"stage": name, **{k: v for k, v in result.items()
-                                        if isinstance(v, (int, float, str))}}), flush=True)
+    print(
+        json.dumps(
+            {"stage": name, **{k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
+        ),
+        flush=True,
+    )
   with open(record) as f:
     return json.load(f)
 
@@ -131,8 +141,11 @@ def evaluations(args, config, model: str, records: str) -> None:
     c = config.copy_and_resolve_references()
     c.sampling.update(clip_x0=clip, checkpoint=model)
     eval_dir = os.path.join(records, name)
-    stage(f"{records}/{name}", os.path.join(records, f"{name}.json"),
-          lambda c=c, eval_dir=eval_dir: cli.run(c, eval_dir, "evaluate"))
+    stage(
+        f"{records}/{name}",
+        os.path.join(records, f"{name}.json"),
+        lambda c=c, eval_dir=eval_dir: cli.run(c, eval_dir, "evaluate"),
+    )
     samples = os.path.join(eval_dir, "eval_samples.npz")
     if os.path.exists(samples):
       np.save(os.path.join(records, f"{name}_grid.npy"), np.load(samples)["images"][:GRID_IMAGES])
@@ -149,16 +162,22 @@ def run_job(args, job: str) -> None:
   if job == "reference":
     stage(job, os.path.join(w, "reference.json"), lambda: cli.run(fp_config(args), w, "ref_stats"))
   elif job == "fp":
-    stage(job, os.path.join(w, "fp", "train.json"),
-          lambda: cli.run(fp_config(args), os.path.join(w, "fp"), "train"))
+    stage(
+        job,
+        os.path.join(w, "fp", "train.json"),
+        lambda: cli.run(fp_config(args), os.path.join(w, "fp"), "train"),
+    )
   elif job == "fp-eval":
     evaluations(args, fp_config(args), teacher_path(args), os.path.join(w, "fp-eval"))
   else:
     run, _, seed = job.rpartition("-s")
     config = qat_config(args, run, int(seed))
     workdir = os.path.join(w, job)
-    stage(f"{job}/train", os.path.join(workdir, "train.json"),
-          lambda: cli.run(config, workdir, "train"))
+    stage(
+        f"{job}/train",
+        os.path.join(workdir, "train.json"),
+        lambda: cli.run(config, workdir, "train"),
+    )
     evaluations(args, config, workdir, workdir)
 
 
@@ -168,10 +187,16 @@ def launch(argv: list[str], job: str, workdir: str, parallel: int) -> None:
   log = os.path.join(workdir, f"{job}.log")
   start = time.perf_counter()
   with open(log, "w") as f:
-    code = subprocess.call([sys.executable, __file__, *argv, f"--job={job}"], stdout=f,
-                           stderr=subprocess.STDOUT, env=env)
-  print(json.dumps({"job": job, "exit": code, "wall_s": round(time.perf_counter() - start, 1)}),
-        flush=True)
+    code = subprocess.call(
+        [sys.executable, __file__, *argv, f"--job={job}"],
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+  print(
+      json.dumps({"job": job, "exit": code, "wall_s": round(time.perf_counter() - start, 1)}),
+      flush=True,
+  )
   if code:
     raise RuntimeError(f"job {job} failed (exit {code}); see {log}")
 
@@ -190,48 +215,82 @@ def summarize(args, jobs: list[str], wall_s: float) -> dict:
       name = "evaluate_clip" if clip else "evaluate"
       metrics = load(os.path.join(d, f"{name}.json"))
       key = f"{job}{' clip' if clip else ''}"
-      runs[key] = dict(loss=train.get("loss"), steps=train.get("step"),
-                       steps_per_sec=train.get("steps_per_sec"), train_wall_s=train.get("wall_s"),
-                       **{k: metrics.get(k) for k in (
-                           "fid", "sfid", "precision", "recall", "saturated_fraction",
-                           "mean_image_std", "num_samples", "checkpoint_step", "wall_s")})
+      runs[key] = dict(
+          loss=train.get("loss"),
+          steps=train.get("step"),
+          steps_per_sec=train.get("steps_per_sec"),
+          train_wall_s=train.get("wall_s"),
+          **{
+              k: metrics.get(k)
+              for k in (
+                  "fid",
+                  "sfid",
+                  "precision",
+                  "recall",
+                  "saturated_fraction",
+                  "mean_image_std",
+                  "num_samples",
+                  "checkpoint_step",
+                  "wall_s",
+              )
+          },
+      )
       grid = os.path.join(d, f"{name}_grid.npy")
       if os.path.exists(grid):
         rows[f"{key}\nFID {metrics['fid']:.1f}"] = np.load(grid).astype(np.float32) / 127.5 - 1
   if rows:
-    save_labelled_rows(rows, os.path.join(args.workdir, "samples.png"), ncols=GRID_IMAGES,
-                       scale=2)
-  summary = dict(protocol={k: v for k, v in vars(args).items() if k != "job"},
-                 reference=load(os.path.join(args.workdir, "reference.json")),
-                 wall_s=wall_s, runs=runs)
+    save_labelled_rows(rows, os.path.join(args.workdir, "samples.png"), ncols=GRID_IMAGES, scale=2)
+  summary = dict(
+      protocol={k: v for k, v in vars(args).items() if k != "job"},
+      reference=load(os.path.join(args.workdir, "reference.json")),
+      wall_s=wall_s,
+      runs=runs,
+  )
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)
   return summary
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--inception_weights", required=True)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--teacher", default="", help="an FP workdir or exported folder; "
-                      "empty: train configs/cifar10.py:small_fp here")
+  parser.add_argument(
+      "--teacher",
+      default="",
+      help="an FP workdir or exported folder; " "empty: train configs/cifar10.py:small_fp here",
+  )
   parser.add_argument("--runs", nargs="+", default=["xnor", "bidm"], choices=list(RUNS))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--fp_steps", type=int, default=16_000)
   parser.add_argument("--qat_steps", type=int, default=10_000)
-  parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                      help="config overrides of every stage, e.g. training.learning_rate=1e-4")
-  parser.add_argument("--clip", default="both", choices=list(CLIP),
-                      help="evaluate with the x0 prediction clipped to [-1, 1], not, or both")
+  parser.add_argument(
+      "--set",
+      nargs="*",
+      default=[],
+      metavar="FIELD=VALUE",
+      help="config overrides of every stage, e.g. training.learning_rate=1e-4",
+  )
+  parser.add_argument(
+      "--clip",
+      default="both",
+      choices=list(CLIP),
+      help="evaluate with the x0 prediction clipped to [-1, 1], not, or both",
+  )
   parser.add_argument("--ddim_steps", type=int, default=100)
   parser.add_argument("--eval_samples", type=int, default=10_000)
   parser.add_argument("--eval_batch", type=int, default=1000)
   parser.add_argument("--num_reference", type=int, default=0, help="0: all training images")
   parser.add_argument("--checkpoint_every", type=int, default=2500)
-  parser.add_argument("--parallel", type=int, default=3,
-                      help="jobs sharing the accelerator at once (small models leave it idle)")
+  parser.add_argument(
+      "--parallel",
+      type=int,
+      default=3,
+      help="jobs sharing the accelerator at once (small models leave it idle)",
+  )
   parser.add_argument("--job", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   jobs = [job_name(r, s) for r in args.runs for s in args.seeds]

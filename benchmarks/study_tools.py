@@ -23,7 +23,7 @@ def export(workdir: str, folder: str) -> None:
 
 
 def grid(npz: str, png: str, n: str = "64") -> None:
-  images = np.load(npz)["images"][:int(n)]
+  images = np.load(npz)["images"][: int(n)]
   save_grid(images.astype(np.float32) / 127.5 - 1.0, png)
   print(f"wrote {len(images)} samples of {npz} to {png}")
 

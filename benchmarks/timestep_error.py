@@ -28,8 +28,9 @@ from bidm_jax.training import checkpoint as ckpt_lib
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
   parser.add_argument("--workdirs", nargs="+", required=True)
   parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 100, 300, 600, 900, 990])
@@ -38,8 +39,13 @@ def main():
   args = parser.parse_args()
   config = config_lib.load_config_file(args.config)
   schedule = builders.make_schedule(config)
-  batch = next(iter(data_lib.make_eval_iterator(config.data, batch_size=args.num_images,
-                                                num_examples=args.num_images)))
+  batch = next(
+      iter(
+          data_lib.make_eval_iterator(
+              config.data, batch_size=args.num_images, num_examples=args.num_images
+          )
+      )
+  )
   x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
   noise = jax.random.normal(jax.random.PRNGKey(args.seed), x0.shape)
   for workdir in args.workdirs:
@@ -53,9 +59,19 @@ def main():
       ts = jnp.full((x0.shape[0],), t, jnp.int32)
       eps = apply(params, q_sample(schedule, x0, ts, noise), ts)
       errors[str(t)] = float(jnp.mean((eps - noise) ** 2))
-    print(json.dumps(dict(workdir=workdir, method=method.name, eps_mse_by_t=errors,
-                          sqrt_alpha_bar={str(t): float(np.sqrt(schedule.alphas_cumprod[t]))
-                                          for t in args.timesteps})), flush=True)
+    print(
+        json.dumps(
+            dict(
+                workdir=workdir,
+                method=method.name,
+                eps_mse_by_t=errors,
+                sqrt_alpha_bar={
+                    str(t): float(np.sqrt(schedule.alphas_cumprod[t])) for t in args.timesteps
+                },
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -43,10 +43,24 @@ _deterministic_cpu()
 
 # pylint: disable=wrong-import-position
 from bidm_jax.bidm import TBSCache, l2_distillation_loss, paired_timestep_forward, spd_loss
-from bidm_jax.binarize import (METHODS, BinarizationMethod, QuantContext, binarize_activation,
-                               binarize_weight, get_method, sign_approx, sign_ste)
-from bidm_jax.diffusion import (Schedule, ddim_sample, ddpm_sample, epsilon_loss, make_schedule,
-                                q_sample)
+from bidm_jax.binarize import (
+    METHODS,
+    BinarizationMethod,
+    QuantContext,
+    binarize_activation,
+    binarize_weight,
+    get_method,
+    sign_approx,
+    sign_ste,
+)
+from bidm_jax.diffusion import (
+    Schedule,
+    ddim_sample,
+    ddpm_sample,
+    epsilon_loss,
+    make_schedule,
+    q_sample,
+)
 from bidm_jax.layers import BinaryConv, BinaryDense
 from bidm_jax.models import UNet, UNetOutput
 

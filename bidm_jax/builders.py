@@ -33,36 +33,56 @@ ARCHITECTURE = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout"
 def model_description(config) -> dict:
   """The architecture fields that must match between a checkpoint and a config."""
   m = config.model
-  return dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
-              attn_resolutions=list(m.attn_resolutions), dropout=m.dropout,
-              out_ch=config.data.channels)
+  return dict(
+      ch=m.ch,
+      ch_mult=list(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=list(m.attn_resolutions),
+      dropout=m.dropout,
+      out_ch=config.data.channels,
+  )
 
 
 def describe_unet(model: UNet) -> dict:
   """The `ARCHITECTURE` fields of `model` as JSON values (sequences as lists of int)."""
-  return dict(ch=int(model.ch), ch_mult=[int(k) for k in model.ch_mult],
-              num_res_blocks=int(model.num_res_blocks),
-              attn_resolutions=[int(r) for r in model.attn_resolutions],
-              dropout=float(model.dropout), out_ch=int(model.out_ch))
+  return dict(
+      ch=int(model.ch),
+      ch_mult=[int(k) for k in model.ch_mult],
+      num_res_blocks=int(model.num_res_blocks),
+      attn_resolutions=[int(r) for r in model.attn_resolutions],
+      dropout=float(model.dropout),
+      out_ch=int(model.out_ch),
+  )
 
 
 def unet_from_description(desc: Mapping[str, Any], **kwargs) -> UNet:
   """The U-Net of an architecture description (`ARCHITECTURE` fields; lists become tuples);
   `kwargs` set its other fields (method, TBS, dtype)."""
-  return UNet(ch=desc["ch"], ch_mult=tuple(desc["ch_mult"]),
-              num_res_blocks=desc["num_res_blocks"],
-              attn_resolutions=tuple(desc["attn_resolutions"]), dropout=desc["dropout"],
-              out_ch=desc["out_ch"], **kwargs)
+  return UNet(
+      ch=desc["ch"],
+      ch_mult=tuple(desc["ch_mult"]),
+      num_res_blocks=desc["num_res_blocks"],
+      attn_resolutions=tuple(desc["attn_resolutions"]),
+      dropout=desc["dropout"],
+      out_ch=desc["out_ch"],
+      **kwargs,
+  )
 
 
 def make_model(config, method: BinarizationMethod = FP) -> UNet:
   """The U-Net of `config.model` binarized by `method` (FP for the teacher), with the config's
   TBS settings and distillation points."""
   return unet_from_description(
-      model_description(config), method=method, tbs_connections=config.tbs.connections,
-      tbs_buckets=config.tbs.buckets, tbs_init=config.tbs.init,
-      num_timesteps=config.diffusion.num_timesteps, tbs_structure=config.tbs.structure,
-      distill_points=config.distill.points, dtype=jnp.dtype(config.model.compute_dtype))
+      model_description(config),
+      method=method,
+      tbs_connections=config.tbs.connections,
+      tbs_buckets=config.tbs.buckets,
+      tbs_init=config.tbs.init,
+      num_timesteps=config.diffusion.num_timesteps,
+      tbs_structure=config.tbs.structure,
+      distill_points=config.distill.points,
+      dtype=jnp.dtype(config.model.compute_dtype),
+  )
 
 
 def make_schedule(config) -> Schedule:
@@ -87,18 +107,21 @@ def make_mesh(config) -> jax.sharding.Mesh:
   devices = jax.devices()
   n = len(devices) if config.mesh.data == -1 else config.mesh.data
   if not 1 <= n <= len(devices):
-    raise ValueError(f"config.mesh.data: {config.mesh.data} devices requested, "
-                     f"{len(devices)} available")
+    raise ValueError(
+        f"config.mesh.data: {config.mesh.data} devices requested, " f"{len(devices)} available"
+    )
   return jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:n])
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """Adam or AdamW with linear warm-up and global-norm gradient clipping (0 = no clipping)."""
   t = config.training
-  lr = (optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps) if t.warmup_steps
-        else t.learning_rate)
-  opt = (optax.adamw(lr, weight_decay=t.weight_decay) if t.optimizer == "adamw"
-         else optax.adam(lr))
+  lr = (
+      optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+      if t.warmup_steps
+      else t.learning_rate
+  )
+  opt = optax.adamw(lr, weight_decay=t.weight_decay) if t.optimizer == "adamw" else optax.adam(lr)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
 
 
@@ -117,13 +140,15 @@ def load_teacher(config, mesh) -> tuple[UNet, Any]:
     raise ckpt_lib.CheckpointError(
         f"config.training.teacher: QAT of method {config.binarization.method!r} starts from a "
         "full-precision model; point it at an FP training workdir or an exported/converted "
-        "checkpoint (see README, 'Start from the public DDPM CIFAR-10 model')")
+        "checkpoint (see README, 'Start from the public DDPM CIFAR-10 model')"
+    )
   try:
     params, meta = ckpt_lib.load_params(path, model_description(config))
   except ckpt_lib.CheckpointError as e:  # missing, unreadable or another architecture
     raise ckpt_lib.CheckpointError(f"config.training.teacher: {e}") from e
   if meta.get("method", {}).get("binary"):
-    raise ckpt_lib.CheckpointError(f"config.training.teacher: {path} holds a binary model "
-                                   f"({meta['method']['name']}), not a full-precision one")
+    raise ckpt_lib.CheckpointError(
+        f"config.training.teacher: {path} holds a binary model "
+        f"({meta['method']['name']}), not a full-precision one"
+    )
   return make_model(config, FP), jax.device_put(params, NamedSharding(mesh, P()))
-

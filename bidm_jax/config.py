@@ -29,8 +29,14 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.compilation_cache = "auto"  # JAX's persistent cache: 'auto' (user cache dir), a path, 'off'
-  c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, compute_dtype="float32")
+  c.model = dict(
+      ch=128,
+      ch_mult=(1, 2, 2, 2),
+      num_res_blocks=2,
+      attn_resolutions=(16,),
+      dropout=0.1,
+      compute_dtype="float32",
+  )
   c.data = default_data_config()
   c.data.source = "tfds"
   c.data.name = "cifar10"
@@ -38,22 +44,54 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.channels = 3
   c.data.random_flip = True
   c.diffusion = dict(beta_schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
-  c.binarization = dict(method="bidm", learnable_k=config_dict.placeholder(bool),
-                        cross_timestep=config_dict.placeholder(bool),
-                        distillation=config_dict.placeholder(str),
-                        fp_init=config_dict.placeholder(str),
-                        binary_bias=config_dict.placeholder(bool))
+  c.binarization = dict(
+      method="bidm",
+      learnable_k=config_dict.placeholder(bool),
+      cross_timestep=config_dict.placeholder(bool),
+      distillation=config_dict.placeholder(str),
+      fp_init=config_dict.placeholder(str),
+      binary_bias=config_dict.placeholder(bool),
+  )
   c.tbs = dict(connections=2, buckets=100, init=0.3, structure="blocks")
   c.distill = dict(weight=3e-2, patches=4, reduction="mean", points="blocks")
-  c.training = dict(steps=100_000, batch_size=64, optimizer="adam", learning_rate=6e-5,
-                    weight_decay=0.0, warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
-                    teacher="", log_every=100, checkpoint_every=5000, keep_checkpoints=3,
-                    sample_every=0, progress_bar=True)
-  c.sampling = dict(sampler="ddim", steps=100, eta=0.0, num_samples=64, batch_size=64,
-                    checkpoint="", save_npz=True, clip_x0=False, dynamic_threshold=0.0,
-                    engine="simulated")  # 'packed': run a --mode=export file's packed bits
-  c.eval = dict(num_samples=50_000, batch_size=500, inception_weights="", reference="",
-                keep_samples=False, num_reference=0, pr_reference=50_000, progress_bar=True)
+  c.training = dict(
+      steps=100_000,
+      batch_size=64,
+      optimizer="adam",
+      learning_rate=6e-5,
+      weight_decay=0.0,
+      warmup_steps=0,
+      grad_clip=1.0,
+      ema_decay=0.9999,
+      teacher="",
+      log_every=100,
+      checkpoint_every=5000,
+      keep_checkpoints=3,
+      sample_every=0,
+      progress_bar=True,
+  )
+  c.sampling = dict(
+      sampler="ddim",
+      steps=100,
+      eta=0.0,
+      num_samples=64,
+      batch_size=64,
+      checkpoint="",
+      save_npz=True,
+      clip_x0=False,
+      dynamic_threshold=0.0,
+      engine="simulated",
+  )  # 'packed': run a --mode=export file's packed bits
+  c.eval = dict(
+      num_samples=50_000,
+      batch_size=500,
+      inception_weights="",
+      reference="",
+      keep_samples=False,
+      num_reference=0,
+      pr_reference=50_000,
+      progress_bar=True,
+  )
   c.convert = dict(source="", layout="", use_ema=True)
   c.export = dict(path="", fp_dtype="float32")  # --mode=export: file, dtype of the FP layers
   c.mesh = dict(data=-1)
@@ -81,69 +119,138 @@ def method_from_config(config) -> BinarizationMethod:
 
 def validate(config) -> None:
   """Raises ValueError with a one-line message naming the first invalid field."""
+
   def need(ok, field, msg):
     if not ok:
       raise ValueError(f"config.{field}: {msg}")
 
   m, t, s, d = config.model, config.training, config.sampling, config.diffusion
-  need(config.binarization.method in METHODS, "binarization.method",
-       f"{config.binarization.method!r} is not one of {', '.join(METHODS)}")
-  need(m.ch > 0 and m.ch % 32 == 0, "model.ch", f"must be a positive multiple of 32 (GroupNorm "
-       f"groups), got {m.ch}")
-  need(len(m.ch_mult) >= 1 and all(k > 0 for k in m.ch_mult), "model.ch_mult",
-       f"must be positive integers, got {tuple(m.ch_mult)}")
+  need(
+      config.binarization.method in METHODS,
+      "binarization.method",
+      f"{config.binarization.method!r} is not one of {', '.join(METHODS)}",
+  )
+  need(
+      m.ch > 0 and m.ch % 32 == 0,
+      "model.ch",
+      f"must be a positive multiple of 32 (GroupNorm " f"groups), got {m.ch}",
+  )
+  need(
+      len(m.ch_mult) >= 1 and all(k > 0 for k in m.ch_mult),
+      "model.ch_mult",
+      f"must be positive integers, got {tuple(m.ch_mult)}",
+  )
   need(m.num_res_blocks >= 1, "model.num_res_blocks", f"must be >= 1, got {m.num_res_blocks}")
   need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-  need(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
-       f"{m.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+  need(
+      m.compute_dtype in COMPUTE_DTYPES,
+      "model.compute_dtype",
+      f"{m.compute_dtype!r} is not one of {COMPUTE_DTYPES}",
+  )
   size = config.data.image_size
-  need(size > 0 and size % 2 ** (len(m.ch_mult) - 1) == 0, "data.image_size",
-       f"{size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(m.ch_mult) - 1)}")
-  need(d.beta_schedule in BETA_SCHEDULES, "diffusion.beta_schedule",
-       f"{d.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+  need(
+      size > 0 and size % 2 ** (len(m.ch_mult) - 1) == 0,
+      "data.image_size",
+      f"{size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(m.ch_mult) - 1)}",
+  )
+  need(
+      d.beta_schedule in BETA_SCHEDULES,
+      "diffusion.beta_schedule",
+      f"{d.beta_schedule!r} is not one of {BETA_SCHEDULES}",
+  )
   need(d.num_timesteps >= 2, "diffusion.num_timesteps", f"must be >= 2, got {d.num_timesteps}")
-  need(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start",
-       f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}")
+  need(
+      0 < d.beta_start < d.beta_end < 1,
+      "diffusion.beta_start",
+      f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}",
+  )
   blocks = len(m.ch_mult) * (m.num_res_blocks + 1)
-  need(0 <= config.tbs.connections <= blocks, "tbs.connections",
-       f"must be in [0, {blocks}] (decoder blocks), got {config.tbs.connections}")
+  need(
+      0 <= config.tbs.connections <= blocks,
+      "tbs.connections",
+      f"must be in [0, {blocks}] (decoder blocks), got {config.tbs.connections}",
+  )
   need(config.tbs.buckets >= 1, "tbs.buckets", f"must be >= 1, got {config.tbs.buckets}")
-  need(config.tbs.structure in TBS_STRUCTURES, "tbs.structure",
-       f"{config.tbs.structure!r} is not one of {TBS_STRUCTURES}")
-  need(config.tbs.structure != "release" or len(m.ch_mult) >= 2, "tbs.structure",
-       "'release' blends upsample outputs: model.ch_mult needs at least 2 levels")
+  need(
+      config.tbs.structure in TBS_STRUCTURES,
+      "tbs.structure",
+      f"{config.tbs.structure!r} is not one of {TBS_STRUCTURES}",
+  )
+  need(
+      config.tbs.structure != "release" or len(m.ch_mult) >= 2,
+      "tbs.structure",
+      "'release' blends upsample outputs: model.ch_mult needs at least 2 levels",
+  )
   need(config.distill.weight >= 0, "distill.weight", f"must be >= 0, got {config.distill.weight}")
-  need(config.distill.patches >= 1, "distill.patches", f"must be >= 1, got {config.distill.patches}")
-  need(config.distill.reduction in LOSS_REDUCTIONS, "distill.reduction",
-       f"{config.distill.reduction!r} is not one of {LOSS_REDUCTIONS} (of the eps loss L_DM)")
-  need(config.distill.points in DISTILL_POINTS, "distill.points",
-       f"{config.distill.points!r} is not one of {DISTILL_POINTS}")
+  need(
+      config.distill.patches >= 1, "distill.patches", f"must be >= 1, got {config.distill.patches}"
+  )
+  need(
+      config.distill.reduction in LOSS_REDUCTIONS,
+      "distill.reduction",
+      f"{config.distill.reduction!r} is not one of {LOSS_REDUCTIONS} (of the eps loss L_DM)",
+  )
+  need(
+      config.distill.points in DISTILL_POINTS,
+      "distill.points",
+      f"{config.distill.points!r} is not one of {DISTILL_POINTS}",
+  )
   need(t.steps >= 1, "training.steps", f"must be >= 1, got {t.steps}")
   need(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
-  need(t.optimizer in OPTIMIZERS, "training.optimizer", f"{t.optimizer!r} is not one of {OPTIMIZERS}")
+  need(
+      t.optimizer in OPTIMIZERS, "training.optimizer", f"{t.optimizer!r} is not one of {OPTIMIZERS}"
+  )
   need(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
   need(0.0 <= t.ema_decay < 1.0, "training.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
   need(t.grad_clip >= 0, "training.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
-  need(t.log_every >= 1 and t.checkpoint_every >= 1, "training.log_every",
-       "log_every and checkpoint_every must be >= 1")
-  need(t.keep_checkpoints >= 1, "training.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+  need(
+      t.log_every >= 1 and t.checkpoint_every >= 1,
+      "training.log_every",
+      "log_every and checkpoint_every must be >= 1",
+  )
+  need(
+      t.keep_checkpoints >= 1,
+      "training.keep_checkpoints",
+      f"must be >= 1, got {t.keep_checkpoints}",
+  )
   need(s.sampler in SAMPLERS, "sampling.sampler", f"{s.sampler!r} is not one of {SAMPLERS}")
-  need(1 <= s.steps <= d.num_timesteps, "sampling.steps",
-       f"must be in [1, {d.num_timesteps}], got {s.steps}")
+  need(
+      1 <= s.steps <= d.num_timesteps,
+      "sampling.steps",
+      f"must be in [1, {d.num_timesteps}], got {s.steps}",
+  )
   need(s.eta >= 0, "sampling.eta", f"must be >= 0, got {s.eta}")
-  need(0 <= s.dynamic_threshold <= 100, "sampling.dynamic_threshold",
-       f"must be a percentile in (0, 100] or 0 (off), got {s.dynamic_threshold}")
-  need(s.num_samples >= 1 and s.batch_size >= 1, "sampling.num_samples",
-       "num_samples and batch_size must be >= 1")
+  need(
+      0 <= s.dynamic_threshold <= 100,
+      "sampling.dynamic_threshold",
+      f"must be a percentile in (0, 100] or 0 (off), got {s.dynamic_threshold}",
+  )
+  need(
+      s.num_samples >= 1 and s.batch_size >= 1,
+      "sampling.num_samples",
+      "num_samples and batch_size must be >= 1",
+  )
   need(s.engine in ENGINES, "sampling.engine", f"{s.engine!r} is not one of {ENGINES}")
-  need(config.export.fp_dtype in EXPORT_FP_DTYPES, "export.fp_dtype",
-       f"{config.export.fp_dtype!r} is not one of {EXPORT_FP_DTYPES}")
+  need(
+      config.export.fp_dtype in EXPORT_FP_DTYPES,
+      "export.fp_dtype",
+      f"{config.export.fp_dtype!r} is not one of {EXPORT_FP_DTYPES}",
+  )
   ev = config.eval
-  need(ev.num_samples >= 4, "eval.num_samples",
-       f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.num_samples}")
+  need(
+      ev.num_samples >= 4,
+      "eval.num_samples",
+      f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.num_samples}",
+  )
   need(ev.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {ev.batch_size}")
-  need(ev.num_reference >= 0, "eval.num_reference",
-       f"must be >= 0 (0 = the whole split), got {ev.num_reference}")
-  need(ev.pr_reference >= 4, "eval.pr_reference",
-       f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.pr_reference}")
+  need(
+      ev.num_reference >= 0,
+      "eval.num_reference",
+      f"must be >= 0 (0 = the whole split), got {ev.num_reference}",
+  )
+  need(
+      ev.pr_reference >= 4,
+      "eval.pr_reference",
+      f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.pr_reference}",
+  )
   method_from_config(config)

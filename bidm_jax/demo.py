@@ -55,12 +55,17 @@ def final_losses(summary: dict, workdir: str) -> dict:
   path = os.path.join(workdir, "logs", "metrics.jsonl")
   rows = []
   if files.exists(path):
-    rows = [json.loads(line) for line in files.read_bytes(path).decode().splitlines()
-            if line.strip().startswith("{")]
+    rows = [
+        json.loads(line)
+        for line in files.read_bytes(path).decode().splitlines()
+        if line.strip().startswith("{")
+    ]
   rows = [r for r in rows if r.get("step") == summary["step"] and r.get("loss") is not None]
   if not rows:
-    raise ValueError(f"{workdir} holds a finished run whose final loss is not in {path}; "
-                     "remove the folder to train it again")
+    raise ValueError(
+        f"{workdir} holds a finished run whose final loss is not in {path}; "
+        "remove the folder to train it again"
+    )
   return {k: rows[-1].get(k) for k in ("loss", "loss_dm")}
 
 
@@ -68,15 +73,22 @@ def run_pipeline(config, workdir: str) -> dict:
   """Runs the demo end to end and returns the report (also written to workdir/report.json)."""
   config_lib.validate(config)
   if config.data.channels != 1 or config.data.image_size % 8:
-    raise ValueError("config.data: the pipeline's digits judge needs 1-channel images whose "
-                     f"size is a multiple of 8, got {config.data.channels} x "
-                     f"{config.data.image_size}")
+    raise ValueError(
+        "config.data: the pipeline's digits judge needs 1-channel images whose "
+        f"size is a multiple of 8, got {config.data.channels} x "
+        f"{config.data.image_size}"
+    )
   p = config.pipeline
   start = time.perf_counter()
   stages = {
       "fp": stage_config(config, "fp", p.fp_steps, p.fp_learning_rate),
-      "bidm": stage_config(config, config.binarization.method, p.qat_steps,
-                           p.qat_learning_rate, teacher=os.path.join(workdir, "fp")),
+      "bidm": stage_config(
+          config,
+          config.binarization.method,
+          p.qat_steps,
+          p.qat_learning_rate,
+          teacher=os.path.join(workdir, "fp"),
+      ),
   }
   judge = DigitsJudge(config.seed)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -87,39 +99,53 @@ def run_pipeline(config, workdir: str) -> dict:
     losses = final_losses(summary, stage_dir)
     method = config_lib.method_from_config(cfg)
     model = builders.make_model(cfg, method)
-    images, rate = sampling.generate(cfg, model, summary["state"].ema_params, p.eval_samples,
-                                     seed=cfg.seed + 1)
+    images, rate = sampling.generate(
+        cfg, model, summary["state"].ema_params, p.eval_samples, seed=cfg.seed + 1
+    )
     costs = count_costs(model, shape)
     plain = {}
     if cfg.sampling.clip_x0 or cfg.sampling.dynamic_threshold:
       plain_cfg = cfg.copy_and_resolve_references()
       plain_cfg.sampling.update(clip_x0=False, dynamic_threshold=0.0)
-      plain_images, _ = sampling.generate(plain_cfg, model, summary["state"].ema_params,
-                                           p.eval_samples, seed=cfg.seed + 1)
+      plain_images, _ = sampling.generate(
+          plain_cfg, model, summary["state"].ema_params, p.eval_samples, seed=cfg.seed + 1
+      )
       plain = {"digits_fd_unprocessed_x0": judge.evaluate(plain_images)["digits_fd"]}
     report[name] = dict(
-        method=method.name, training_steps=summary["step"], final_loss=losses["loss"],
-        final_loss_dm=losses["loss_dm"], **judge.evaluate(images), **plain,
+        method=method.name,
+        training_steps=summary["step"],
+        final_loss=losses["loss"],
+        final_loss_dm=losses["loss_dm"],
+        **judge.evaluate(images),
+        **plain,
         sampler=sampler_description(cfg.sampling),
-        param_bytes=costs["size_mb"] * 2**20, params=costs["params"],
-        binary_params=costs["binary_params"], bops=costs["bops"], flops=costs["flops"],
-        ops=costs["ops"])
+        param_bytes=costs["size_mb"] * 2**20,
+        params=costs["params"],
+        binary_params=costs["binary_params"],
+        bops=costs["bops"],
+        flops=costs["flops"],
+        ops=costs["ops"],
+    )
     timing[f"{name}_sampling_images_per_s"] = rate if math.isfinite(rate) else None
     rows[f"{name} ({method.name})"] = images[:16]
   fp_costs = count_costs(builders.make_model(stages["fp"], FP), shape)
   report["size_ratio"] = fp_costs["size_mb"] * 2**20 / report["bidm"]["param_bytes"]
   report["ops_ratio"] = fp_costs["ops"] / report["bidm"]["ops"]
-  report["quality_metric"] = ("digits_fd: Frechet distance between the hidden-layer features "
-                              "of an MLP digit classifier (trained here on the 1797 real "
-                              "digits) of the samples and of the real digits; lower is better. "
-                              "Real digits score about 2 at 256 samples, uniform noise 80.")
-  timing.update(wall_time_s=time.perf_counter() - start,
-                device=str(jax.devices()[0].device_kind),
-                cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count())
+  report["quality_metric"] = (
+      "digits_fd: Frechet distance between the hidden-layer features "
+      "of an MLP digit classifier (trained here on the 1797 real "
+      "digits) of the samples and of the real digits; lower is better. "
+      "Real digits score about 2 at 256 samples, uniform noise 80."
+  )
+  timing.update(
+      wall_time_s=time.perf_counter() - start,
+      device=str(jax.devices()[0].device_kind),
+      cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+  )
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "report.json"), report)
     files.write_json(os.path.join(workdir, "timing.json"), timing)
-    save_labelled_rows(rows, os.path.join(workdir, "samples.png"),
-                       scale=max(3, 48 // config.data.image_size))
+    save_labelled_rows(
+        rows, os.path.join(workdir, "samples.png"), scale=max(3, 48 // config.data.image_size)
+    )
   return dict(report, timing=timing)

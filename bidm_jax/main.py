@@ -45,12 +45,14 @@ from bidm_jax.training.logging import save_grid
 
 MODES = ("train", "sample", "pipeline", "convert", "report", "evaluate", "ref_stats", "export")
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and reports.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM).")
+flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -58,8 +60,9 @@ FLAGS = flags.FLAGS
 def sample(config, workdir: str) -> dict:
   """Samples from a trained model; writes samples.png, samples.npz (uint8) and returns stats."""
   model, params, _ = sampling.load_model(config, config.sampling.checkpoint or workdir)
-  images, rate = sampling.generate(config, model, params, config.sampling.num_samples,
-                                   seed=config.seed)
+  images, rate = sampling.generate(
+      config, model, params, config.sampling.num_samples, seed=config.seed
+  )
   files.makedirs(workdir)
   save_grid(images[:64], os.path.join(workdir, "samples.png"))
   if config.sampling.save_npz:
@@ -70,20 +73,25 @@ def sample(config, workdir: str) -> dict:
 def convert(config, workdir: str) -> dict:
   if not config.convert.source:
     raise ValueError("config.convert.source: give the PyTorch checkpoint to convert")
-  convert_ddpm.convert_checkpoint(config.convert.source, workdir,
-                                  builders.model_description(config),
-                                  layout=config.convert.layout or None,
-                                  image_size=config.data.image_size,
-                                  in_channels=config.data.channels,
-                                  use_ema=config.convert.use_ema)
+  convert_ddpm.convert_checkpoint(
+      config.convert.source,
+      workdir,
+      builders.model_description(config),
+      layout=config.convert.layout or None,
+      image_size=config.data.image_size,
+      in_channels=config.data.channels,
+      use_ema=config.convert.use_ema,
+  )
   return {"converted": config.convert.source, "to": workdir}
 
 
 def report(config, workdir: str) -> dict:
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  result = efficiency_report(builders.make_model(config, FP),
-                             builders.make_model(config, config_lib.method_from_config(config)),
-                             shape)
+  result = efficiency_report(
+      builders.make_model(config, FP),
+      builders.make_model(config, config_lib.method_from_config(config)),
+      shape,
+  )
   files.write_json(os.path.join(workdir, "efficiency.json"), result)
   return result
 
@@ -108,16 +116,24 @@ def run(config, workdir: str, mode: str) -> dict:
   config_lib.validate(config)
   check_workdir(workdir)
   if mode in ("train", "pipeline") and config.sampling.engine == "packed":
-    raise ValueError("config.sampling.engine: 'packed' samples an export in sample and evaluate; "
-                     f"{mode} samples its own simulated model: leave it 'simulated'")
+    raise ValueError(
+        "config.sampling.engine: 'packed' samples an export in sample and evaluate; "
+        f"{mode} samples its own simulated model: leave it 'simulated'"
+    )
   if mode == "train":
     summary = train_lib.train(config, workdir)
     summary.pop("state")
     return summary
   if mode == "pipeline":
     return demo.run_pipeline(config, workdir)
-  return {"sample": sample, "convert": convert, "report": report, "evaluate": eval_lib.evaluate,
-          "ref_stats": ref_stats_lib.ref_stats, "export": packed_export.export}[mode](config, workdir)
+  return {
+      "sample": sample,
+      "convert": convert,
+      "report": report,
+      "evaluate": eval_lib.evaluate,
+      "ref_stats": ref_stats_lib.ref_stats,
+      "export": packed_export.export,
+  }[mode](config, workdir)
 
 
 def main(argv):
@@ -134,13 +150,18 @@ def main(argv):
     if not os.path.isfile(config_file):
       raise FileNotFoundError(f"--config: no config file at {config_file}")
     result = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except (ValueError, OSError, BadImageError, ckpt_lib.CheckpointError,
-          ckpt_lib.WorkdirInUse, train_lib.TrainingDiverged) as e:
+  except (
+      ValueError,
+      OSError,
+      BadImageError,
+      ckpt_lib.CheckpointError,
+      ckpt_lib.WorkdirInUse,
+      train_lib.TrainingDiverged,
+  ) as e:
     print(f"bidm_jax: error: {e}", file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    print("bidm_jax: interrupted; complete checkpoints and output files are kept",
-          file=sys.stderr)
+    print("bidm_jax: interrupted; complete checkpoints and output files are kept", file=sys.stderr)
     sys.exit(130)
   if jax.process_index() == 0:
     print(json.dumps(files.json_safe(result), indent=2, default=str, allow_nan=False))
@@ -165,8 +186,11 @@ def parse_flags(argv):
       e = e.args[0]
     detail = " ".join(str(e.args[0] if e.args else e).split())
     bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    print(f"FATAL Flags parsing error: unknown config field {detail} "
-          f"(overrides given: {' '.join(bad)})", file=sys.stderr)
+    print(
+        f"FATAL Flags parsing error: unknown config field {detail} "
+        f"(overrides given: {' '.join(bad)})",
+        file=sys.stderr,
+    )
     sys.exit(1)
 
 

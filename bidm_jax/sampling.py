@@ -47,8 +47,9 @@ def load_model(config, source) -> tuple[UNet, Any, dict]:
     params, meta = ckpt_lib.load_params(source, builders.model_description(config))
   found = meta.get("method", {}).get("name", method.name)
   if found != method.name:
-    raise ckpt_lib.CheckpointError(f"{source} holds a {found!r} model; set "
-                                   f"--config.binarization.method={found}")
+    raise ckpt_lib.CheckpointError(
+        f"{source} holds a {found!r} model; set " f"--config.binarization.method={found}"
+    )
   return builders.make_model(config, method), params, meta
 
 
@@ -74,8 +75,9 @@ def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
 
     shape = builders.image_shape(config, batch)
     if s.sampler == "ddim":
-      return samplers.ddim_sample(apply, schedule, shape, rng, steps=s.steps, eta=s.eta,
-                                  **x0_options)
+      return samplers.ddim_sample(
+          apply, schedule, shape, rng, steps=s.steps, eta=s.eta, **x0_options
+      )
     return samplers.ddpm_sample(apply, schedule, shape, rng, **x0_options)
 
   return jax.jit(sample, static_argnums=2, out_shardings=data_sharding)
@@ -84,13 +86,23 @@ def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
 class SampleBatch(NamedTuple):
   """images: (b, H, W, C) float32 on the host; images_per_s: the rate of the batches so far,
   the first batch's compilation excluded (nan until the second batch)."""
+
   images: np.ndarray
   images_per_s: float
 
 
-def sample_batches(config, model: UNet, params, num: int, *, seed: int, batch_size: int,
-                   mesh=None, desc: str = "sampling",
-                   progress_bar: bool = True) -> Iterator[SampleBatch]:
+def sample_batches(
+    config,
+    model: UNet,
+    params,
+    num: int,
+    *,
+    seed: int,
+    batch_size: int,
+    mesh=None,
+    desc: str = "sampling",
+    progress_bar: bool = True,
+) -> Iterator[SampleBatch]:
   """`num` samples of `model`, batch by batch, as host arrays (num rows in all).
 
   Batches of `batch_size` (rounded up to the mesh size) run sharded over all devices; batch i
@@ -104,27 +116,36 @@ def sample_batches(config, model: UNet, params, num: int, *, seed: int, batch_si
   params = jax.device_put(params, NamedSharding(mesh, P()))
   key = jax.random.PRNGKey(seed)
   done, timed, elapsed = 0, 0, 0.0
-  with tqdm(total=num, desc=desc, unit="img",
-            disable=not progress_bar or jax.process_index() != 0) as bar:
+  with tqdm(
+      total=num, desc=desc, unit="img", disable=not progress_bar or jax.process_index() != 0
+  ) as bar:
     for i in range(-(-num // batch)):
       start = time.perf_counter()
       images = jax.block_until_ready(sample(params, jax.random.fold_in(key, i), batch))
       if i:
         timed, elapsed = timed + batch, elapsed + time.perf_counter() - start
-      images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:num - done]
+      images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[: num - done]
       yield SampleBatch(images, timed / elapsed if elapsed else float("nan"))
       done += len(images)
       bar.update(len(images))
 
 
-def generate(config, model: UNet, params, num: int, *, seed: int, mesh=None,
-             progress_bar: bool = True) -> tuple[np.ndarray, float]:
+def generate(
+    config, model: UNet, params, num: int, *, seed: int, mesh=None, progress_bar: bool = True
+) -> tuple[np.ndarray, float]:
   """`num` samples (num, H, W, C) float32 on the host, and the sampling rate in images/s
   (`sample_batches` in batches of config.sampling.batch_size)."""
   parts, rate = [], float("nan")
-  for part in sample_batches(config, model, params, num, seed=seed,
-                             batch_size=config.sampling.batch_size, mesh=mesh,
-                             progress_bar=progress_bar):
+  for part in sample_batches(
+      config,
+      model,
+      params,
+      num,
+      seed=seed,
+      batch_size=config.sampling.batch_size,
+      mesh=mesh,
+      progress_bar=progress_bar,
+  ):
     parts.append(part.images)
     rate = part.images_per_s
   return np.concatenate(parts), rate

@@ -20,19 +20,29 @@ VARIANTS = ("bidm", "fp", "small_fp", "small")
 
 def get_config(variant: str = "bidm"):
   if variant not in VARIANTS:
-    raise ValueError(f"unknown cifar10 variant {variant!r}; valid: {', '.join(VARIANTS)}; "
-                     "choose other methods with --config.binarization.method")
+    raise ValueError(
+        f"unknown cifar10 variant {variant!r}; valid: {', '.join(VARIANTS)}; "
+        "choose other methods with --config.binarization.method"
+    )
   config = default_config()
   if variant.startswith("small"):
     config.model.update(ch=64, dropout=0.0, compute_dtype="bfloat16")
-    config.training.update(steps=10_000, batch_size=64, learning_rate=2e-4, ema_decay=0.999,
-                           log_every=250, checkpoint_every=2500, keep_checkpoints=2,
-                           progress_bar=False)
+    config.training.update(
+        steps=10_000,
+        batch_size=64,
+        learning_rate=2e-4,
+        ema_decay=0.999,
+        log_every=250,
+        checkpoint_every=2500,
+        keep_checkpoints=2,
+        progress_bar=False,
+    )
   if variant.endswith("fp"):
     config.binarization.method = "fp"
   if variant == "fp":
     config.training.update(steps=800_000, batch_size=128, learning_rate=2e-4, warmup_steps=5000)
   elif variant == "small_fp":
-    config.training.update(steps=16_000, batch_size=256, learning_rate=4e-4, warmup_steps=1000,
-                           ema_decay=0.9995)
+    config.training.update(
+        steps=16_000, batch_size=256, learning_rate=4e-4, warmup_steps=1000, ema_decay=0.9995
+    )
   return config

@@ -72,8 +72,11 @@ def config_flags(overrides: Mapping[str, Any]) -> list[str]:
 
 
 TINY_FLAGS = config_flags(TINY_OVERRIDES)
-QAT_FLAGS = [*TINY_FLAGS, f"--config.training.steps={QAT_STEPS}",
-             f"--config.training.learning_rate={QAT_LR}"]
+QAT_FLAGS = [
+    *TINY_FLAGS,
+    f"--config.training.steps={QAT_STEPS}",
+    f"--config.training.learning_rate={QAT_LR}",
+]
 """Command-line flags giving `tiny_config('bidm')` (teacher aside)."""
 
 
@@ -87,10 +90,18 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
   return config
 
 
-def tiny_config(method: str = "bidm", *, micro: bool = False, teacher: str = "",
-                steps: int = QAT_STEPS, learning_rate: float = QAT_LR, **training):
+def tiny_config(
+    method: str = "bidm",
+    *,
+    micro: bool = False,
+    teacher: str = "",
+    steps: int = QAT_STEPS,
+    learning_rate: float = QAT_LR,
+    **training,
+):
   """The digits smoke config with the tiny (or micro) model; `training` overrides fields."""
   from configs import digits  # pylint: disable=import-outside-toplevel
+
   config = digits.get_config("smoke")
   apply_overrides(config, MICRO_OVERRIDES if micro else TINY_OVERRIDES)
   config.binarization.method = method
@@ -174,6 +185,7 @@ class ModelBundle:
 
   apply(params, x, t) -> UNetOutput without cache; apply_cache(params, x, t, cache) with one.
   """
+
   model: Any
   params: Any
   x_shape: tuple
@@ -193,6 +205,7 @@ def export_teacher(config, directory, seed: int = 0) -> str:
   """Exports random FP parameters of the config's model (a QAT teacher) to `directory`."""
   from bidm_jax import builders  # pylint: disable=import-outside-toplevel
   from bidm_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
   params = random_params(builders.make_model(config), builders.image_shape(config, 1), seed)
   ckpt_lib.export_params(directory, params, builders.model_description(config))
   return str(directory)
@@ -201,8 +214,10 @@ def export_teacher(config, directory, seed: int = 0) -> str:
 def digits_batch(config, seed: int = 0) -> np.ndarray:
   """The first training batch (B, H, W, C) of the config's digits pipeline."""
   from bidm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  it = data_lib.make_train_iterator(config.data, global_batch_size=config.training.batch_size,
-                                    seed=seed)
+
+  it = data_lib.make_train_iterator(
+      config.data, global_batch_size=config.training.batch_size, seed=seed
+  )
   return np.asarray(next(it)["image"], np.float32)
 
 
@@ -214,8 +229,13 @@ class ScriptedIterator(grain.DatasetIterator):
     train() stops (preempted) after that many steps of this run.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, *, nan_at: int | None = None,
-               sigterm_after: int | None = None):
+  def __init__(
+      self,
+      parent: grain.DatasetIterator,
+      *,
+      nan_at: int | None = None,
+      sigterm_after: int | None = None,
+  ):
     super().__init__(parent)
     self._inner = parent
     self.nan_at, self.sigterm_after, self.count = nan_at, sigterm_after, 0
@@ -239,8 +259,13 @@ class ScriptedIterator(grain.DatasetIterator):
 def scripted_data(config, **kwargs) -> ScriptedIterator:
   """The config's training iterator (as train() would build it), wrapped in ScriptedIterator."""
   from bidm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  return ScriptedIterator(data_lib.make_train_iterator(
-      config.data, global_batch_size=config.training.batch_size, seed=config.seed), **kwargs)
+
+  return ScriptedIterator(
+      data_lib.make_train_iterator(
+          config.data, global_batch_size=config.training.batch_size, seed=config.seed
+      ),
+      **kwargs,
+  )
 
 
 def cache_dir(tmp_path_factory) -> pathlib.Path:
@@ -287,8 +312,15 @@ def subprocess_env(cache: pathlib.Path | None, *, devices: int | None = None) ->
 
 
 def cli_args(workdir, mode: str, *flags: str, config: str = "configs/digits.py:smoke") -> list:
-  return [PYTHON, "-m", "bidm_jax.main", f"--config={config}", f"--workdir={workdir}",
-          f"--mode={mode}", *flags]
+  return [
+      PYTHON,
+      "-m",
+      "bidm_jax.main",
+      f"--config={config}",
+      f"--workdir={workdir}",
+      f"--mode={mode}",
+      *flags,
+  ]
 
 
 def run(args, env, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -314,7 +346,7 @@ def read_metrics(workdir) -> list[dict]:
     return []
   text = path.read_text()
   if not text.endswith("\n"):  # a line being written right now
-    text = text[:text.rfind("\n") + 1]
+    text = text[: text.rfind("\n") + 1]
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -328,9 +360,11 @@ def read_state(workdir, step: int) -> dict:
   """The TrainState tree saved at `step` of a training workdir, as NumPy arrays."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from etils import epath  # pylint: disable=import-outside-toplevel
+
   options = ocp.CheckpointManagerOptions(read_only=True)
-  with ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
-                             item_names=("state", "meta")) as mngr:
+  with ocp.CheckpointManager(
+      epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "meta")
+  ) as mngr:
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return jax.tree_util.tree_map(np.asarray, dict(out["state"]))
 
@@ -358,5 +392,9 @@ def snapshot(directory) -> dict[str, tuple]:
     if p.is_dir():
       out[rel] = ("dir",)
     else:
-      out[rel] = (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+      out[rel] = (
+          p.stat().st_size,
+          p.stat().st_mtime_ns,
+          hashlib.sha256(p.read_bytes()).hexdigest(),
+      )
   return out

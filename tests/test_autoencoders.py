@@ -54,9 +54,15 @@ def _diffusers_model(cls, **kwargs):
   """A tiny diffusers model whose every parameter is random (norms and biases too)."""
   torch.manual_seed(0)
   levels = len(kwargs["block_out_channels"])
-  model = cls(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-              up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=4,
-              sample_size=SIZE, **kwargs).eval()
+  model = cls(
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * levels,
+      up_block_types=("UpDecoderBlock2D",) * levels,
+      norm_num_groups=4,
+      sample_size=SIZE,
+      **kwargs,
+  ).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("embedding.weight"):  # well-separated codes: no near ties in the argmin
@@ -68,14 +74,24 @@ def _diffusers_model(cls, **kwargs):
 
 @pytest.fixture(scope="module")
 def vq():
-  return _diffusers_model(diffusers.VQModel, block_out_channels=(8, 16), layers_per_block=2,
-                          latent_channels=3, num_vq_embeddings=16)
+  return _diffusers_model(
+      diffusers.VQModel,
+      block_out_channels=(8, 16),
+      layers_per_block=2,
+      latent_channels=3,
+      num_vq_embeddings=16,
+  )
 
 
 @pytest.fixture(scope="module")
 def kl():
-  return _diffusers_model(diffusers.AutoencoderKL, block_out_channels=(8, 16, 16),
-                          layers_per_block=1, latent_channels=4, scaling_factor=0.5)
+  return _diffusers_model(
+      diffusers.AutoencoderKL,
+      block_out_channels=(8, 16, 16),
+      layers_per_block=1,
+      latent_channels=4,
+      scaling_factor=0.5,
+  )
 
 
 def _numpy_state(model):
@@ -114,8 +130,9 @@ def _images(seed, n=2):
 def test_vq_parity_both_layouts(vq, tmp_path):
   vq.save_pretrained(tmp_path / "vqvae", safe_serialization=True)
   config, params = cfs.load_first_stage(tmp_path)  # the pipeline folder: finds vqvae/
-  assert config == ae.FirstStageConfig(ch=8, ch_mult=(1, 2), z_channels=3, embed_dim=3,
-                                       n_embed=16, norm_groups=4, scale_factor=1.0)
+  assert config == ae.FirstStageConfig(
+      ch=8, ch_mult=(1, 2), z_channels=3, embed_dim=3, n_embed=16, norm_groups=4, scale_factor=1.0
+  )
   compvis = _to_compvis(_numpy_state(vq), levels=2)
   compvis["loss.discriminator.main.0.weight"] = np.ones((4, 3, 4, 4), np.float32)  # skipped
   torch.save({k: torch.from_numpy(v) for k, v in compvis.items()}, tmp_path / "vq.ckpt")
@@ -133,8 +150,9 @@ def test_vq_parity_both_layouts(vq, tmp_path):
   _assert_close("VQModel encode", latents, _nhwc(ref_latents))
   _, idx = model.apply(variables, _nhwc(z), method="quantized")
   np.testing.assert_array_equal(np.asarray(idx).reshape(-1), ref_idx.numpy().reshape(-1))
-  _assert_close("VQModel decode", model.apply(variables, _nhwc(z), method="decode"),
-                _nhwc(ref_images))
+  _assert_close(
+      "VQModel decode", model.apply(variables, _nhwc(z), method="decode"), _nhwc(ref_images)
+  )
 
 
 def test_kl_parity_both_layouts(kl, tmp_path):
@@ -147,8 +165,10 @@ def test_kl_parity_both_layouts(kl, tmp_path):
   ckpt["scale_factor"] = torch.tensor(0.5)  # the buffer of scale_by_std
   torch.save({"state_dict": ckpt, "global_step": 3}, tmp_path / "ldm.ckpt")
   compvis_config, compvis_params = cfs.load_first_stage(
-      tmp_path / "ldm.ckpt", dataclasses.replace(config, scale_factor=1.0),
-      prefix="state_dict.first_stage_model")
+      tmp_path / "ldm.ckpt",
+      dataclasses.replace(config, scale_factor=1.0),
+      prefix="state_dict.first_stage_model",
+  )
   assert compvis_config == config
   _assert_same_params(params, compvis_params)
 
@@ -161,24 +181,39 @@ def test_kl_parity_both_layouts(kl, tmp_path):
   mean, logvar = model.apply(variables, x, method="moments")
   _assert_close("AutoencoderKL mean", mean, _nhwc(posterior.mean))
   _assert_close("AutoencoderKL logvar", logvar, _nhwc(posterior.logvar))
-  _assert_close("AutoencoderKL encode", model.apply(variables, x, method="encode"),
-                0.5 * _nhwc(posterior.mean))
-  _assert_close("AutoencoderKL decode", model.apply(variables, 0.5 * _nhwc(z), method="decode"),
-                _nhwc(ref_images))
+  _assert_close(
+      "AutoencoderKL encode",
+      model.apply(variables, x, method="encode"),
+      0.5 * _nhwc(posterior.mean),
+  )
+  _assert_close(
+      "AutoencoderKL decode",
+      model.apply(variables, 0.5 * _nhwc(z), method="decode"),
+      _nhwc(ref_images),
+  )
   rng = jax.random.PRNGKey(4)
   sample = model.apply(variables, x, rng, method="encode")
   noise = jax.random.normal(rng, mean.shape)
   np.testing.assert_allclose(sample, 0.5 * (mean + np.exp(0.5 * logvar) * noise), rtol=1e-6)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda sd: sd.pop("decoder.conv_in.bias"),
-     "missing targets (1): decoder/conv_in/bias (16,) <- decoder.conv_in.bias"),
-    (lambda sd: sd.update({"encoder.extra.weight": np.ones(2, np.float32)}),
-     "unused source tensors (1): encoder.extra.weight (2,)"),
-    (lambda sd: sd.update({"quant_conv.weight": np.ones((3, 3, 3, 3), np.float32)}),
-     "shape mismatches (1): quant_conv/kernel expects (1, 1, 3, 3) <- quant_conv.weight"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda sd: sd.pop("decoder.conv_in.bias"),
+            "missing targets (1): decoder/conv_in/bias (16,) <- decoder.conv_in.bias",
+        ),
+        (
+            lambda sd: sd.update({"encoder.extra.weight": np.ones(2, np.float32)}),
+            "unused source tensors (1): encoder.extra.weight (2,)",
+        ),
+        (
+            lambda sd: sd.update({"quant_conv.weight": np.ones((3, 3, 3, 3), np.float32)}),
+            "shape mismatches (1): quant_conv/kernel expects (1, 1, 3, 3) <- quant_conv.weight",
+        ),
+    ],
+)
 def test_conversion_errors_are_one_line(vq, change, message):
   config = cfs.config_from_diffusers(dict(vq.config))
   state_dict = _numpy_state(vq)

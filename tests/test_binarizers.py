@@ -35,8 +35,26 @@ def special_values(dtype):
   """Values around zero and at the extremes (normal numbers only), with the expected sign."""
   fi = jnp.finfo(dtype)
   tiny, big = float(fi.tiny), float(fi.max)
-  vals = [0.0, -0.0, tiny, -tiny, 1e-30, -1e-30, 1e-3, -1e-3, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0,
-          big, -big, np.inf, -np.inf]
+  vals = [
+      0.0,
+      -0.0,
+      tiny,
+      -tiny,
+      1e-30,
+      -1e-30,
+      1e-3,
+      -1e-3,
+      0.5,
+      -0.5,
+      1.0,
+      -1.0,
+      3.0,
+      -3.0,
+      big,
+      -big,
+      np.inf,
+      -np.inf,
+  ]
   x = np.array(vals, np.float32)
   expected = np.where(x >= 0, 1.0, -1.0)  # -0.0 >= 0: sign(-0.0) = +1 like sign(0)
   return jnp.asarray(x, dtype), expected
@@ -86,8 +104,31 @@ def test_sign_under_vmap_and_jit():
 # ---------------------------------------------------------------------------------------------
 # Gradients: closed forms written out per interval, evaluated in float64.
 
-GRAD_POINTS = np.array([-3.0, -1.5, -1.0001, -1.0, -0.999, -0.75, -0.5, -0.25, -1e-3, -0.0, 0.0,
-                        1e-3, 0.25, 0.5, 0.75, 0.999, 1.0, 1.0001, 1.5, 3.0], np.float32)
+GRAD_POINTS = np.array(
+    [
+        -3.0,
+        -1.5,
+        -1.0001,
+        -1.0,
+        -0.999,
+        -0.75,
+        -0.5,
+        -0.25,
+        -1e-3,
+        -0.0,
+        0.0,
+        1e-3,
+        0.25,
+        0.5,
+        0.75,
+        0.999,
+        1.0,
+        1.0001,
+        1.5,
+        3.0,
+    ],
+    np.float32,
+)
 
 
 def approx_sign_grad(x):
@@ -113,11 +154,14 @@ def elementwise_grad(fn, x):
   return np.asarray(jax.vmap(jax.grad(lambda v: fn(v)))(jnp.asarray(x)), np.float64)
 
 
-@pytest.mark.parametrize("name,closed", [
-    ("ste", clipped_identity_grad),
-    ("approx", approx_sign_grad),
-    ("identity", lambda x: np.ones_like(np.asarray(x, np.float64))),
-])
+@pytest.mark.parametrize(
+    "name,closed",
+    [
+        ("ste", clipped_identity_grad),
+        ("approx", approx_sign_grad),
+        ("identity", lambda x: np.ones_like(np.asarray(x, np.float64))),
+    ],
+)
 def test_estimator_gradient_closed_form(name, closed):
   fn = E.get_estimator(name)
   expected = closed(GRAD_POINTS)
@@ -141,8 +185,9 @@ def test_estimator_gradient_borders():
 
 @pytest.mark.parametrize("o", [1.0, 2.0, 3.0])
 def test_reste_gradient_closed_form(o):
-  pts = np.concatenate([GRAD_POINTS, np.array([-0.1, 0.1, -0.05, 0.05, 1.49, 1.51, -1.51],
-                                              np.float32)])
+  pts = np.concatenate(
+      [GRAD_POINTS, np.array([-0.1, 0.1, -0.05, 0.05, 1.49, 1.51, -1.51], np.float32)]
+  )
   fn = lambda v: E.sign_reste(v, jnp.float32(o))
   np.testing.assert_allclose(elementwise_grad(fn, pts), reste_grad(pts, o), rtol=1e-5)
   # o itself gets no gradient
@@ -157,8 +202,11 @@ def test_reste_special_cases():
   np.testing.assert_allclose(elementwise_grad(fn1, pts), [0, 1, 1, 1, 1, 1, 0], rtol=1e-6)
   # o = 2: secant 0.1^(1/2) / 0.1 near zero, 0.5 |x|^(-1/2) beyond
   fn2 = lambda v: E.sign_reste(v, jnp.float32(2.0))
-  np.testing.assert_allclose(elementwise_grad(fn2, jnp.array([0.0, 0.04, 1.0, -0.25])),
-                             [10 ** 0.5, 10 ** 0.5, 0.5, 1.0], rtol=1e-5)
+  np.testing.assert_allclose(
+      elementwise_grad(fn2, jnp.array([0.0, 0.04, 1.0, -0.25])),
+      [10**0.5, 10**0.5, 0.5, 1.0],
+      rtol=1e-5,
+  )
 
 
 def test_reste_schedule_grows_with_progress():
@@ -180,8 +228,9 @@ def test_sign_grad_under_jit_vmap_and_bf16():
     xb = x.astype(jnp.bfloat16)
     gb = jax.vmap(jax.grad(fn))(xb)
     assert gb.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(gb.astype(jnp.float32)),
-                               closed(np.asarray(xb.astype(jnp.float32))), atol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(gb.astype(jnp.float32)), closed(np.asarray(xb.astype(jnp.float32))), atol=1e-2
+    )
 
 
 def test_unknown_estimator_raises():
@@ -228,8 +277,9 @@ def test_weight_binarizer_gradient_alpha_is_stop_gradient():
 
 def test_weight_binarizer_jit_and_bf16():
   w = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 2, 4)), jnp.float32)
-  np.testing.assert_array_equal(np.asarray(jax.jit(E.binarize_weight)(w)),
-                                np.asarray(E.binarize_weight(w)))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(E.binarize_weight)(w)), np.asarray(E.binarize_weight(w))
+  )
   wb = E.binarize_weight(w.astype(jnp.bfloat16))
   assert wb.dtype == jnp.bfloat16
   mag = np.abs(np.asarray(wb.astype(jnp.float32))).reshape(-1, 4)
@@ -261,8 +311,9 @@ def test_activation_binarizer_without_threshold_and_dtype():
   x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 8)), jnp.bfloat16)
   y = E.binarize_activation(x)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
-                                np.where(np.asarray(x.astype(jnp.float32)) >= 0, 1.0, -1.0))
+  np.testing.assert_array_equal(
+      np.asarray(y.astype(jnp.float32)), np.where(np.asarray(x.astype(jnp.float32)) >= 0, 1.0, -1.0)
+  )
   y = E.binarize_activation(x, jnp.zeros((8,), jnp.float32))
   assert y.dtype == jnp.bfloat16
   # the 'ste' estimator for activations: clipped identity
@@ -328,12 +379,15 @@ def test_timestep_bucket():
   """The row of TBS's blend table and of TALSQ's step table: t * buckets // T, clipped."""
   t = jnp.arange(1000)
   np.testing.assert_array_equal(np.asarray(E.timestep_bucket(t, 100, 1000)), np.arange(1000) // 10)
-  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(jnp.arange(500), 100, 500)),
-                                np.arange(500) // 5)
-  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(t, 8, 1000)),
-                                np.arange(1000) * 8 // 1000)
-  np.testing.assert_array_equal(np.asarray(E.timestep_bucket(jnp.array([999, 1000, 5000]), 100,
-                                                             1000)), [99, 99, 99])  # clipped
+  np.testing.assert_array_equal(
+      np.asarray(E.timestep_bucket(jnp.arange(500), 100, 500)), np.arange(500) // 5
+  )
+  np.testing.assert_array_equal(
+      np.asarray(E.timestep_bucket(t, 8, 1000)), np.arange(1000) * 8 // 1000
+  )
+  np.testing.assert_array_equal(
+      np.asarray(E.timestep_bucket(jnp.array([999, 1000, 5000]), 100, 1000)), [99, 99, 99]
+  )  # clipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +396,7 @@ def test_timestep_bucket():
 
 class HalfSignWeights(B.WeightBinarizer):
   """sign(W) / 2: a binarizer defined outside the package, for the registry test."""
+
   name = "half_sign"
   scale = "tensor"
 
@@ -353,8 +408,9 @@ def test_a_registered_binarizer_runs_in_a_layer():
   """One class and one registration: a method names it, a layer runs and counts it."""
   B.WEIGHT_BINARIZERS.register(HalfSignWeights)
   try:
-    method = get_method("xnor", weight_binarizer="half_sign", activation_scale="none",
-                        shortcut=False)
+    method = get_method(
+        "xnor", weight_binarizer="half_sign", activation_scale="none", shortcut=False
+    )
     assert isinstance(method.binarizers.weight, HalfSignWeights)
     with pytest.raises(ValueError, match="already registered"):
       B.WEIGHT_BINARIZERS.register(HalfSignWeights)
@@ -377,8 +433,11 @@ def test_a_registered_binarizer_runs_in_a_layer():
     get_method("xnor", weight_binarizer="half_sign")
 
 
-@pytest.mark.parametrize("registry", [B.WEIGHT_BINARIZERS, B.ACTIVATION_BINARIZERS,
-                                      B.OUTPUT_SCALES], ids=lambda r: r.kind)
+@pytest.mark.parametrize(
+    "registry",
+    [B.WEIGHT_BINARIZERS, B.ACTIVATION_BINARIZERS, B.OUTPUT_SCALES],
+    ids=lambda r: r.kind,
+)
 def test_unknown_name_is_a_one_line_error(registry):
   with pytest.raises(ValueError) as e:
     get_method("xnor", **{registry.kind: "ternary"})

@@ -31,9 +31,12 @@ def _error_lines(stderr: str, prefix: str) -> list[str]:
 
 
 def _param_count(config) -> int:
-  shapes = jax.eval_shape(builders.make_model(config, FP).init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct(builders.image_shape(config, 1), np.float32),
-                          jax.ShapeDtypeStruct((1,), np.int32))["params"]
+  shapes = jax.eval_shape(
+      builders.make_model(config, FP).init,
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct(builders.image_shape(config, 1), np.float32),
+      jax.ShapeDtypeStruct((1,), np.int32),
+  )["params"]
   return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
 
 
@@ -57,9 +60,13 @@ def test_unknown_field_fails_naming_it(tmp_path, env):
   assert not (tmp_path / "efficiency.json").exists()
 
 
-@pytest.mark.parametrize("flag,field", [("--config.training.steps=ten", "training.steps"),
-                                        ("--config.training.learning_rate=fast",
-                                         "training.learning_rate")])
+@pytest.mark.parametrize(
+    "flag,field",
+    [
+        ("--config.training.steps=ten", "training.steps"),
+        ("--config.training.learning_rate=fast", "training.learning_rate"),
+    ],
+)
 def test_wrong_type_fails(tmp_path, env, flag, field):
   proc = H.run(H.cli_args(tmp_path, "report", flag), env)
   assert proc.returncode != 0
@@ -72,8 +79,9 @@ def test_qat_without_teacher_fails(tmp_path, env, teacher):
   """QAT with no teacher path, or one where nothing is: exit 1 and one error line that names
   config.training.teacher (no traceback, no training)."""
   path = str(tmp_path / teacher) if teacher else ""
-  proc = H.run(H.cli_args(tmp_path / "run", "train", *H.TINY_FLAGS,
-                          f"--config.training.teacher={path}"), env)
+  proc = H.run(
+      H.cli_args(tmp_path / "run", "train", *H.TINY_FLAGS, f"--config.training.teacher={path}"), env
+  )
   assert proc.returncode == 1
   errors = _error_lines(proc.stderr, "bidm_jax: error:")
   assert len(errors) == 1 and "config.training.teacher" in errors[0], proc.stderr
@@ -88,21 +96,33 @@ def _fake_fp_run(workdir, config) -> None:
   tx = builders.make_optimizer(config)
   state = train_lib.create_state(H.random_params(model, builders.image_shape(config, 1)), tx)
   mngr = ckpt_lib.make_manager(workdir, keep=3)
-  mngr.save(4, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(train_lib.run_meta(config, FP, model))), force=True)
+  mngr.save(
+      4,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave(train_lib.run_meta(config, FP, model)),
+      ),
+      force=True,
+  )
   mngr.wait_until_finished()
   mngr.close()
   (workdir / "logs").mkdir()
   (workdir / "logs" / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--config.binarization.method=fp", "--config.model.ch=64"],
-     "holds a different model (ch: checkpoint 32 vs config 64"),
-    (["--config.binarization.method=bidm", "--config.training.teacher=unused"],
-     "holds a run of method 'fp'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--config.binarization.method=fp", "--config.model.ch=64"],
+            "holds a different model (ch: checkpoint 32 vs config 64",
+        ),
+        (
+            ["--config.binarization.method=bidm", "--config.training.teacher=unused"],
+            "holds a run of method 'fp'",
+        ),
+    ],
+)
 def test_workdir_of_another_model_fails_and_is_untouched(tmp_path, env, flags, message):
   """Training in a workdir whose checkpoint holds another architecture or method: exit 1 with
   one error line saying so, and every file and folder of the workdir unchanged."""
@@ -130,8 +150,12 @@ def test_convert_refuses_a_training_workdir(tmp_path, env):
   workdir = tmp_path / "run"
   _fake_fp_run(workdir, H.tiny_config("fp"))
   before = H.snapshot(workdir)
-  proc = H.run(H.cli_args(workdir, "convert", *H.TINY_FLAGS,
-                          f"--config.convert.source={tmp_path / 'model.ckpt'}"), env)
+  proc = H.run(
+      H.cli_args(
+          workdir, "convert", *H.TINY_FLAGS, f"--config.convert.source={tmp_path / 'model.ckpt'}"
+      ),
+      env,
+  )
   assert proc.returncode == 1
   line = _one_error_line(proc)
   assert str(workdir) in line and "holds a training workdir" in line, line
@@ -144,8 +168,7 @@ def test_training_refuses_an_export(tmp_path, env):
   export = tmp_path / "export"
   H.export_teacher(H.tiny_config("fp"), export)
   before = H.snapshot(export)
-  proc = H.run(H.cli_args(export, "train", *H.TINY_FLAGS, "--config.binarization.method=fp"),
-               env)
+  proc = H.run(H.cli_args(export, "train", *H.TINY_FLAGS, "--config.binarization.method=fp"), env)
   assert proc.returncode == 1
   line = _one_error_line(proc)
   assert f"workdir {export} holds an exported parameter set" in line, line
@@ -164,8 +187,9 @@ def _unwritable_folder(tmp_path) -> str:
   return str(folder)
 
 
-@pytest.mark.parametrize("case", ["missing_config", "workdir_is_a_file", "workdir_in_a_file",
-                                  "unwritable_workdir"])
+@pytest.mark.parametrize(
+    "case", ["missing_config", "workdir_is_a_file", "workdir_in_a_file", "unwritable_workdir"]
+)
 def test_os_errors_are_one_line(tmp_path, env, case):
   """A missing config file, a workdir that is a file or lies inside one, and a workdir that
   cannot be written to: exit 1, one error line naming the path, no traceback, nothing written."""
@@ -181,8 +205,10 @@ def test_os_errors_are_one_line(tmp_path, env, case):
   else:
     workdir = _unwritable_folder(tmp_path)
   before = H.snapshot(tmp_path)
-  proc = H.run(H.cli_args(workdir, "train", *H.TINY_FLAGS, "--config.binarization.method=fp",
-                          config=config), env)
+  proc = H.run(
+      H.cli_args(workdir, "train", *H.TINY_FLAGS, "--config.binarization.method=fp", config=config),
+      env,
+  )
   assert proc.returncode == 1
   line = _one_error_line(proc)
   assert (config.split(":")[0] if case == "missing_config" else workdir) in line, line
@@ -207,7 +233,7 @@ def test_printed_result_is_strict_json(tmp_path, env):
   single sampling batch has no measured images/s)."""
   proc = H.run([H.PYTHON, "-c", STRICT_JSON, str(tmp_path)], env)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  text = proc.stdout[proc.stdout.index("{"):]
+  text = proc.stdout[proc.stdout.index("{") :]
   result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}"))
   assert result == {"images_per_s": None, "fid": None, "steps": [1.5, None], "ok": 3}
 
@@ -224,8 +250,11 @@ def test_loader_says_what_it_found(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=r"found both an exported parameter set"):
     ckpt_lib.load_params(export, model)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"expected an exported parameter set "
-                     r"\(model.json, params/\) or a training workdir .* found an empty folder"):
+  with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r"expected an exported parameter set "
+      r"\(model.json, params/\) or a training workdir .* found an empty folder",
+  ):
     ckpt_lib.load_params(tmp_path / "empty", model)
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("")

@@ -28,24 +28,41 @@ REL_TOL = 1e-4
 
 # google/ddpm-cifar10-32's config.json as published (diffusers 0.0.4).
 CIFAR10_CONFIG = {
-    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu",
-    "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+    "_class_name": "UNet2DModel",
+    "_diffusers_version": "0.0.4",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
     "center_input_sample": False,
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
-    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
-    "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
     "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
-CIFAR10_KWARGS = dict(ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16],
-                      dropout=0.1, out_ch=3)
+CIFAR10_KWARGS = dict(
+    ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, out_ch=3
+)
 
 # The same architecture, narrow: 3 levels of 32/64/64 channels at 16x16, attention at 8x8.
-SMALL_CONFIG = dict(CIFAR10_CONFIG, block_out_channels=[32, 64, 64], sample_size=16,
-                    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-                    up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
-SMALL_KWARGS = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[8],
-                    dropout=0.0, out_ch=3)
+SMALL_CONFIG = dict(
+    CIFAR10_CONFIG,
+    block_out_channels=[32, 64, 64],
+    sample_size=16,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+)
+SMALL_KWARGS = dict(
+    ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[8], dropout=0.0, out_ch=3
+)
 SMALL_SIZE = 16
 
 
@@ -78,10 +95,14 @@ _APPLY = {}
 def _our_eps(params, kwargs, x, t):
   key = json.dumps(kwargs, sort_keys=True)
   if key not in _APPLY:
-    model = UNet(ch=kwargs["ch"], ch_mult=tuple(kwargs["ch_mult"]),
-                 num_res_blocks=kwargs["num_res_blocks"],
-                 attn_resolutions=tuple(kwargs["attn_resolutions"]),
-                 dropout=kwargs["dropout"], out_ch=kwargs["out_ch"])
+    model = UNet(
+        ch=kwargs["ch"],
+        ch_mult=tuple(kwargs["ch_mult"]),
+        num_res_blocks=kwargs["num_res_blocks"],
+        attn_resolutions=tuple(kwargs["attn_resolutions"]),
+        dropout=kwargs["dropout"],
+        out_ch=kwargs["out_ch"],
+    )
     _APPLY[key] = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t).eps)
   eps = _APPLY[key](params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32))
   return np.asarray(eps).transpose(0, 3, 1, 2)
@@ -102,18 +123,28 @@ def _assert_same_tree(a, b):
 def _ddim_key(key, levels):
   """diffusers UNet2DModel name -> ddim / pytorch_diffusion Model name (written independently
   of the converter, from the two repositories' module trees)."""
-  fixed = {"time_embedding.linear_1": "temb.dense.0", "time_embedding.linear_2": "temb.dense.1",
-           "conv_norm_out": "norm_out"}
+  fixed = {
+      "time_embedding.linear_1": "temb.dense.0",
+      "time_embedding.linear_2": "temb.dense.1",
+      "conv_norm_out": "norm_out",
+  }
   for a, b in fixed.items():
     if key.startswith(a + "."):
-      return b + key[len(a):]
-  fields = {"time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut", "group_norm": "norm",
-            "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+      return b + key[len(a) :]
+  fields = {
+      "time_emb_proj": "temb_proj",
+      "conv_shortcut": "nin_shortcut",
+      "group_norm": "norm",
+      "to_q": "q",
+      "to_k": "k",
+      "to_v": "v",
+      "to_out.0": "proj_out",
+  }
 
   def field(rest):
     for a, b in fields.items():
       if rest.startswith(a + "."):
-        return b + rest[len(a):]
+        return b + rest[len(a) :]
     return rest
 
   m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
@@ -152,8 +183,15 @@ def small(tmp_path_factory):
   model.save_pretrained(root / "bin", safe_serialization=False)
   x, t = _inputs(SMALL_SIZE, 4, seed=1)
   state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-  return dict(model=model, root=root, x=x, t=t, ref=_torch_eps(model, x, t), state=state,
-              numpy={k: v.numpy() for k, v in state.items()})
+  return dict(
+      model=model,
+      root=root,
+      x=x,
+      t=t,
+      ref=_torch_eps(model, x, t),
+      state=state,
+      numpy={k: v.numpy() for k, v in state.items()},
+  )
 
 
 def _listing(path):
@@ -166,8 +204,13 @@ def test_diffusers_folders_convert_to_the_same_noise_prediction(small, tmp_path)
   assert (bin_dir / "diffusion_pytorch_model.bin").exists()
   # A folder (config.json checked), and the .bin file given by itself.
   convert_ddpm.convert_checkpoint(safe_dir, tmp_path / "a", SMALL_KWARGS, image_size=SMALL_SIZE)
-  convert_ddpm.convert_checkpoint(bin_dir / "diffusion_pytorch_model.bin", tmp_path / "b",
-                                  SMALL_KWARGS, image_size=SMALL_SIZE, layout="diffusers")
+  convert_ddpm.convert_checkpoint(
+      bin_dir / "diffusion_pytorch_model.bin",
+      tmp_path / "b",
+      SMALL_KWARGS,
+      image_size=SMALL_SIZE,
+      layout="diffusers",
+  )
   pa, meta = ckpt_lib.load_params(tmp_path / "a", SMALL_KWARGS)
   pb, _ = ckpt_lib.load_params(tmp_path / "b", SMALL_KWARGS)
   assert meta["model"] == SMALL_KWARGS
@@ -187,8 +230,9 @@ def test_old_diffusers_attention_names(small):
     old[k] = v
   assert any(".proj_attn." in k for k in old)
   new = convert_ddpm.convert_state_dict(small["numpy"], None, SMALL_KWARGS, image_size=SMALL_SIZE)
-  _assert_same_tree(convert_ddpm.convert_state_dict(old, None, SMALL_KWARGS,
-                                                    image_size=SMALL_SIZE), new)
+  _assert_same_tree(
+      convert_ddpm.convert_state_dict(old, None, SMALL_KWARGS, image_size=SMALL_SIZE), new
+  )
 
 
 def test_ddim_layout_training_checkpoint_takes_the_ema_weights(small, tmp_path):
@@ -197,8 +241,10 @@ def test_ddim_layout_training_checkpoint_takes_the_ema_weights(small, tmp_path):
   assert "temb.dense.0.weight" in ema and "up.2.upsample.conv.weight" in ema
   assert ema["down.1.attn.0.q.weight"].ndim == 4
   raw = {f"module.{k}": v + 0.5 for k, v in ema.items()}  # DataParallel names, other values
-  optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(32, 3, 3, 3)}},
-               "param_groups": [{"lr": 2e-4, "params": [0]}]}
+  optimizer = {
+      "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(32, 3, 3, 3)}},
+      "param_groups": [{"lr": 2e-4, "params": [0]}],
+  }
   path = tmp_path / "ckpt.pth"
   torch.save([raw, optimizer, 12, 3400, ema], path)  # the ddim repo's [model, opt, e, s, ema]
 
@@ -207,23 +253,27 @@ def test_ddim_layout_training_checkpoint_takes_the_ema_weights(small, tmp_path):
   err = _rel_err(_our_eps(params, SMALL_KWARGS, small["x"], small["t"]), small["ref"])
   print(f"small model, ddim layout: max relative error {err:.2e}")
   assert err < REL_TOL
-  _assert_same_tree(params, convert_ddpm.convert_state_dict(small["numpy"], "diffusers",
-                                                            SMALL_KWARGS, image_size=SMALL_SIZE))
+  _assert_same_tree(
+      params,
+      convert_ddpm.convert_state_dict(
+          small["numpy"], "diffusers", SMALL_KWARGS, image_size=SMALL_SIZE
+      ),
+  )
 
   # use_ema=False takes the model entry; a bare DataParallel state dict works too.
-  plain = convert_ddpm.convert_state_dict({k: v.numpy() for k, v in raw.items()}, "ddim",
-                                          SMALL_KWARGS, image_size=SMALL_SIZE)
-  convert_ddpm.convert_checkpoint(path, tmp_path / "raw", SMALL_KWARGS, image_size=SMALL_SIZE,
-                                  use_ema=False)
+  plain = convert_ddpm.convert_state_dict(
+      {k: v.numpy() for k, v in raw.items()}, "ddim", SMALL_KWARGS, image_size=SMALL_SIZE
+  )
+  convert_ddpm.convert_checkpoint(
+      path, tmp_path / "raw", SMALL_KWARGS, image_size=SMALL_SIZE, use_ema=False
+  )
   _assert_same_tree(ckpt_lib.load_params(tmp_path / "raw", SMALL_KWARGS)[0], plain)
-  np.testing.assert_allclose(plain["conv_in"]["bias"], params["conv_in"]["bias"] + 0.5,
-                             rtol=1e-6)
+  np.testing.assert_allclose(plain["conv_in"]["bias"], params["conv_in"]["bias"] + 0.5, rtol=1e-6)
 
   # pytorch_diffusion's model-790000.ckpt: a bare state dict, torch < 1.6 (legacy) format.
   legacy = tmp_path / "model-790000.ckpt"
   torch.save(ema, legacy, _use_new_zipfile_serialization=False)
-  convert_ddpm.convert_checkpoint(legacy, tmp_path / "legacy", SMALL_KWARGS,
-                                  image_size=SMALL_SIZE)
+  convert_ddpm.convert_checkpoint(legacy, tmp_path / "legacy", SMALL_KWARGS, image_size=SMALL_SIZE)
   _assert_same_tree(ckpt_lib.load_params(tmp_path / "legacy", SMALL_KWARGS)[0], params)
 
 
@@ -247,12 +297,14 @@ def _assert_nothing_written(parent, before, out):
 
 
 def test_truncated_file_fails_and_writes_nothing(small, tmp_path):
-  for name in ("safetensors/diffusion_pytorch_model.safetensors",
-               "bin/diffusion_pytorch_model.bin"):
+  for name in (
+      "safetensors/diffusion_pytorch_model.safetensors",
+      "bin/diffusion_pytorch_model.bin",
+  ):
     data = (small["root"] / name).read_bytes()
     bad = tmp_path / "src" / name
     bad.parent.mkdir(parents=True, exist_ok=True)
-    bad.write_bytes(data[:len(data) // 2])
+    bad.write_bytes(data[: len(data) // 2])
     before = _listing(tmp_path)
     with pytest.raises(ValueError, match="truncated|corrupt|does not fit|ends early"):
       convert_ddpm.convert_checkpoint(bad, tmp_path / "out", SMALL_KWARGS, image_size=SMALL_SIZE)
@@ -290,8 +342,9 @@ def test_mismatches_are_all_listed_and_nothing_is_written(small, tmp_path):
   assert "conv_in/kernel expects (3, 3, 3, 64) <- conv_in.weight (32, 3, 3, 3)" in str(info.value)
   # No attention at 8x8 in the target: the checkpoint's attention tensors are left over.
   with pytest.raises(ValueError, match=r"unused source tensors \(50\)"):
-    convert_ddpm.convert_state_dict(small["numpy"], None, dict(SMALL_KWARGS, attn_resolutions=[]),
-                                    image_size=SMALL_SIZE)
+    convert_ddpm.convert_state_dict(
+        small["numpy"], None, dict(SMALL_KWARGS, attn_resolutions=[]), image_size=SMALL_SIZE
+    )
 
   src = tmp_path / "unet.bin"  # alone: no config.json beside it to catch the width first
   src.write_bytes((small["root"] / "bin" / "diffusion_pytorch_model.bin").read_bytes())
@@ -300,8 +353,9 @@ def test_mismatches_are_all_listed_and_nothing_is_written(small, tmp_path):
     convert_ddpm.convert_checkpoint(src, tmp_path / "out", wide, image_size=SMALL_SIZE)
   _assert_nothing_written(tmp_path, before, tmp_path / "out")
   with pytest.raises(ValueError, match="block_out_channels"):  # with it, the config says so
-    convert_ddpm.convert_checkpoint(small["root"] / "bin", tmp_path / "out", wide,
-                                    image_size=SMALL_SIZE)
+    convert_ddpm.convert_checkpoint(
+        small["root"] / "bin", tmp_path / "out", wide, image_size=SMALL_SIZE
+    )
   _assert_nothing_written(tmp_path, before, tmp_path / "out")
 
 
@@ -309,7 +363,8 @@ def test_config_json_of_another_architecture_is_refused(small, tmp_path):
   folder = tmp_path / "model"
   folder.mkdir()
   (folder / "diffusion_pytorch_model.safetensors").write_bytes(
-      (small["root"] / "safetensors" / "diffusion_pytorch_model.safetensors").read_bytes())
+      (small["root"] / "safetensors" / "diffusion_pytorch_model.safetensors").read_bytes()
+  )
   config = json.loads((small["root"] / "safetensors" / "config.json").read_text())
   config.update(flip_sin_to_cos=True, attention_head_dim=8, downsample_padding=1)
   (folder / "config.json").write_text(json.dumps(config))
@@ -342,8 +397,10 @@ def test_ema_copy_is_preferred_over_the_raw_model(small):
     both[f"model.{k}"] = v + 1.0
     both[f"ema.{k}"] = v
   ref = convert_ddpm.convert_state_dict(small["numpy"], None, SMALL_KWARGS, image_size=SMALL_SIZE)
-  _assert_same_tree(convert_ddpm.convert_state_dict(both, None, SMALL_KWARGS,
-                                                    image_size=SMALL_SIZE), ref)
-  raw = convert_ddpm.convert_state_dict(both, None, SMALL_KWARGS, image_size=SMALL_SIZE,
-                                        use_ema=False)
+  _assert_same_tree(
+      convert_ddpm.convert_state_dict(both, None, SMALL_KWARGS, image_size=SMALL_SIZE), ref
+  )
+  raw = convert_ddpm.convert_state_dict(
+      both, None, SMALL_KWARGS, image_size=SMALL_SIZE, use_ema=False
+  )
   np.testing.assert_allclose(raw["conv_out"]["bias"], ref["conv_out"]["bias"] + 1.0, rtol=1e-6)

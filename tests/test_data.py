@@ -14,8 +14,9 @@ from PIL import Image
 from bidm_jax import data as D
 from bidm_jax.data import preprocess
 
-CIFAR_ARCHIVE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-                 / "cifar10-jpeg.tar.xz")
+CIFAR_ARCHIVE = (
+    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
+)
 
 
 @contextlib.contextmanager
@@ -32,14 +33,24 @@ def take(it, n):
 
 
 def train(cfg, batch=16, seed=0, **kw):
-  return D.make_train_iterator(cfg, global_batch_size=batch, seed=seed,
-                               process_index=kw.pop("process_index", 0),
-                               process_count=kw.pop("process_count", 1), **kw)
+  return D.make_train_iterator(
+      cfg,
+      global_batch_size=batch,
+      seed=seed,
+      process_index=kw.pop("process_index", 0),
+      process_count=kw.pop("process_count", 1),
+      **kw,
+  )
 
 
 def evaluate(cfg, batch=32, **kw):
-  return D.make_eval_iterator(cfg, batch_size=batch, process_index=kw.pop("process_index", 0),
-                              process_count=kw.pop("process_count", 1), **kw)
+  return D.make_eval_iterator(
+      cfg,
+      batch_size=batch,
+      process_index=kw.pop("process_index", 0),
+      process_count=kw.pop("process_count", 1),
+      **kw,
+  )
 
 
 def write_image(path: pathlib.Path, value: int, size=(12, 10)):
@@ -54,8 +65,11 @@ def write_image(path: pathlib.Path, value: int, size=(12, 10)):
 def test_digits_train_batches_shape_range_and_seed_determinism():
   cfg = D.default_data_config()
   assert D.dataset_size(cfg) == 1797
-  with closing_iter(train(cfg, seed=0)) as a, closing_iter(train(cfg, seed=0)) as b, \
-       closing_iter(train(cfg, seed=1)) as c:
+  with (
+      closing_iter(train(cfg, seed=0)) as a,
+      closing_iter(train(cfg, seed=0)) as b,
+      closing_iter(train(cfg, seed=1)) as c,
+  ):
     ba, bb, bc = take(a, 3), take(b, 3), take(c, 3)
   x = ba[0]["image"]
   assert x.shape == (16, 32, 32, 1) and x.dtype == np.float32
@@ -70,8 +84,10 @@ def test_digits_train_batches_shape_range_and_seed_determinism():
 def test_digits_rgb_resize_and_flip_deterministic():
   cfg = D.default_data_config()
   cfg.channels, cfg.image_size, cfg.random_flip = 3, 16, True
-  with closing_iter(train(cfg, batch=8, seed=5)) as a, \
-       closing_iter(train(cfg, batch=8, seed=5)) as b:
+  with (
+      closing_iter(train(cfg, batch=8, seed=5)) as a,
+      closing_iter(train(cfg, batch=8, seed=5)) as b,
+  ):
     xa, xb = next(a)["image"], next(b)["image"]
   assert xa.shape == (8, 16, 16, 3)
   np.testing.assert_array_equal(xa, xb)
@@ -123,10 +139,19 @@ def test_train_sharding_two_hosts_disjoint_first_epoch(tmp_path):
   assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == {30 * k for k in range(8)}
 
 
-@pytest.mark.parametrize("field,value", [
-    ("source", "imagenet"), ("image_size", 0), ("image_size", -4), ("channels", 2),
-    ("on_bad_file", "ignore"), ("num_workers", -1), ("cache_in_memory", "sometimes"),
-    ("cache_budget_mb", -1.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("source", "imagenet"),
+        ("image_size", 0),
+        ("image_size", -4),
+        ("channels", 2),
+        ("on_bad_file", "ignore"),
+        ("num_workers", -1),
+        ("cache_in_memory", "sometimes"),
+        ("cache_budget_mb", -1.0),
+    ],
+)
 def test_bad_config_values_raise_value_error_naming_field(field, value):
   cfg = D.default_data_config()
   cfg[field] = value
@@ -287,8 +312,12 @@ def test_orbax_checkpoint_manager_roundtrip(tmp_path):
   with closing_iter(train(cfg, batch=8, seed=2)) as it:
     take(it, 5)
     with ocp.CheckpointManager(tmp_path, options=opts, item_names=("state", "data")) as mngr:
-      mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.ones(3)}),
-                                           data=D.orbax_save_args(it)))
+      mngr.save(
+          5,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave({"w": np.ones(3)}), data=D.orbax_save_args(it)
+          ),
+      )
       expected = take(it, 3)  # advancing while the save completes must not change it
       mngr.wait_until_finished()
   with closing_iter(train(cfg, batch=8, seed=2)) as it:

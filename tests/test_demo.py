@@ -12,8 +12,11 @@ import helpers as H
 
 
 def _pipeline(workdir, env):
-  proc = H.run(H.cli_args(workdir, "pipeline", *H.TINY_FLAGS, "--config.compilation_cache=off"),
-               env, timeout=500)
+  proc = H.run(
+      H.cli_args(workdir, "pipeline", *H.TINY_FLAGS, "--config.compilation_cache=off"),
+      env,
+      timeout=500,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return (workdir / "report.json").read_bytes()
 

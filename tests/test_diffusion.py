@@ -12,9 +12,17 @@ from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import sampling
 from bidm_jax.bidm import tbs
-from bidm_jax.diffusion import (ddim_sample, ddim_step, ddim_timesteps, ddpm_sample,
-                                dynamic_threshold_x0, epsilon_loss, make_schedule, process_x0,
-                                q_sample)
+from bidm_jax.diffusion import (
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    ddpm_sample,
+    dynamic_threshold_x0,
+    epsilon_loss,
+    make_schedule,
+    process_x0,
+    q_sample,
+)
 from bidm_jax.models.unet import UNetOutput
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +77,11 @@ def test_q_sample_closed_form():
 def test_epsilon_loss_is_mse():
   rng = np.random.default_rng(1)
   a, b = rng.standard_normal((2, 3, 4, 4, 3)).astype(np.float32)
-  np.testing.assert_allclose(float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))),
-                             np.mean((a.astype(np.float64) - b) ** 2), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))),
+      np.mean((a.astype(np.float64) - b) ** 2),
+      rtol=1e-6,
+  )
 
 
 def test_epsilon_loss_sum_reduction():
@@ -80,8 +91,9 @@ def test_epsilon_loss_sum_reduction():
   sq = (a.astype(np.float64) - b) ** 2
   got = float(epsilon_loss(jnp.asarray(a), jnp.asarray(b), "sum"))
   np.testing.assert_allclose(got, sq.sum(axis=(1, 2, 3)).mean(), rtol=1e-6)
-  np.testing.assert_allclose(got, 48 * float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      got, 48 * float(epsilon_loss(jnp.asarray(a), jnp.asarray(b))), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="reduction"):
     epsilon_loss(jnp.asarray(a), jnp.asarray(b), "max")
 
@@ -116,7 +128,7 @@ def np_ddim_step(abar, x, eps, t, t_next, eta, noise):
   an = abar[t_next] if t_next >= 0 else 1.0
   x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
   sigma = eta * np.sqrt((1 - an) / (1 - a)) * np.sqrt(1 - a / an)
-  return np.sqrt(an) * x0 + np.sqrt(1 - an - sigma ** 2) * eps + sigma * noise
+  return np.sqrt(an) * x0 + np.sqrt(1 - an - sigma**2) * eps + sigma * noise
 
 
 @pytest.mark.parametrize("t,t_next", [(990, 980), (500, 250), (10, 0), (0, -1), (30, -1)])
@@ -126,10 +138,12 @@ def test_ddim_step_formula(t, t_next, eta):
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
   rng = np.random.default_rng(t)
   x, eps, noise = rng.standard_normal((3, 2, 4, 4, 3)).astype(np.float32)
-  got = ddim_step(s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta,
-                  jnp.asarray(noise))
-  np.testing.assert_allclose(np.asarray(got), np_ddim_step(abar, x, eps, t, t_next, eta, noise),
-                             rtol=1e-4, atol=1e-4)
+  got = ddim_step(
+      s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta, jnp.asarray(noise)
+  )
+  np.testing.assert_allclose(
+      np.asarray(got), np_ddim_step(abar, x, eps, t, t_next, eta, noise), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_ddim_step_eta1_is_ddpm_posterior_variance():
@@ -142,7 +156,7 @@ def test_ddim_step_eta1_is_ddpm_posterior_variance():
   sigma = float(ddim_step(s, x, eps, jnp.int32(t), jnp.int32(t - 1), 1.0, noise).squeeze())
   betas = np.linspace(1e-4, 0.02, 1000)
   abar = np.cumprod(1 - betas)
-  np.testing.assert_allclose(sigma ** 2, betas[t] * (1 - abar[t - 1]) / (1 - abar[t]), rtol=1e-3)
+  np.testing.assert_allclose(sigma**2, betas[t] * (1 - abar[t - 1]) / (1 - abar[t]), rtol=1e-3)
 
 
 def test_ddim_step_eta0_ignores_noise():
@@ -226,8 +240,9 @@ def test_ddim_sample_tiny_unet_matches_loop(tiny_fp):
   loop_apply = lambda x, t, cache: tiny_fp.apply(params, x, t)
   ref = ddim_loop(loop_apply, s, H.TINY_SHAPE, rng, 3, 0.5, 0)
   # float32 round-off of a jitted scan vs eager calls, scaled by |x| (up to ~16 here)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5,
-                             atol=1e-5 * float(np.abs(ref).max()))
+  np.testing.assert_allclose(
+      np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(np.abs(ref).max())
+  )
 
 
 def test_ddim_sample_tbs_unet_matches_loop_with_explicit_cache(micro_bidm):
@@ -273,8 +288,9 @@ def np_ddpm_loop(shape, rng, betas32, variance, num_connections):
     if num_connections:
       cache = h
     x0 = (x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t])
-    mean = (np.sqrt(abar_prev[t]) * betas[t] * x0
-            + np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x) / (1 - abar[t])
+    mean = (
+        np.sqrt(abar_prev[t]) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x
+    ) / (1 - abar[t])
     var = betas[t] if variance == "fixedlarge" else betas[t] * (1 - abar_prev[t]) / (1 - abar[t])
     noise = np.asarray(jax.random.normal(keys[i], shape, jnp.float32), np.float64)
     x = mean + (np.sqrt(var) * noise if t > 0 else 0.0)
@@ -294,8 +310,13 @@ def test_ddpm_sample_matches_python_loop_toy(variance, num_connections):
 
 def test_ddpm_bad_variance_raises():
   with pytest.raises(ValueError):
-    ddpm_sample(toy_apply, make_schedule("linear", 10, 1e-3, 0.2), (1, 2, 2, 1),
-                jax.random.key(0), variance="learned")
+    ddpm_sample(
+        toy_apply,
+        make_schedule("linear", 10, 1e-3, 0.2),
+        (1, 2, 2, 1),
+        jax.random.key(0),
+        variance="learned",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,10 +335,12 @@ def test_dynamic_threshold_exact():
   np.testing.assert_allclose(got[0].ravel(), [0.125, -0.25, 0.5, -1.0], rtol=1e-6)
   # process_x0: off is the identity; clip is [-1, 1]; thresholding first, then the clip
   np.testing.assert_array_equal(np.asarray(process_x0(jnp.asarray(x0))), x0)
-  np.testing.assert_array_equal(np.asarray(process_x0(jnp.asarray(x0), clip_x0=True)),
-                                np.clip(x0, -1, 1))
-  np.testing.assert_allclose(np.asarray(process_x0(jnp.asarray(x0), True, 50.0)).reshape(2, 4),
-                             expected, rtol=1e-6)
+  np.testing.assert_array_equal(
+      np.asarray(process_x0(jnp.asarray(x0), clip_x0=True)), np.clip(x0, -1, 1)
+  )
+  np.testing.assert_allclose(
+      np.asarray(process_x0(jnp.asarray(x0), True, 50.0)).reshape(2, 4), expected, rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("clip,percentile", [(True, 0.0), (False, 90.0)])
@@ -338,12 +361,22 @@ def test_ddim_step_with_x0_processing(clip, percentile, t, t_next, eta):
   eps_c = (x - np.sqrt(abar[t]) * x0) / np.sqrt(1 - abar[t])
   an = abar[t_next] if t_next >= 0 else 1.0
   sigma = eta * np.sqrt((1 - an) / (1 - abar[t])) * np.sqrt(1 - abar[t] / an)
-  expected = np.sqrt(an) * x0 + np.sqrt(1 - an - sigma ** 2) * eps_c + sigma * noise
-  got = ddim_step(s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta,
-                  jnp.asarray(noise), clip_x0=clip, dynamic_threshold=percentile)
+  expected = np.sqrt(an) * x0 + np.sqrt(1 - an - sigma**2) * eps_c + sigma * noise
+  got = ddim_step(
+      s,
+      jnp.asarray(x),
+      jnp.asarray(eps),
+      jnp.int32(t),
+      jnp.int32(t_next),
+      eta,
+      jnp.asarray(noise),
+      clip_x0=clip,
+      dynamic_threshold=percentile,
+  )
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
-  plain = ddim_step(s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta,
-                    jnp.asarray(noise))
+  plain = ddim_step(
+      s, jnp.asarray(x), jnp.asarray(eps), jnp.int32(t), jnp.int32(t_next), eta, jnp.asarray(noise)
+  )
   assert not np.allclose(np.asarray(plain), expected, atol=1e-3)
   if t_next == -1:  # the last step returns the processed x0 itself
     np.testing.assert_allclose(np.asarray(got), x0, rtol=1e-5, atol=1e-5)
@@ -359,8 +392,11 @@ def big_apply(x, t, cache):
 def test_samplers_clip_x0_bounds_the_sample(sampler):
   s = make_schedule("linear", 40, 1e-3, 0.2)
   shape, rng = (2, 4, 4, 3), jax.random.key(12)
-  run = ((lambda **kw: ddim_sample(big_apply, s, shape, rng, steps=10, **kw)) if sampler == "ddim"
-         else (lambda **kw: ddpm_sample(big_apply, s, shape, rng, **kw)))
+  run = (
+      (lambda **kw: ddim_sample(big_apply, s, shape, rng, steps=10, **kw))
+      if sampler == "ddim"
+      else (lambda **kw: ddpm_sample(big_apply, s, shape, rng, **kw))
+  )
   plain, clipped, thresholded = run(), run(clip_x0=True), run(dynamic_threshold=99.5)
   assert np.abs(np.asarray(plain)).max() > 2
   for out in (clipped, thresholded):  # DDPM's last mean is x0 up to float32 round-off
@@ -383,8 +419,9 @@ def test_ddpm_clip_matches_posterior_mean_loop():
   for i, t in enumerate(range(len(betas) - 1, -1, -1)):
     eps = 0.5 * (np.tanh(x) + 1e-4 * t)  # toy_apply without a cache
     x0 = np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
-    mean = (np.sqrt(abar_prev[t]) * betas[t] * x0
-            + np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x) / (1 - abar[t])
+    mean = (
+        np.sqrt(abar_prev[t]) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x
+    ) / (1 - abar[t])
     noise = np.asarray(jax.random.normal(keys[i], shape, jnp.float32), np.float64)
     x = mean + (np.sqrt(betas[t]) * noise if t > 0 else 0.0)
   got = ddpm_sample(toy_apply, s, shape, rng, clip_x0=True)
@@ -408,11 +445,11 @@ def test_make_sampler_passes_x0_options():
     out[clip, percentile] = np.asarray(sample(params, jax.random.key(0), 2))
   assert np.abs(out[False, 0.0]).max() > 1
   # one DDIM step from T - 1 to the clean image returns the processed x0
-  np.testing.assert_allclose(out[True, 0.0], np.clip(out[False, 0.0], -1, 1), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(out[True, 0.0], np.clip(out[False, 0.0], -1, 1), rtol=1e-4, atol=1e-4)
   q = np.maximum(np.percentile(np.abs(out[False, 0.0]), 99.5, axis=(1, 2, 3), keepdims=True), 1)
-  np.testing.assert_allclose(out[False, 99.5], np.clip(out[False, 0.0], -q, q) / q, rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      out[False, 99.5], np.clip(out[False, 0.0], -q, q) / q, rtol=1e-4, atol=1e-4
+  )
   config.sampling.dynamic_threshold = 150.0
   with pytest.raises(ValueError, match="sampling.dynamic_threshold"):
     config_lib.validate(config)

@@ -33,19 +33,20 @@ from bidm_jax.layers.binary import BinaryConv, BinaryDense
 from bidm_jax.models.unet import UNet
 from helpers import TINY_UNET, path_str
 
-H = W = 8      # input height and width
-CIN = 4        # input channels
-C1 = 8         # binary conv output channels (!= CIN: the shortcut is a real 1x1 conv)
-C2 = 6         # FP conv output channels
-D = 5          # binary dense output features
-K = 3          # kernel size of both convs
-STRIDE = 2     # stride of the binary conv ('SAME' padding)
+H = W = 8  # input height and width
+CIN = 4  # input channels
+C1 = 8  # binary conv output channels (!= CIN: the shortcut is a real 1x1 conv)
+C2 = 6  # FP conv output channels
+D = 5  # binary dense output features
+K = 3  # kernel size of both convs
+STRIDE = 2  # stride of the binary conv ('SAME' padding)
 HO = WO = -(-H // STRIDE)  # 4: output size of the binary conv; the FP conv keeps it
 
 
 class Toy(nn.Module):
   """x (1, H, W, CIN) -> binary 3x3/2 conv (C1) -> FP 3x3 conv (C2); and the binary conv's
   spatial mean -> binary dense (D)."""
+
   method: BinarizationMethod
 
   @nn.compact
@@ -63,21 +64,30 @@ def _mb(bits: float) -> float:
 
 def _binary_hand_count(method):
   """bops, flops, binary and real parameters of Toy(method), a binary method, by hand."""
-  bops = HO * WO * CIN * C1 * K**2 + C1 * D               # binary conv + binary dense
-  flops = (2 * HO * WO * C1 * C2 * K**2                   # FP conv
-           + 2 * HO * WO * (K**2 + CIN + C1)              # XNOR scale K = conv(mean|x|, k)
-           + 2 * HO * WO * CIN * C1)                      # real 1x1 shortcut (CIN -> C1)
+  bops = HO * WO * CIN * C1 * K**2 + C1 * D  # binary conv + binary dense
+  flops = (
+      2 * HO * WO * C1 * C2 * K**2  # FP conv
+      + 2 * HO * WO * (K**2 + CIN + C1)  # XNOR scale K = conv(mean|x|, k)
+      + 2 * HO * WO * CIN * C1
+  )  # real 1x1 shortcut (CIN -> C1)
   binary_params = K * K * CIN * C1 + C1 * D
-  real_params = (C1 + CIN + 1 + CIN * C1                  # conv bias, threshold, s, shortcut
-                 + (K * K if method.learnable_k else 0)   # BiDM's learnable k filter
-                 + K * K * C1 * C2 + C2                   # FP conv
-                 + D + C1)                                # dense bias, threshold
+  real_params = (
+      C1
+      + CIN
+      + 1
+      + CIN * C1  # conv bias, threshold, s, shortcut
+      + (K * K if method.learnable_k else 0)  # BiDM's learnable k filter
+      + K * K * C1 * C2
+      + C2  # FP conv
+      + D
+      + C1
+  )  # dense bias, threshold
   return bops, flops, binary_params, real_params
 
 
 def _fp_hand_count():
   """flops and parameters of Toy(FP) by hand."""
-  flops = (2 * HO * WO * CIN * C1 * K**2 + 2 * HO * WO * C1 * C2 * K**2 + 2 * C1 * D)
+  flops = 2 * HO * WO * CIN * C1 * K**2 + 2 * HO * WO * C1 * C2 * K**2 + 2 * C1 * D
   params = K * K * CIN * C1 + C1 + K * K * C1 * C2 + C2 + C1 * D + D
   return flops, params
 
@@ -135,12 +145,15 @@ def test_unet_binary_params_are_the_binarized_kernels():
   tree = jax.eval_shape(binary_model.init, jax.random.key(0), x, t)["params"]
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   size = lambda s: int(np.prod(s.shape))
-  binarized = sum(size(s) for p, s in leaves if path_str(p).endswith("/kernel")
-                  and not any(f"{name}/" in path_str(p) for name in FP_LAYERS))
+  binarized = sum(
+      size(s)
+      for p, s in leaves
+      if path_str(p).endswith("/kernel")
+      and not any(f"{name}/" in path_str(p) for name in FP_LAYERS)
+  )
   assert binary["binary_params"] == binarized
   assert binary["params"] == sum(size(s) for _, s in leaves)
-  assert binary["size_mb"] == pytest.approx(
-      _mb(binarized + 32 * (binary["params"] - binarized)))
+  assert binary["size_mb"] == pytest.approx(_mb(binarized + 32 * (binary["params"] - binarized)))
   assert fp["bops"] == 0 and fp["binary_params"] == 0
   assert binary["bops"] > 0 and 0 < binary["flops"] < fp["flops"]
   for costs in (fp, binary):

@@ -28,12 +28,36 @@ from bidm_jax.training import checkpoint as ckpt_lib
 from helpers import random_params
 
 METRIC_KEYS = {
-    "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "pr_k",
-    "num_samples", "sampler", "steps", "eta", "seed", "method", "checkpoint", "checkpoint_step",
-    "reference", "reference_description", "reference_count", "reference_pr_features",
-    "inception_weights", "images_per_s", "seconds", "samples_file", "notes",
-    "clip_x0", "dynamic_threshold", "saturated_fraction", "mean_image_std",
-    "reference_saturated_fraction", "reference_mean_image_std",
+    "fid",
+    "sfid",
+    "inception_score",
+    "inception_score_std",
+    "precision",
+    "recall",
+    "pr_k",
+    "num_samples",
+    "sampler",
+    "steps",
+    "eta",
+    "seed",
+    "method",
+    "checkpoint",
+    "checkpoint_step",
+    "reference",
+    "reference_description",
+    "reference_count",
+    "reference_pr_features",
+    "inception_weights",
+    "images_per_s",
+    "seconds",
+    "samples_file",
+    "notes",
+    "clip_x0",
+    "dynamic_threshold",
+    "saturated_fraction",
+    "mean_image_std",
+    "reference_saturated_fraction",
+    "reference_mean_image_std",
 }
 DESCRIPTION_KEYS = {"source", "name", "split", "data_dir", "image_size", "channels", "count"}
 NUM_REFERENCE = 24
@@ -48,8 +72,14 @@ def make_config(weights, **eval_overrides):
   c.binarization.method = "bidm"
   c.tbs.connections = 2
   c.sampling.update(sampler="ddim", steps=2, eta=0.0, batch_size=8)
-  c.eval.update(num_samples=16, batch_size=8, inception_weights=str(weights),
-                num_reference=NUM_REFERENCE, pr_reference=PR_REFERENCE, progress_bar=False)
+  c.eval.update(
+      num_samples=16,
+      batch_size=8,
+      inception_weights=str(weights),
+      num_reference=NUM_REFERENCE,
+      pr_reference=PR_REFERENCE,
+      progress_bar=False,
+  )
   c.eval.update(**eval_overrides)
   config_lib.validate(c)
   return c
@@ -82,8 +112,9 @@ def run(tmp_path_factory, inception_weights):
   out["mtime_after_ref"] = reference.stat().st_mtime_ns
 
   # 6 samples: one sampler batch of 6, padded to the Inception batch of 8 (same compile).
-  second = make_config(inception_weights, num_samples=6, keep_samples=True,
-                       reference=str(reference))
+  second = make_config(
+      inception_weights, num_samples=6, keep_samples=True, reference=str(reference)
+  )
   second.sampling.checkpoint = str(export)
   out["workdir2"] = root / "work2"
   out["metrics2"] = eval_lib.evaluate(second, str(out["workdir2"]))
@@ -111,8 +142,14 @@ def test_metrics_json_has_every_key_and_finite_values(run):
   assert written["reference_count"] == NUM_REFERENCE
   assert written["reference_pr_features"] == PR_REFERENCE
   assert written["reference_description"] == dict(
-      source="digits", name="digits", split="", data_dir="", image_size=8, channels=1,
-      count=NUM_REFERENCE)
+      source="digits",
+      name="digits",
+      split="",
+      data_dir="",
+      image_size=8,
+      channels=1,
+      count=NUM_REFERENCE,
+  )
   assert written["inception_weights"] == str(run["weights"])
   assert written["samples_file"] is None
   assert written["clip_x0"] is False and written["dynamic_threshold"] == 0.0
@@ -125,8 +162,16 @@ def test_metrics_json_has_every_key_and_finite_values(run):
 
 def test_reference_file_contents(run):
   with np.load(run["reference"]) as data:
-    assert {"mu", "sigma", "mu_s", "sigma_s", "count", "pr_features", "description",
-            "inception_weights"} <= set(data.files)
+    assert {
+        "mu",
+        "sigma",
+        "mu_s",
+        "sigma_s",
+        "count",
+        "pr_features",
+        "description",
+        "inception_weights",
+    } <= set(data.files)
     assert data["mu"].shape == (2048,) and data["sigma"].shape == (2048, 2048)
     assert data["mu_s"].shape == (2023,) and data["sigma_s"].shape == (2023, 2023)
     assert int(data["count"]) == NUM_REFERENCE
@@ -135,12 +180,14 @@ def test_reference_file_contents(run):
     assert str(data["inception_weights"]) == run["weights"].name
     health = {k: float(data[k]) for k in ("saturated_fraction", "mean_image_std")}
   # the image health of exactly the reference images (the first 24 digits, as uint8)
-  it = data_lib.make_eval_iterator(run["config"].data, batch_size=NUM_REFERENCE,
-                                   num_examples=NUM_REFERENCE)
+  it = data_lib.make_eval_iterator(
+      run["config"].data, batch_size=NUM_REFERENCE, num_examples=NUM_REFERENCE
+  )
   expected = image_health(np.concatenate([b["image"] for b in it]))
   assert health == pytest.approx({k: expected[k] for k in health})
   assert run["metrics"]["reference_saturated_fraction"] == pytest.approx(
-      expected["saturated_fraction"])
+      expected["saturated_fraction"]
+  )
   assert run["ref_again"]["health"] == pytest.approx(health)
   # Readable by FeatureStats as the pool and sFID statistics.
   assert FeatureStats.load(run["reference"]).count == NUM_REFERENCE
@@ -223,7 +270,7 @@ def test_reservoir_keeps_a_uniform_subset():
   for seed in range(300):
     r = ref_stats_lib._Reservoir(10, seed=seed)  # pylint: disable=protected-access
     for start in range(0, 40, 7):
-      r.add(rows[start:start + 7])
+      r.add(rows[start : start + 7])
     kept = r.result()[:, 0].astype(int)
     assert len(set(kept)) == 10
     counts[kept] += 1

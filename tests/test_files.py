@@ -51,11 +51,11 @@ def _records(data: bytes) -> list[bytes]:
   """The records of a TFRecord file, their CRCs checked."""
   out, i = [], 0
   while i < len(data):
-    header = data[i:i + 8]
-    assert data[i + 8:i + 12] == log_lib._masked_crc(header)
+    header = data[i : i + 8]
+    assert data[i + 8 : i + 12] == log_lib._masked_crc(header)
     n = struct.unpack("<Q", header)[0]
-    record = data[i + 12:i + 12 + n]
-    assert data[i + 12 + n:i + 16 + n] == log_lib._masked_crc(record)
+    record = data[i + 12 : i + 12 + n]
+    assert data[i + 12 + n : i + 16 + n] == log_lib._masked_crc(record)
     out.append(record)
     i += 16 + n
   return out
@@ -76,7 +76,10 @@ def test_round_trip_on_gs(fake_gcs):
   with np.load(io.BytesIO(files.read_bytes(f"{base}/c.npz"))) as data:
     np.testing.assert_array_equal(data["images"], np.arange(6).reshape(2, 3))
   assert sorted(fake_gcs.find("gs://bucket")) == [
-      "gs://bucket/run/a.json", "gs://bucket/run/c.npz", "gs://bucket/run/deep/b.bin"]
+      "gs://bucket/run/a.json",
+      "gs://bucket/run/c.npz",
+      "gs://bucket/run/deep/b.bin",
+  ]
 
 
 def test_local_writes_are_whole_and_leave_no_temporary(tmp_path):
@@ -142,8 +145,9 @@ def test_reference_stats_round_trip_on_gs(fake_gcs):
   pool = FeatureStats.from_features(rng.normal(size=(6, 2048)))
   spatial = FeatureStats.from_features(rng.normal(size=(6, 2023)))
   desc = {"source": "digits", "count": 6}
-  ref = ref_stats_lib.Reference("", pool, 6, spatial,
-                                rng.normal(size=(3, 2048)).astype(np.float32), desc, "w.npz")
+  ref = ref_stats_lib.Reference(
+      "", pool, 6, spatial, rng.normal(size=(3, 2048)).astype(np.float32), desc, "w.npz"
+  )
   config = ml_collections.ConfigDict({"eval": {"reference": ""}})
   path = ref_stats_lib.reference_path(config, "gs://bucket/run")
   assert str(path) == "gs://bucket/run/reference_stats.npz"
@@ -170,14 +174,20 @@ def test_convert_to_gs_exports_in_place(fake_gcs, monkeypatch):
   calls = []
   monkeypatch.setattr(ckpt_lib, "export_params", lambda *args: calls.append(args))
   convert_ddpm._export_atomically(epath.Path("gs://bucket/teacher"), {"w": 1}, {"ch": 32})
-  assert [(str(a[0]), a[1], a[2]) for a in calls] == [("gs://bucket/teacher", {"w": 1},
-                                                        {"ch": 32})]
+  assert [(str(a[0]), a[1], a[2]) for a in calls] == [("gs://bucket/teacher", {"w": 1}, {"ch": 32})]
 
 
 def test_write_json_is_strict_json(tmp_path):
   path = tmp_path / "r.json"
-  files.write_json(path, {"nan": float("nan"), "inf": np.float32("inf"), "ok": np.float64(1.5),
-                          "rows": (np.arange(2), [float("-inf")])})
+  files.write_json(
+      path,
+      {
+          "nan": float("nan"),
+          "inf": np.float32("inf"),
+          "ok": np.float64(1.5),
+          "rows": (np.arange(2), [float("-inf")]),
+      },
+  )
   text = path.read_text()
   assert "NaN" not in text and "Infinity" not in text
   assert json.loads(text) == {"nan": None, "inf": None, "ok": 1.5, "rows": [[0, 1], [None]]}

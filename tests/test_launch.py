@@ -28,26 +28,65 @@ SLURM = REPO / "launch" / "slurm_gpu.sbatch"
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash scripts")
 
 # Variables of the scripts and of SLURM that must not leak in from the caller's environment.
-_SCRIPT_VARS = ("PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR", "RUNTIME_VERSION", "SPOT",
-                "PREEMPTIBLE", "SERVICE_ACCOUNT", "CREATE_FLAGS", "BUCKET", "CONFIG", "RUN_NAME",
-                "WORKDIR", "DATA_DIR", "TEACHER", "TEACHER_SOURCE", "TEACHER_GCS", "EXTRA_FLAGS",
-                "REPO_URL", "REPO_REF", "REMOTE_DIR", "REMOTE_VENV", "PYTHON_VERSION", "WORKER",
-                "LINES", "FOLLOW", "STOP_SIGNAL", "YES", "DRY_RUN", "REPO_DIR", "VENV", "PYTHON",
-                "GPUS_PER_NODE", "STOP_GRACE", "REQUEUE", "JAX_LOCAL_DEVICE_IDS",
-                "NCCL_NVLS_ENABLE")
+_SCRIPT_VARS = (
+    "PROJECT",
+    "ZONE",
+    "TPU_NAME",
+    "ACCELERATOR",
+    "RUNTIME_VERSION",
+    "SPOT",
+    "PREEMPTIBLE",
+    "SERVICE_ACCOUNT",
+    "CREATE_FLAGS",
+    "BUCKET",
+    "CONFIG",
+    "RUN_NAME",
+    "WORKDIR",
+    "DATA_DIR",
+    "TEACHER",
+    "TEACHER_SOURCE",
+    "TEACHER_GCS",
+    "EXTRA_FLAGS",
+    "REPO_URL",
+    "REPO_REF",
+    "REMOTE_DIR",
+    "REMOTE_VENV",
+    "PYTHON_VERSION",
+    "WORKER",
+    "LINES",
+    "FOLLOW",
+    "STOP_SIGNAL",
+    "YES",
+    "DRY_RUN",
+    "REPO_DIR",
+    "VENV",
+    "PYTHON",
+    "GPUS_PER_NODE",
+    "STOP_GRACE",
+    "REQUEUE",
+    "JAX_LOCAL_DEVICE_IDS",
+    "NCCL_NVLS_ENABLE",
+)
 
 
 def _env(**overrides) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if k not in _SCRIPT_VARS and not k.startswith("SLURM_")}
+  env = {
+      k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS and not k.startswith("SLURM_")
+  }
   env.update({k: str(v) for k, v in overrides.items()})
   return env
 
 
 def tpu(*args, **env) -> subprocess.CompletedProcess:
   env.setdefault("DRY_RUN", "1")
-  return subprocess.run(["bash", str(TPU), *args], env=_env(**env), capture_output=True,
-                        text=True, timeout=30, check=False)
+  return subprocess.run(
+      ["bash", str(TPU), *args],
+      env=_env(**env),
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=False,
+  )
 
 
 def tpu_ok(*args, **env) -> list[str]:
@@ -60,8 +99,14 @@ def tpu_ok(*args, **env) -> list[str]:
 
 
 def slurm(*args, **env) -> subprocess.CompletedProcess:
-  return subprocess.run(["bash", str(SLURM), *args], env=_env(**env), capture_output=True,
-                        text=True, timeout=30, check=False)
+  return subprocess.run(
+      ["bash", str(SLURM), *args],
+      env=_env(**env),
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=False,
+  )
 
 
 def remote_script(line: str) -> str:
@@ -75,12 +120,14 @@ def assert_bash_syntax(script: str) -> None:
   assert r.returncode == 0, f"{r.stderr}\n{script}"
 
 
-BASE = dict(BUCKET="bkt", PROJECT="proj", ZONE="us-central2-b", TPU_NAME="bidm-test",
-            ACCELERATOR="v4-32")
+BASE = dict(
+    BUCKET="bkt", PROJECT="proj", ZONE="us-central2-b", TPU_NAME="bidm-test", ACCELERATOR="v4-32"
+)
 QAT = dict(BASE, TEACHER="gs://bkt/teachers/ddpm-cifar10")
 
 
 # --- both scripts -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
 def test_bash_syntax(script):
@@ -92,12 +139,14 @@ def test_bash_syntax(script):
 def test_shellcheck(script):
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed")
-  r = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True,
-                     text=True, check=False)
+  r = subprocess.run(
+      ["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True, check=False
+  )
   assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- tpu_pod.sh ---------------------------------------------------------------------------
+
 
 def test_tpu_help_and_unknown_subcommand():
   r = tpu("help")
@@ -110,10 +159,20 @@ def test_tpu_help_and_unknown_subcommand():
 
 def test_tpu_create():
   (line,) = tpu_ok("create", **BASE)
-  assert line == ("gcloud compute tpus tpu-vm create bidm-test --zone=us-central2-b "
-                  "--project=proj --accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
-  (line,) = tpu_ok("create", **dict(BASE, ACCELERATOR="v5p-64", ZONE="europe-west4-b", SPOT=1,
-                                    SERVICE_ACCOUNT="sa@proj.iam.gserviceaccount.com"))
+  assert line == (
+      "gcloud compute tpus tpu-vm create bidm-test --zone=us-central2-b "
+      "--project=proj --accelerator-type=v4-32 --version=tpu-ubuntu2204-base"
+  )
+  (line,) = tpu_ok(
+      "create",
+      **dict(
+          BASE,
+          ACCELERATOR="v5p-64",
+          ZONE="europe-west4-b",
+          SPOT=1,
+          SERVICE_ACCOUNT="sa@proj.iam.gserviceaccount.com",
+      ),
+  )
   assert "--accelerator-type=v5p-64 --version=v2-alpha-tpuv5 --spot" in line
   assert "--zone=europe-west4-b" in line
   assert "--service-account=sa@proj.iam.gserviceaccount.com" in line
@@ -135,8 +194,10 @@ def test_tpu_install_copies_checkout_to_all_workers(tmp_path):
   assert scp.startswith("gcloud compute tpus tpu-vm scp ")
   assert f"{tmp_path}/bidm-jax-src.tar.gz bidm-test:bidm-jax-src.tar.gz" in scp
   assert scp.endswith("--zone=us-central2-b --project=proj --worker=all")
-  assert ssh.startswith("gcloud compute tpus tpu-vm ssh bidm-test --zone=us-central2-b "
-                        "--project=proj --worker=all --command ")
+  assert ssh.startswith(
+      "gcloud compute tpus tpu-vm ssh bidm-test --zone=us-central2-b "
+      "--project=proj --worker=all --command "
+  )
   script = remote_script(ssh)
   assert_bash_syntax(script)
   assert 'uv venv --quiet --python 3.11 "$HOME"/bidm-venv' in script
@@ -145,8 +206,7 @@ def test_tpu_install_copies_checkout_to_all_workers(tmp_path):
 
 
 def test_tpu_install_from_git():
-  (ssh,) = tpu_ok("install", REPO_URL="https://example.com/bidm-jax.git", REPO_REF="v1",
-                  **BASE)
+  (ssh,) = tpu_ok("install", REPO_URL="https://example.com/bidm-jax.git", REPO_REF="v1", **BASE)
   script = remote_script(ssh)
   assert_bash_syntax(script)
   assert "--worker=all" in ssh
@@ -160,26 +220,39 @@ def test_tpu_prepare_data_builds_array_record_and_publishes_to_gcs():
   script = remote_script(ssh)
   assert_bash_syntax(script)
   assert "tensorflow-cpu tensorflow-datasets" in script
-  assert ("tfds build cifar10 --file_format=array_record "
-          '--data_dir="$HOME/tensorflow_datasets" --publish_dir=gs://bkt/tfds') in script
+  assert (
+      "tfds build cifar10 --file_format=array_record "
+      '--data_dir="$HOME/tensorflow_datasets" --publish_dir=gs://bkt/tfds'
+  ) in script
 
 
 def test_tpu_train_command():
-  (ssh,) = tpu_ok("train", "--", "--config.training.steps=20", **dict(
-      QAT, EXTRA_FLAGS="--config.training.log_every=5 --config.training.progress_bar=false"))
+  (ssh,) = tpu_ok(
+      "train",
+      "--",
+      "--config.training.steps=20",
+      **dict(QAT, EXTRA_FLAGS="--config.training.log_every=5 --config.training.progress_bar=false"),
+  )
   words = shlex.split(ssh)
   assert words[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
   assert "--worker=all" in words and "--zone=us-central2-b" in words
   script = remote_script(ssh)
   assert_bash_syntax(script)
-  main = script[script.index("nohup ") + len("nohup "):script.index(" >>")]
+  main = script[script.index("nohup ") + len("nohup ") : script.index(" >>")]
   assert shlex.split(main) == [
-      "python", "-m", "bidm_jax.main", "--distributed", "--mode=train",
-      "--config=configs/cifar10.py", "--workdir=gs://bkt/runs/cifar10",
+      "python",
+      "-m",
+      "bidm_jax.main",
+      "--distributed",
+      "--mode=train",
+      "--config=configs/cifar10.py",
+      "--workdir=gs://bkt/runs/cifar10",
       "--config.data.data_dir=gs://bkt/tfds",
       "--config.training.teacher=gs://bkt/teachers/ddpm-cifar10",
-      "--config.training.log_every=5", "--config.training.progress_bar=false",
-      "--config.training.steps=20"]
+      "--config.training.log_every=5",
+      "--config.training.progress_bar=false",
+      "--config.training.steps=20",
+  ]
   assert '>>"$HOME"/bidm-logs/cifar10.log 2>&1 </dev/null &' in script
   assert 'export PATH="$HOME"/bidm-venv/bin:"$PATH"; cd "$HOME"/bidm-jax' in script
 
@@ -189,8 +262,9 @@ def test_tpu_train_names_and_overrides():
   script = remote_script(ssh)
   assert "--config=configs/cifar10.py:fp --workdir=gs://bkt/runs/cifar10-fp" in script
   assert "--config.training.teacher" not in script
-  (ssh,) = tpu_ok("train", **dict(QAT, RUN_NAME="exp 1", WORKDIR="gs://other/w",
-                                  DATA_DIR="gs://data/tfds"))
+  (ssh,) = tpu_ok(
+      "train", **dict(QAT, RUN_NAME="exp 1", WORKDIR="gs://other/w", DATA_DIR="gs://data/tfds")
+  )
   script = remote_script(ssh)
   assert_bash_syntax(script)
   assert "--workdir=gs://other/w --config.data.data_dir=gs://data/tfds" in script
@@ -220,21 +294,27 @@ def test_tpu_convert_teacher():
   assert r.returncode != 0 and "TEACHER_SOURCE is not set" in r.stderr
   mkdir, scp, ssh = tpu_ok("convert-teacher", TEACHER_SOURCE="/data/ddpm-cifar10-32/", **BASE)
   assert "--worker=0" in mkdir and "--worker=0" in ssh
-  assert scp.endswith("/data/ddpm-cifar10-32 bidm-test:teacher-src/ --zone=us-central2-b "
-                      "--project=proj --worker=0 --recurse")
+  assert scp.endswith(
+      "/data/ddpm-cifar10-32 bidm-test:teacher-src/ --zone=us-central2-b "
+      "--project=proj --worker=0 --recurse"
+  )
   script = remote_script(ssh)
   assert_bash_syntax(script)
-  assert ('JAX_PLATFORMS=cpu python -m bidm_jax.main --mode=convert --config=configs/cifar10.py'
-          ' --config.convert.source="$HOME"/teacher-src/ddpm-cifar10-32'
-          ' --workdir="$HOME"/teacher-out/ddpm-cifar10') in script
-  assert script.endswith('gcloud storage cp --recursive "$HOME"/teacher-out/ddpm-cifar10 '
-                         "gs://bkt/teachers/")
+  assert (
+      "JAX_PLATFORMS=cpu python -m bidm_jax.main --mode=convert --config=configs/cifar10.py"
+      ' --config.convert.source="$HOME"/teacher-src/ddpm-cifar10-32'
+      ' --workdir="$HOME"/teacher-out/ddpm-cifar10'
+  ) in script
+  assert script.endswith(
+      'gcloud storage cp --recursive "$HOME"/teacher-out/ddpm-cifar10 ' "gs://bkt/teachers/"
+  )
 
 
 def test_tpu_status_logs_stop_delete():
   describe, ssh = tpu_ok("status", **BASE)
-  assert describe == ("gcloud compute tpus tpu-vm describe bidm-test --zone=us-central2-b "
-                      "--project=proj")
+  assert describe == (
+      "gcloud compute tpus tpu-vm describe bidm-test --zone=us-central2-b " "--project=proj"
+  )
   assert "--worker=all" in ssh
   assert_bash_syntax(remote_script(ssh))
   (logs,) = tpu_ok("logs", WORKER=2, LINES=7, **BASE)
@@ -247,8 +327,9 @@ def test_tpu_status_logs_stop_delete():
   (kill,) = tpu_ok("stop", STOP_SIGNAL="KILL", **BASE)
   assert "kill -KILL" in remote_script(kill)
   (delete,) = tpu_ok("delete", **BASE)
-  assert delete == ("gcloud compute tpus tpu-vm delete bidm-test --zone=us-central2-b "
-                    "--project=proj")
+  assert delete == (
+      "gcloud compute tpus tpu-vm delete bidm-test --zone=us-central2-b " "--project=proj"
+  )
   (delete,) = tpu_ok("delete", YES=1, **BASE)
   assert delete.endswith(" --quiet")
   r = tpu("status", "--", "--x", **BASE)
@@ -260,8 +341,10 @@ def _fake_gcloud(tmp_path) -> tuple[Path, Path]:
   bindir, record = tmp_path / "bin", tmp_path / "gcloud.args"
   bindir.mkdir()
   fake = bindir / "gcloud"
-  fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >>{shlex.quote(str(record))}\n'
-                  'echo "---" >>' + shlex.quote(str(record)) + "\n")
+  fake.write_text(
+      f'#!/bin/bash\nprintf "%s\\n" "$@" >>{shlex.quote(str(record))}\n'
+      'echo "---" >>' + shlex.quote(str(record)) + "\n"
+  )
   fake.chmod(0o755)
   return bindir, record
 
@@ -286,11 +369,20 @@ def test_tpu_install_tarball_holds_the_checkout(tmp_path):
   if shutil.which("git") is None or not (REPO / ".git").exists():
     pytest.skip("needs the git checkout")
   bindir, record = _fake_gcloud(tmp_path)
-  r = tpu("install", PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", DRY_RUN=0,
-          TMPDIR=tmp_path, **BASE)
+  r = tpu(
+      "install",
+      PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
+      DRY_RUN=0,
+      TMPDIR=tmp_path,
+      **BASE,
+  )
   assert r.returncode == 0, r.stderr
-  names = subprocess.run(["tar", "-tzf", str(tmp_path / "bidm-jax-src.tar.gz")],
-                         capture_output=True, text=True, check=True).stdout.split()
+  names = subprocess.run(
+      ["tar", "-tzf", str(tmp_path / "bidm-jax-src.tar.gz")],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.split()
   assert "bidm_jax/main.py" in names and "launch/tpu_pod.sh" in names
   assert not any(n.startswith(".git/") for n in names)
   assert len(record.read_text().split("---\n")[:-1]) == 2  # scp, then ssh
@@ -302,18 +394,23 @@ def test_tpu_gcloud_accepts_the_printed_flags(tmp_path):
     pytest.skip("gcloud is not installed")
   # One command of each shape with flags beyond --zone/--project: create with every
   # optional flag, scp and ssh (--worker, --recurse, --command).
-  lines = [*tpu_ok("create", **dict(QAT, SPOT=1,
-                                    SERVICE_ACCOUNT="sa@proj.iam.gserviceaccount.com")),
-           *tpu_ok("convert-teacher", TEACHER_SOURCE="/d/ddpm", **QAT)[1:]]
+  lines = [
+      *tpu_ok("create", **dict(QAT, SPOT=1, SERVICE_ACCOUNT="sa@proj.iam.gserviceaccount.com")),
+      *tpu_ok("convert-teacher", TEACHER_SOURCE="/d/ddpm", **QAT)[1:],
+  ]
   cfg = tmp_path / "gcloud-config"
   cfg.mkdir()
-  env = _env(CLOUDSDK_CONFIG=cfg, CLOUDSDK_CORE_DISABLE_PROMPTS=1,
-             CLOUDSDK_CORE_CHECK_GCE_METADATA="false",
-             CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU="http://127.0.0.1:9/")
+  env = _env(
+      CLOUDSDK_CONFIG=cfg,
+      CLOUDSDK_CORE_DISABLE_PROMPTS=1,
+      CLOUDSDK_CORE_CHECK_GCE_METADATA="false",
+      CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU="http://127.0.0.1:9/",
+  )
 
   def parse(line):
-    r = subprocess.run(shlex.split(line), env=env, capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = subprocess.run(
+        shlex.split(line), env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     return line, r.returncode, r.stderr
 
   with ThreadPoolExecutor(len(lines)) as pool:
@@ -324,15 +421,23 @@ def test_tpu_gcloud_accepts_the_printed_flags(tmp_path):
 
 # --- slurm_gpu.sbatch ---------------------------------------------------------------------
 
-SLURM_RUN = dict(WORKDIR="/shared/runs/cifar10", TEACHER="/shared/teachers/ddpm-cifar10",
-                 DATA_DIR="/shared/tfds")
+SLURM_RUN = dict(
+    WORKDIR="/shared/runs/cifar10", TEACHER="/shared/teachers/ddpm-cifar10", DATA_DIR="/shared/tfds"
+)
 
 
 def test_slurm_header():
   header = [l for l in SLURM.read_text().splitlines() if l.startswith("#SBATCH")]
   options = {l.split()[1].split("=")[0] for l in header}
-  assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time",
-          "--signal", "--requeue"} <= options
+  assert {
+      "--nodes",
+      "--ntasks-per-node",
+      "--gpus-per-node",
+      "--cpus-per-task",
+      "--time",
+      "--signal",
+      "--requeue",
+  } <= options
   assert "#SBATCH --ntasks-per-node=1" in header
   assert "#SBATCH --signal=B:USR1@300" in header
   text = SLURM.read_text()
@@ -340,30 +445,55 @@ def test_slurm_header():
 
 
 def test_slurm_dry_run():
-  r = slurm("--config.training.steps=1000", DRY_RUN=1,
-            EXTRA_FLAGS="--config.training.progress_bar=false", **SLURM_RUN)
+  r = slurm(
+      "--config.training.steps=1000",
+      DRY_RUN=1,
+      EXTRA_FLAGS="--config.training.progress_bar=false",
+      **SLURM_RUN,
+  )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   assert lines[0] == "# 2 nodes x 1 process x 8 GPUs = 16 JAX devices"
-  assert lines[1:4] == ["export NCCL_NVLS_ENABLE=0", "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
-                        f"cd {REPO}"]
+  assert lines[1:4] == [
+      "export NCCL_NVLS_ENABLE=0",
+      "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
+      f"cd {REPO}",
+  ]
   assert shlex.split(lines[4]) == [
-      "srun", "--export=ALL", "--kill-on-bad-exit=1", "--ntasks-per-node=1",
-      f"{REPO}/.venv/bin/python", "-m", "bidm_jax.main", "--distributed", "--mode=train",
-      "--config=configs/cifar10.py", "--workdir=/shared/runs/cifar10",
+      "srun",
+      "--export=ALL",
+      "--kill-on-bad-exit=1",
+      "--ntasks-per-node=1",
+      f"{REPO}/.venv/bin/python",
+      "-m",
+      "bidm_jax.main",
+      "--distributed",
+      "--mode=train",
+      "--config=configs/cifar10.py",
+      "--workdir=/shared/runs/cifar10",
       "--config.data.data_dir=/shared/tfds",
       "--config.training.teacher=/shared/teachers/ddpm-cifar10",
-      "--config.training.progress_bar=false", "--config.training.steps=1000"]
+      "--config.training.progress_bar=false",
+      "--config.training.steps=1000",
+  ]
 
 
 def test_slurm_dry_run_settings():
-  r = slurm(DRY_RUN=1, GPUS_PER_NODE=4, SLURM_JOB_NUM_NODES=3, WORKDIR="gs://b/runs/fp",
-            CONFIG="configs/cifar10.py:fp", PYTHON="/opt/venv/bin/python")
+  r = slurm(
+      DRY_RUN=1,
+      GPUS_PER_NODE=4,
+      SLURM_JOB_NUM_NODES=3,
+      WORKDIR="gs://b/runs/fp",
+      CONFIG="configs/cifar10.py:fp",
+      PYTHON="/opt/venv/bin/python",
+  )
   assert r.returncode == 0, r.stderr
   assert "# 3 nodes x 1 process x 4 GPUs = 12 JAX devices" in r.stdout
   assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in r.stdout
-  assert ("/opt/venv/bin/python -m bidm_jax.main --distributed --mode=train "
-          "--config=configs/cifar10.py:fp --workdir=gs://b/runs/fp") in r.stdout
+  assert (
+      "/opt/venv/bin/python -m bidm_jax.main --distributed --mode=train "
+      "--config=configs/cifar10.py:fp --workdir=gs://b/runs/fp"
+  ) in r.stdout
   r = slurm("--config.training.batch_size=64", DRY_RUN=1, GPUS_PER_NODE=6, **SLURM_RUN)
   assert r.returncode != 0 and "must divide by the 12 GPUs" in r.stderr
 
@@ -407,16 +537,33 @@ while :; do sleep 0.05; done
 def _slurm_job(tmp_path, signum, **env):
   bindir = tmp_path / "bin"
   bindir.mkdir()
-  for name, text in (("srun", _FAKE_SRUN), ("scancel", _FAKE_SCANCEL),
-                     ("scontrol", _FAKE_SCONTROL), ("python", _FAKE_PYTHON)):
+  for name, text in (
+      ("srun", _FAKE_SRUN),
+      ("scancel", _FAKE_SCANCEL),
+      ("scontrol", _FAKE_SCONTROL),
+      ("python", _FAKE_PYTHON),
+  ):
     (bindir / name).write_text(text)
     (bindir / name).chmod(0o755)
   log, pidfile = tmp_path / "log", tmp_path / "pid"
   proc = subprocess.Popen(
-      ["bash", str(SLURM)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", LOG=log, PIDFILE=pidfile,
-               SLURM_JOB_ID=4242, SLURM_SUBMIT_DIR=REPO, SLURM_JOB_NUM_NODES=1,
-               SLURM_GPUS_ON_NODE=2, PYTHON=bindir / "python", **SLURM_RUN, **env))
+      ["bash", str(SLURM)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=_env(
+          PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
+          LOG=log,
+          PIDFILE=pidfile,
+          SLURM_JOB_ID=4242,
+          SLURM_SUBMIT_DIR=REPO,
+          SLURM_JOB_NUM_NODES=1,
+          SLURM_GPUS_ON_NODE=2,
+          PYTHON=bindir / "python",
+          **SLURM_RUN,
+          **env,
+      ),
+  )
   try:
     deadline = time.monotonic() + 10
     while not pidfile.exists() and time.monotonic() < deadline:
@@ -434,8 +581,11 @@ def test_slurm_time_limit_checkpoints_then_requeues(tmp_path):
   rc, out, log = _slurm_job(tmp_path, signal.SIGUSR1)
   assert rc == 0, out
   assert "NVLS=0 IDS=0,1" in log and "--distributed" in log
-  assert log.splitlines()[1:] == ["scancel --signal=TERM 4242", "saved checkpoint",
-                                  "scontrol requeue 4242"]
+  assert log.splitlines()[1:] == [
+      "scancel --signal=TERM 4242",
+      "saved checkpoint",
+      "scontrol requeue 4242",
+  ]
   assert "requeueing job 4242" in out
 
 

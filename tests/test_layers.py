@@ -31,7 +31,7 @@ def np_conv(x, w, stride, pad):
   out = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
   for i in range(kh):
     for j in range(kw):
-      patch = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      patch = xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
       out += patch @ w[i, j]
   return out
 
@@ -55,8 +55,11 @@ def np_binary_conv(p, x, kernel_size, stride, padding, learnable_k):
   xb = np_sign(x + np.asarray(p["threshold"], np.float32))  # x + tau rounded as in float32
   alpha = np.abs(w).reshape(-1, cout).mean(0)
   wb = alpha * np_sign(w)
-  k = (np.asarray(p["scale_kernel"], np.float64) if learnable_k
-       else np.full((kh, kw, 1, 1), 1.0 / (kh * kw)))
+  k = (
+      np.asarray(p["scale_kernel"], np.float64)
+      if learnable_k
+      else np.full((kh, kw, 1, 1), 1.0 / (kh * kw))
+  )
   a = np.abs(np.asarray(x, np.float64)).mean(-1, keepdims=True)
   y = np_conv(xb, wb, stride, pad) * np_conv(a, k, stride, pad) + np.asarray(p["bias"])
   sc = np.asarray(x, np.float64)
@@ -146,8 +149,9 @@ def test_binary_conv_gradients(method_name):
   p = variables["params"]
   tau = p["threshold"]
   k = p["scale_kernel"] if method.learnable_k else jnp.full((3, 3, 1, 1), 1 / 9)
-  conv = lambda a, b: jax.lax.conv_general_dilated(a, b, (2, 2), DOWN_PAD,
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda a, b: jax.lax.conv_general_dilated(
+      a, b, (2, 2), DOWN_PAD, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   xj = jnp.asarray(x)
   K = conv(jnp.mean(jnp.abs(xj), -1, keepdims=True), k)
   inner = lambda xb, wb: jnp.sum(conv(xb, wb) * K * g)
@@ -155,18 +159,30 @@ def test_binary_conv_gradients(method_name):
   xb = jnp.where(xj + tau >= 0, 1.0, -1.0)
   wb = jnp.asarray(alpha * np_sign(w), jnp.float32)
   g_xb, g_wb = jax.grad(inner, argnums=(0, 1))(xb, wb)
-  np.testing.assert_allclose(np.asarray(grads["kernel"]),
-                             alpha * (np.abs(w) <= 1) * np.asarray(g_wb), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(grads["kernel"]), alpha * (np.abs(w) <= 1) * np.asarray(g_wb), rtol=1e-4, atol=1e-6
+  )
   assert np.all(np.asarray(grads["kernel"])[np.abs(w) > 1] == 0)
   z = x + np.asarray(tau)
   dz = np.select([(z >= -1) & (z < 0), (z >= 0) & (z < 1)], [2 + 2 * z, 2 - 2 * z], 0.0)
-  np.testing.assert_allclose(np.asarray(grads["threshold"]),
-                             (np.asarray(g_xb) * dz).sum((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(grads["threshold"]), (np.asarray(g_xb) * dz).sum((0, 1, 2)), rtol=1e-4, atol=1e-5
+  )
   # bias and shortcut scale by autodiff of a linear term
   np.testing.assert_allclose(np.asarray(grads["bias"]), g.sum((0, 1, 2)), rtol=1e-5)
-  sc = np_binary_conv({**jax.tree_util.tree_map(np.asarray, p), "shortcut_scale": 1.0,
-                       "bias": np.zeros(16), "kernel": np.zeros_like(w)}, x, (3, 3), 2,
-                      DOWN_PAD, method.learnable_k)  # = shortcut(x) (binary term is 0)
+  sc = np_binary_conv(
+      {
+          **jax.tree_util.tree_map(np.asarray, p),
+          "shortcut_scale": 1.0,
+          "bias": np.zeros(16),
+          "kernel": np.zeros_like(w),
+      },
+      x,
+      (3, 3),
+      2,
+      DOWN_PAD,
+      method.learnable_k,
+  )  # = shortcut(x) (binary term is 0)
   np.testing.assert_allclose(float(grads["shortcut_scale"]), float((sc * g).sum()), rtol=1e-4)
 
 
@@ -174,8 +190,12 @@ def test_xnor_has_fixed_k_and_fp_has_only_kernel_bias():
   x = jnp.ones((1, 8, 8, 8))
   xnor = random_layer_params(BinaryConv(8, method=get_method("xnor")), x, 0)["params"]
   assert "scale_kernel" not in xnor
-  assert "scale_kernel" in random_layer_params(
-      BinaryConv(8, method=get_method("xnor", learnable_k=True)), x, 0)["params"]
+  assert (
+      "scale_kernel"
+      in random_layer_params(BinaryConv(8, method=get_method("xnor", learnable_k=True)), x, 0)[
+          "params"
+      ]
+  )
   fp = random_layer_params(BinaryConv(16, strides=2, padding=DOWN_PAD), x, 0)["params"]
   assert set(fp) == {"kernel", "bias"}
 
@@ -217,12 +237,17 @@ def test_binary_dense_matches_numpy(method_name, x_shape):
   grads = jax.grad(lambda v: jnp.sum(layer.apply(v, jnp.asarray(x)) * g))(variables)["params"]
   xb = np_sign(x + p["threshold"]).reshape(-1, 16)
   g2 = g.reshape(-1, 8)
-  np.testing.assert_allclose(np.asarray(grads["kernel"]),
-                             alpha * (np.abs(w) <= 1) * (xb.T @ g2), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(grads["kernel"]), alpha * (np.abs(w) <= 1) * (xb.T @ g2), rtol=1e-4, atol=1e-6
+  )
   z = (x + p["threshold"]).reshape(-1, 16)
   dz = np.select([(z >= -1) & (z < 0), (z >= 0) & (z < 1)], [2 + 2 * z, 2 - 2 * z], 0.0)
-  np.testing.assert_allclose(np.asarray(grads["threshold"]),
-                             ((g2 @ (alpha * np_sign(w)).T) * dz).sum(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(grads["threshold"]),
+      ((g2 @ (alpha * np_sign(w)).T) * dz).sum(0),
+      rtol=1e-4,
+      atol=1e-5,
+  )
 
 
 def test_fp_dense_is_plain_dense():
@@ -232,8 +257,9 @@ def test_fp_dense_is_plain_dense():
   p = variables["params"]
   assert set(p) == {"kernel", "bias"}
   y = np.asarray(layer.apply(variables, jnp.asarray(x)))
-  np.testing.assert_allclose(y, x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      y, x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"]), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_binary_conv_bf16_compute():
@@ -242,9 +268,14 @@ def test_binary_conv_bf16_compute():
   variables = random_layer_params(layer, x, seed=11)
   y = layer.apply(variables, x)
   assert y.dtype == jnp.bfloat16
-  ref = np_binary_conv(jax.tree_util.tree_map(np.asarray, variables["params"]),
-                       np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)), (3, 3), 1,
-                       "SAME", True)
+  ref = np_binary_conv(
+      jax.tree_util.tree_map(np.asarray, variables["params"]),
+      np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)),
+      (3, 3),
+      1,
+      "SAME",
+      True,
+  )
   # bf16 rounding of x + tau may flip the odd near-zero sign; everything else agrees closely
   close = np.abs(np.asarray(y.astype(jnp.float32)) - ref) <= 0.05 + 0.02 * np.abs(ref)
   assert close.mean() > 0.97, close.mean()
@@ -267,8 +298,9 @@ def test_binary_bias_false_drops_the_bias(method_name):
     with_b, without_b = layer_cls(cout, method=keep), layer_cls(cout, method=drop)
     variables = random_layer_params(with_b, inp, seed=11)
     assert "bias" in variables["params"]
-    assert (jax.tree_util.tree_structure(random_layer_params(without_b, inp, seed=11))
-            == jax.tree_util.tree_structure(variables))
+    assert jax.tree_util.tree_structure(
+        random_layer_params(without_b, inp, seed=11)
+    ) == jax.tree_util.tree_structure(variables)
     bias = np.asarray(variables["params"]["bias"])
     assert np.abs(bias).min() > 0
     y_keep = np.asarray(with_b.apply(variables, inp))
@@ -276,20 +308,26 @@ def test_binary_bias_false_drops_the_bias(method_name):
     np.testing.assert_allclose(y_drop, y_keep - bias, rtol=1e-5, atol=1e-5)
     grads = jax.grad(lambda v: jnp.sum(without_b.apply(v, inp) ** 2))(variables)["params"]
     np.testing.assert_array_equal(np.asarray(grads["bias"]), np.zeros(cout))
-    costs = [np.asarray(jax.tree_util.tree_leaves(
-        layer.apply({"params": variables["params"]}, inp, mutable=["costs"])[1]["costs"])[0])
-             for layer in (with_b, without_b)]
+    costs = [
+        np.asarray(
+            jax.tree_util.tree_leaves(
+                layer.apply({"params": variables["params"]}, inp, mutable=["costs"])[1]["costs"]
+            )[0]
+        )
+        for layer in (with_b, without_b)
+    ]
     assert costs[0][3] - costs[1][3] == cout  # real_params: the bias is not stored
     np.testing.assert_array_equal(costs[0][:3], costs[1][:3])
   fp = BinaryConv(16, method=get_method("fp", binary_bias=False))
   variables = random_layer_params(fp, x, seed=12)
   np.testing.assert_allclose(
-      np.asarray(fp.apply(variables, x)),
-      np.asarray(BinaryConv(16).apply(variables, x)), rtol=1e-6)
+      np.asarray(fp.apply(variables, x)), np.asarray(BinaryConv(16).apply(variables, x)), rtol=1e-6
+  )
 
 
 def test_binary_bias_from_config():
   from bidm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
   c = config_lib.default_config()
   assert config_lib.method_from_config(c).binary_bias
   c.binarization.binary_bias = False

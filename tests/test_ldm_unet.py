@@ -33,9 +33,16 @@ SIZE = 8
 def _diffusers_unet(**kwargs):
   """A tiny UNet2DModel whose every parameter is random (norms and biases too)."""
   torch.manual_seed(0)
-  model = diffusers.UNet2DModel(sample_size=SIZE, layers_per_block=1, norm_num_groups=4,
-                                norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
-                                downsample_padding=1, **kwargs).eval()
+  model = diffusers.UNet2DModel(
+      sample_size=SIZE,
+      layers_per_block=1,
+      norm_num_groups=4,
+      norm_eps=1e-5,
+      flip_sin_to_cos=True,
+      freq_shift=0,
+      downsample_padding=1,
+      **kwargs,
+  ).eval()
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.2 * torch.randn_like(p)) if p.ndim == 1 else p.mul_(1.0 + torch.rand_like(p))
@@ -45,20 +52,31 @@ def _diffusers_unet(**kwargs):
 @pytest.fixture(scope="module")
 def ldm4():
   """LDM-4's layout; equals `ldm_unet.TINY_LDM4`."""
-  return _diffusers_unet(in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+  return _diffusers_unet(
+      in_channels=3,
+      out_channels=3,
+      block_out_channels=(16, 32),
+      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+      attention_head_dim=8,
+  )
 
 
 @pytest.fixture(scope="module")
 def ldm8():
   """LDM-8's layout with one head per attention block (`attention_head_dim` None)."""
   return _diffusers_unet(
-      in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
+      in_channels=4,
+      out_channels=4,
+      block_out_channels=(16, 32, 32),
       down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
       up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
-      attention_head_dim=None, resnet_time_scale_shift="scale_shift", downsample_type="resnet",
-      upsample_type="resnet", attn_norm_num_groups=4)
+      attention_head_dim=None,
+      resnet_time_scale_shift="scale_shift",
+      downsample_type="resnet",
+      upsample_type="resnet",
+      attn_norm_num_groups=4,
+  )
 
 
 # diffusers name -> CompVis (guided-diffusion) name, applied in order. R = res blocks per level,
@@ -68,20 +86,28 @@ def ldm8():
 _COMPVIS_RENAMES = (
     (r"^conv_in\.", lambda m, R, L, A: "input_blocks.0.0."),
     (r"^time_embedding\.linear_(\d)\.", lambda m, R, L, A: f"time_embed.{2 * int(m[1]) - 2}."),
-    (r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-     lambda m, R, L, A: f"input_blocks.{1 + int(m[1]) * (R + 1) + int(m[3])}."
-                        f"{0 if m[2] == 'resnets' else 1}."),
-    (r"^down_blocks\.(\d+)\.downsamplers\.0\.(conv\.)?",
-     lambda m, R, L, A: f"input_blocks.{1 + int(m[1]) * (R + 1) + R}.0."
-                        + ("op." if m[2] else "")),
+    (
+        r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+        lambda m, R, L, A: f"input_blocks.{1 + int(m[1]) * (R + 1) + int(m[3])}."
+        f"{0 if m[2] == 'resnets' else 1}.",
+    ),
+    (
+        r"^down_blocks\.(\d+)\.downsamplers\.0\.(conv\.)?",
+        lambda m, R, L, A: f"input_blocks.{1 + int(m[1]) * (R + 1) + R}.0."
+        + ("op." if m[2] else ""),
+    ),
     (r"^mid_block\.resnets\.(\d)\.", lambda m, R, L, A: f"middle_block.{2 * int(m[1])}."),
     (r"^mid_block\.attentions\.0\.", lambda m, R, L, A: "middle_block.1."),
-    (r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-     lambda m, R, L, A: f"output_blocks.{int(m[1]) * (R + 1) + int(m[3])}."
-                        f"{0 if m[2] == 'resnets' else 1}."),
-    (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
-     lambda m, R, L, A: f"output_blocks.{int(m[1]) * (R + 1) + R}."
-                        f"{2 if L - 1 - int(m[1]) in A else 1}."),
+    (
+        r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+        lambda m, R, L, A: f"output_blocks.{int(m[1]) * (R + 1) + int(m[3])}."
+        f"{0 if m[2] == 'resnets' else 1}.",
+    ),
+    (
+        r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m, R, L, A: f"output_blocks.{int(m[1]) * (R + 1) + R}."
+        f"{2 if L - 1 - int(m[1]) in A else 1}.",
+    ),
     (r"^conv_norm_out\.", lambda m, R, L, A: "out.0."),
     (r"^conv_out\.", lambda m, R, L, A: "out.2."),
     (r"\.norm1\.", lambda m, R, L, A: ".in_layers.0."),
@@ -130,9 +156,10 @@ def _inputs(config, seed=0, n=2):
   return x, np.array([3, 917][:n], np.int32)
 
 
-@pytest.mark.parametrize("layout, expected", [("ldm4", ldm_unet.TINY_LDM4),
-                                              ("ldm8", dataclasses.replace(
-                                                  ldm_unet.TINY_LDM8, num_heads=1))])
+@pytest.mark.parametrize(
+    "layout, expected",
+    [("ldm4", ldm_unet.TINY_LDM4), ("ldm8", dataclasses.replace(ldm_unet.TINY_LDM8, num_heads=1))],
+)
 def test_parity_with_diffusers_both_layouts(request, tmp_path, layout, expected):
   reference = request.getfixturevalue(layout)
   reference.save_pretrained(tmp_path / "unet", safe_serialization=layout == "ldm4")
@@ -168,8 +195,10 @@ def test_binary_methods_run_and_contain_the_fp_tree():
   cache changes eps and only the last `tbs_connections` features."""
   config = ldm_unet.TINY_LDM4
   fp_model = ldm_unet.LDMUNet(config)
-  fp_paths = {path_str(p): v.shape for p, v in
-              jax.tree_util.tree_flatten_with_path(_shapes(fp_model, config))[0]}
+  fp_paths = {
+      path_str(p): v.shape
+      for p, v in jax.tree_util.tree_flatten_with_path(_shapes(fp_model, config))[0]
+  }
   x, t = _inputs(config, seed=1)
   for name in ("xnor", "bidm"):
     model = ldm_unet.LDMUNet(config, method=get_method(name), tbs_connections=3)
@@ -202,13 +231,19 @@ def test_fp_layers_stay_fp():
   for path, _ in jax.tree_util.tree_flatten_with_path(_shapes(model, config)["params"])[0]:
     *mod, leaf = path_str(path).split("/")
     modules.setdefault("/".join(mod), set()).add(leaf)
-  fp = {m for m in modules if m.split("/")[-1] in
-        ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")}
+  fp = {
+      m
+      for m in modules
+      if m.split("/")[-1] in ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")
+  }
   assert all(modules[m] == {"kernel", "bias"} for m in fp)
   assert len(fp) == 4 + 5  # the skips of down_1_block_0 and of the 4 decoder blocks
-  binary = [m for m in modules if m.split("/")[-1] in
-            ("q", "k", "v", "proj_out", "conv1", "conv2", "temb_proj")
-            or m.endswith("sample")]
+  binary = [
+      m
+      for m in modules
+      if m.split("/")[-1] in ("q", "k", "v", "proj_out", "conv1", "conv2", "temb_proj")
+      or m.endswith("sample")
+  ]
   assert len(binary) == 4 * 4 + 8 * 3 + 2  # 4 attention, 8 res blocks, 2 resamples
   assert all("threshold" in modules[m] for m in binary)
 
@@ -217,24 +252,43 @@ def test_presets_match_the_paper():
   """LDM-4's FP parameters are Table 4's 1045.4 MB at 32 bits (spec: ~274M)."""
   count = lambda c: sum(int(np.prod(s)) for s in clu.target_shapes(c).values())
   assert count(ldm_unet.LDM4) == 274_056_163
-  assert round(count(ldm_unet.LDM4) * 4 / 2 ** 20, 1) == 1045.4
+  assert round(count(ldm_unet.LDM4) * 4 / 2**20, 1) == 1045.4
   assert count(ldm_unet.LDM8) == 294_966_916
-  ldm4 = {"_class_name": "UNet2DModel", "block_out_channels": [224, 448, 672, 896],
-          "down_block_types": ["DownBlock2D"] + 3 * ["AttnDownBlock2D"],
-          "up_block_types": 3 * ["AttnUpBlock2D"] + ["UpBlock2D"], "attention_head_dim": 32,
-          "layers_per_block": 2, "flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5,
-          "downsample_padding": 1, "in_channels": 3, "out_channels": 3, "sample_size": 64}
+  ldm4 = {
+      "_class_name": "UNet2DModel",
+      "block_out_channels": [224, 448, 672, 896],
+      "down_block_types": ["DownBlock2D"] + 3 * ["AttnDownBlock2D"],
+      "up_block_types": 3 * ["AttnUpBlock2D"] + ["UpBlock2D"],
+      "attention_head_dim": 32,
+      "layers_per_block": 2,
+      "flip_sin_to_cos": True,
+      "freq_shift": 0,
+      "norm_eps": 1e-5,
+      "downsample_padding": 1,
+      "in_channels": 3,
+      "out_channels": 3,
+      "sample_size": 64,
+  }
   assert clu.config_from_diffusers(ldm4) == ldm_unet.LDM4
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda sd: sd.pop("conv_out.bias"),
-     "missing targets (1): conv_out/bias (3,) <- conv_out.bias"),
-    (lambda sd: sd.update({"extra.weight": np.ones(2, np.float32)}),
-     "unused source tensors (1): extra.weight (2,)"),
-    (lambda sd: sd.update({"conv_in.weight": np.ones((16, 3, 1, 1), np.float32)}),
-     "shape mismatches (1): conv_in/kernel expects (3, 3, 3, 16) <- conv_in.weight"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda sd: sd.pop("conv_out.bias"),
+            "missing targets (1): conv_out/bias (3,) <- conv_out.bias",
+        ),
+        (
+            lambda sd: sd.update({"extra.weight": np.ones(2, np.float32)}),
+            "unused source tensors (1): extra.weight (2,)",
+        ),
+        (
+            lambda sd: sd.update({"conv_in.weight": np.ones((16, 3, 1, 1), np.float32)}),
+            "shape mismatches (1): conv_in/kernel expects (3, 3, 3, 16) <- conv_in.weight",
+        ),
+    ],
+)
 def test_conversion_errors_are_one_line(ldm4, change, message):
   state_dict = _numpy_state(ldm4)
   change(state_dict)

@@ -19,14 +19,29 @@ import pytest
 
 from bidm_jax import config as config_lib
 from bidm_jax.binarize import estimators as est
-from bidm_jax.binarize.methods import (ACTIVATION_MEAN_ABS, FP_INITS, METHOD_DOCS, METHODS,
-                                       QuantContext, get_method)
+from bidm_jax.binarize.methods import (
+    ACTIVATION_MEAN_ABS,
+    FP_INITS,
+    METHOD_DOCS,
+    METHODS,
+    QuantContext,
+    get_method,
+)
 from bidm_jax.layers.binary import BinaryConv, BinaryDense
 from bidm_jax.models.unet import UNet
 
 BINARY_METHODS = [name for name, m in METHODS.items() if m.binary]
-PAPER_METHODS = ["fp", "xnor", "xnorpp", "dorefa", "reactnet", "reste", "bbcu", "efficientdm",
-                 "bidm"]
+PAPER_METHODS = [
+    "fp",
+    "xnor",
+    "xnorpp",
+    "dorefa",
+    "reactnet",
+    "reste",
+    "bbcu",
+    "efficientdm",
+    "bidm",
+]
 # Two examples at timesteps 5 and 15: TALSQ buckets 0 and 1 (t * 100 // 1000).
 CTX = QuantContext.create(jnp.array([5, 15]), 0.5)
 
@@ -47,14 +62,15 @@ def _np_conv(x, w):
   out = np.zeros(x.shape[:1] + (h, wd, w.shape[-1]))
   for i in range(kh):
     for j in range(kw):
-      out += np.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + wd], w[i, j])
+      out += np.einsum("bhwc,co->bhwo", xp[:, i : i + h, j : j + wd], w[i, j])
   return out
 
 
 def _conv_input_vjp(w, x_shape, cotangent):
   """dL/d(input) of conv(input, w) for dL/d(output) = cotangent (the STE's upstream grad)."""
-  conv = lambda v: jax.lax.conv_general_dilated(v, jnp.asarray(w, jnp.float32), (1, 1), "SAME",
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda v: jax.lax.conv_general_dilated(
+      v, jnp.asarray(w, jnp.float32), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return np.asarray(jax.vjp(conv, jnp.zeros(x_shape, jnp.float32))[1](cotangent)[0])
 
 
@@ -123,9 +139,16 @@ def test_fp_xnor_bidm_keep_their_fields():
   xnor, bidm = METHODS["xnor"], METHODS["bidm"]
   for m in (xnor, bidm):
     assert (m.weight_binarizer, m.activation_binarizer, m.output_scale, m.rprelu) == (
-        "xnor", "sign", "none", "none")
+        "xnor",
+        "sign",
+        "none",
+        "none",
+    )
     assert (m.weight_estimator, m.activation_estimator, m.activation_scale) == (
-        "ste", "approx", "xnor")
+        "ste",
+        "approx",
+        "xnor",
+    )
     assert m.learnable_threshold and m.shortcut and m.learnable_shortcut_scale
     assert m.shortcut_scale_init == 0.0
   assert not xnor.learnable_k and not xnor.cross_timestep and xnor.distillation == "none"
@@ -152,12 +175,22 @@ def test_paper_ablations_are_overrides():
   assert get_method("bidm", learnable_k=None, cross_timestep=None, distillation=None) == bidm
   # The overrides reach the model: +TBS has the blend table and learnable k filters.
   x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32)
+
   def names(method):
-    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                 method=method, tbs_connections=2)
+    model = UNet(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        method=method,
+        tbs_connections=2,
+    )
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)["params"]
-    return {"/".join(str(k.key) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    return {
+        "/".join(str(k.key) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    }
+
   vanilla, plus_tbs = names(xnor), names(tbs)
   assert "tbs_table" in plus_tbs and "tbs_table" not in vanilla
   assert any(n.endswith("scale_kernel") for n in plus_tbs)
@@ -182,11 +215,11 @@ def test_xnorpp_output_is_gamma_times_an_integer_conv():
   c = _uniform(y.shape, -1.0, 1.0, 3)
   loss = lambda p, v: jnp.sum(layer.apply({"params": p}, v, CTX) * c)
   grads, dx = jax.grad(loss, argnums=(0, 1))(params, x)
-  np.testing.assert_allclose(np.asarray(grads["output_scale"]),
-                             np.sum(c * integer, axis=(0, 1, 2)), rtol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(grads["output_scale"]), np.sum(c * integer, axis=(0, 1, 2)), rtol=1e-4
+  )
   upstream = _conv_input_vjp(_np_sign(params["kernel"]), x.shape, jnp.asarray(c * gamma))
-  np.testing.assert_allclose(np.asarray(dx), upstream * (np.abs(np.asarray(x)) <= 1),
-                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dx), upstream * (np.abs(np.asarray(x)) <= 1), atol=1e-4)
 
 
 def test_xnorpp_factorised_output_scale():
@@ -197,16 +230,18 @@ def test_xnorpp_factorised_output_scale():
   y = np.asarray(layer.apply({"params": params}, x, CTX))
   scale = beta[:, None, None] * gamma[None, :, None] * alpha[None, None, :]
   _assert_integer(y / scale)
-  np.testing.assert_allclose(y / scale, _np_conv(_np_sign(x), _np_sign(params["kernel"])),
-                             atol=1e-3)
+  np.testing.assert_allclose(
+      y / scale, _np_conv(_np_sign(x), _np_sign(params["kernel"])), atol=1e-3
+  )
   # Dense layers take the channel factor only.
   dense = BinaryDense(5, method=get_method("xnorpp", output_scale="factorised"))
   xd = _x((2, 7), seed=8)
   dp = _params(dense, xd, output_scale=_uniform((5,), 0.5, 1.5, 9))
   assert set(dp) == {"kernel", "bias", "output_scale"}
   yd = np.asarray(dense.apply({"params": dp}, xd, CTX))
-  np.testing.assert_allclose(yd, (_np_sign(xd) @ _np_sign(dp["kernel"])) * dp["output_scale"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      yd, (_np_sign(xd) @ _np_sign(dp["kernel"])) * dp["output_scale"], rtol=1e-5
+  )
 
 
 def test_xnorpp_init_from_fp_gives_the_xnor_output():
@@ -224,16 +259,22 @@ def test_xnorpp_init_from_fp_gives_the_xnor_output():
   dense = BinaryDense(5, method=METHODS["xnorpp"])
   xd = _x((2, 7), seed=8)
   dense_fp = _params(BinaryDense(5), xd)
-  tree = {"conv": _params(xnorpp, x, **fp), "dense": _params(dense, xd, **dense_fp),
-          "other": {"kernel": jnp.ones((3, 2))}}
+  tree = {
+      "conv": _params(xnorpp, x, **fp),
+      "dense": _params(dense, xd, **dense_fp),
+      "other": {"kernel": jnp.ones((3, 2))},
+  }
   assert float(tree["conv"]["output_scale"][0]) == 1.0  # the Flax init before the FP init
   out = METHODS["xnorpp"].init_from_fp(tree)
   alpha = np.mean(np.abs(np.asarray(fp["kernel"])), axis=(0, 1, 2))
-  np.testing.assert_allclose(np.asarray(out["conv"]["output_scale"]),
-                             alpha * ACTIVATION_MEAN_ABS, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(out["conv"]["output_scale"]), alpha * ACTIVATION_MEAN_ABS, rtol=1e-6
+  )
   np.testing.assert_allclose(
       np.asarray(out["dense"]["output_scale"]),
-      np.mean(np.abs(np.asarray(dense_fp["kernel"])), axis=0) * ACTIVATION_MEAN_ABS, rtol=1e-6)
+      np.mean(np.abs(np.asarray(dense_fp["kernel"])), axis=0) * ACTIVATION_MEAN_ABS,
+      rtol=1e-6,
+  )
   for layer in ("conv", "dense"):
     for name in tree[layer]:
       if name != "output_scale":
@@ -250,8 +291,9 @@ def test_xnorpp_init_from_fp_gives_the_xnor_output():
   # A factorised Gamma: the channel factor gets the scale, the spatial factors stay 1.
   fact = BinaryConv(8, method=get_method("xnorpp", output_scale="factorised"))
   out = fact.method.init_from_fp(_params(fact, x, **fp))
-  np.testing.assert_allclose(np.asarray(out["output_scale"]), alpha * ACTIVATION_MEAN_ABS,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(out["output_scale"]), alpha * ACTIVATION_MEAN_ABS, rtol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(out["output_scale_h"]), np.ones(6))
   with pytest.raises(ValueError, match="fp_init"):
     get_method("xnorpp", fp_init="magic")
@@ -268,15 +310,17 @@ def test_dorefa_layer_weights_are_plus_minus_mean_abs():
   _assert_integer(y / e)
   np.testing.assert_allclose(y, e * _np_conv(a, _np_sign(params["kernel"])), atol=1e-5)
   c = _uniform(y.shape, -1.0, 1.0, 10)
-  grads, dx = jax.grad(lambda p, v: jnp.sum(layer.apply({"params": p}, v, CTX) * c),
-                       argnums=(0, 1))(params, x)
+  grads, dx = jax.grad(
+      lambda p, v: jnp.sum(layer.apply({"params": p}, v, CTX) * c), argnums=(0, 1)
+  )(params, x)
   # Activations: straight through round and clip, dx = (dL/da) * 1[0 <= x <= 1].
   upstream = _conv_input_vjp(e * _np_sign(params["kernel"]), x.shape, jnp.asarray(c))
   window = (np.asarray(x) >= 0) & (np.asarray(x) <= 1)
   np.testing.assert_allclose(np.asarray(dx), upstream * window, atol=1e-5)
   # Weights: identity STE, dL/dW = dL/dWb = sum over positions of a * c.
-  conv_w = lambda w: jax.lax.conv_general_dilated(jnp.asarray(a, jnp.float32), w, (1, 1), "SAME",
-                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv_w = lambda w: jax.lax.conv_general_dilated(
+      jnp.asarray(a, jnp.float32), w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   dwb = jax.vjp(conv_w, params["kernel"])[1](jnp.asarray(c, jnp.float32))[0]
   np.testing.assert_allclose(np.asarray(grads["kernel"]), np.asarray(dwb), rtol=1e-5, atol=1e-6)
 
@@ -289,8 +333,7 @@ def test_reste_layer_output_and_scheduled_gradient():
   y = np.asarray(layer.apply({"params": params}, x, CTX))
   m = np.mean(np.abs(np.asarray(params["kernel"])))
   _assert_integer(y / m)
-  np.testing.assert_allclose(y / m, _np_conv(_np_sign(x), _np_sign(params["kernel"])),
-                             atol=1e-3)
+  np.testing.assert_allclose(y / m, _np_conv(_np_sign(x), _np_sign(params["kernel"])), atol=1e-3)
   # The activation gradient follows o(progress): dense layer, closed form.
   dense = BinaryDense(4, method=METHODS["reste"])
   xd = jnp.linspace(-2.0, 2.0, 18).reshape(3, 6)
@@ -302,11 +345,15 @@ def test_reste_layer_output_and_scheduled_gradient():
   for progress in (0.0, 0.5, 1.0):
     ctx = QuantContext.create(jnp.zeros((3,), jnp.int32), progress)
     grads[progress] = np.asarray(
-        jax.grad(lambda v: jnp.sum(dense.apply({"params": dp}, v, ctx) * c))(xd))
+        jax.grad(lambda v: jnp.sum(dense.apply({"params": dp}, v, ctx) * c))(xd)
+    )
     o = float(est.reste_schedule(progress, 3.0))
     ax = np.abs(np.asarray(xd))
-    slope = np.where(ax <= np.float32(0.1), 0.1 ** (1 / o - 1),
-                     np.where(ax <= 1.5, (1 / o) * np.maximum(ax, 0.1) ** (1 / o - 1), 0.0))
+    slope = np.where(
+        ax <= np.float32(0.1),
+        0.1 ** (1 / o - 1),
+        np.where(ax <= 1.5, (1 / o) * np.maximum(ax, 0.1) ** (1 / o - 1), 0.0),
+    )
     np.testing.assert_allclose(grads[progress], upstream * slope, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grads[0.0], upstream * (np.abs(np.asarray(xd)) <= 1.5), rtol=1e-5)
   assert not np.allclose(grads[0.0], grads[1.0])
@@ -323,48 +370,70 @@ def _rprelu_np(z, shift_in, slope, shift_out):
 def test_reactnet_layer_closed_form():
   x = _x()
   layer = BinaryConv(8, method=METHODS["reactnet"])
-  values = dict(threshold=_uniform((8,), -0.3, 0.3, 12), bias=_uniform((8,), -0.2, 0.2, 13),
-                shortcut_scale=0.7, rprelu_shift_in=_uniform((8,), -0.5, 0.5, 14),
-                rprelu_slope=_uniform((8,), 0.05, 0.5, 15),
-                rprelu_shift_out=_uniform((8,), -0.5, 0.5, 16))
+  values = dict(
+      threshold=_uniform((8,), -0.3, 0.3, 12),
+      bias=_uniform((8,), -0.2, 0.2, 13),
+      shortcut_scale=0.7,
+      rprelu_shift_in=_uniform((8,), -0.5, 0.5, 14),
+      rprelu_slope=_uniform((8,), 0.05, 0.5, 15),
+      rprelu_shift_out=_uniform((8,), -0.5, 0.5, 16),
+  )
   params = _params(layer, x, **values)
   init = layer.init(jax.random.PRNGKey(0), x, CTX)["params"]
   np.testing.assert_array_equal(np.asarray(init["rprelu_slope"]), np.full(8, 0.25))
   y = np.asarray(layer.apply({"params": params}, x, CTX))
   w = np.asarray(params["kernel"])
   alpha = np.mean(np.abs(w), axis=(0, 1, 2))
-  pre = (alpha * _np_conv(_np_sign(np.asarray(x) + values["threshold"]), _np_sign(w))
-         + values["bias"] + 0.7 * np.asarray(x))  # RPReLU after the shortcut (ReActNet block)
-  expected = _rprelu_np(pre, values["rprelu_shift_in"], values["rprelu_slope"],
-                        values["rprelu_shift_out"])
+  pre = (
+      alpha * _np_conv(_np_sign(np.asarray(x) + values["threshold"]), _np_sign(w))
+      + values["bias"]
+      + 0.7 * np.asarray(x)
+  )  # RPReLU after the shortcut (ReActNet block)
+  expected = _rprelu_np(
+      pre, values["rprelu_shift_in"], values["rprelu_slope"], values["rprelu_shift_out"]
+  )
   np.testing.assert_allclose(y, expected, atol=2e-5)
   c = _uniform(y.shape, -1.0, 1.0, 17)
   grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, CTX) * c))(params)
   z = pre - values["rprelu_shift_in"]
-  np.testing.assert_allclose(np.asarray(grads["rprelu_slope"]),
-                             np.sum(c * np.minimum(z, 0), axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(grads["rprelu_shift_out"]), np.sum(c, axis=(0, 1, 2)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(grads["rprelu_slope"]),
+      np.sum(c * np.minimum(z, 0), axis=(0, 1, 2)),
+      rtol=1e-4,
+      atol=1e-5,
+  )
+  np.testing.assert_allclose(
+      np.asarray(grads["rprelu_shift_out"]), np.sum(c, axis=(0, 1, 2)), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("features", [8, 12])
 def test_bbcu_layer_closed_form(features):
   x = _x()
   layer = BinaryConv(features, method=METHODS["bbcu"])
-  values = dict(threshold=_uniform((8,), -0.3, 0.3, 18), bias=_uniform((features,), -0.2, 0.2, 19),
-                rprelu_shift_in=_uniform((features,), -0.5, 0.5, 20),
-                rprelu_slope=_uniform((features,), 0.05, 0.5, 21),
-                rprelu_shift_out=_uniform((features,), -0.5, 0.5, 22))
+  values = dict(
+      threshold=_uniform((8,), -0.3, 0.3, 18),
+      bias=_uniform((features,), -0.2, 0.2, 19),
+      rprelu_shift_in=_uniform((features,), -0.5, 0.5, 20),
+      rprelu_slope=_uniform((features,), 0.05, 0.5, 21),
+      rprelu_shift_out=_uniform((features,), -0.5, 0.5, 22),
+  )
   params = _params(layer, x, **values)
   assert "shortcut_scale" not in params  # the residual coefficient is the constant 1
   y = np.asarray(layer.apply({"params": params}, x, CTX))
   w = np.asarray(params["kernel"])
   alpha = np.mean(np.abs(w), axis=(0, 1, 2))
-  body = _rprelu_np(alpha * _np_conv(_np_sign(np.asarray(x) + values["threshold"]), _np_sign(w))
-                    + values["bias"], values["rprelu_shift_in"], values["rprelu_slope"],
-                    values["rprelu_shift_out"])  # RPReLU before the residual (BBCU)
-  residual = (np.asarray(x) if features == 8
-              else _np_conv(np.asarray(x), np.asarray(params["shortcut_kernel"])))
+  body = _rprelu_np(
+      alpha * _np_conv(_np_sign(np.asarray(x) + values["threshold"]), _np_sign(w)) + values["bias"],
+      values["rprelu_shift_in"],
+      values["rprelu_slope"],
+      values["rprelu_shift_out"],
+  )  # RPReLU before the residual (BBCU)
+  residual = (
+      np.asarray(x)
+      if features == 8
+      else _np_conv(np.asarray(x), np.asarray(params["shortcut_kernel"]))
+  )
   np.testing.assert_allclose(y, body + residual, atol=2e-5)
 
 
@@ -372,16 +441,28 @@ def _efficientdm_layer(features=8, **overrides):
   layer = BinaryConv(features, method=get_method("efficientdm", **overrides))
   x = _x()
   steps = np.linspace(0.5, 3.0, 100)
-  params = _params(layer, x, act_steps=steps, weight_step_gain=_uniform((features,), 0.5, 1.5, 23),
-                   lora_a=0.1 * np.asarray(_x((3, 3, 8, 32), seed=24)),
-                   lora_b=0.1 * np.asarray(_x((32, features), seed=25)))
+  params = _params(
+      layer,
+      x,
+      act_steps=steps,
+      weight_step_gain=_uniform((features,), 0.5, 1.5, 23),
+      lora_a=0.1 * np.asarray(_x((3, 3, 8, 32), seed=24)),
+      lora_b=0.1 * np.asarray(_x((32, features), seed=25)),
+  )
   return layer, x, params, steps
 
 
 def test_efficientdm_layer_is_a_scaled_binary_conv_of_the_merged_weight():
   layer, x, params, steps = _efficientdm_layer()
-  assert set(params) == {"kernel", "bias", "lora_a", "lora_b", "weight_step_gain", "act_steps",
-                         "shortcut_scale"}
+  assert set(params) == {
+      "kernel",
+      "bias",
+      "lora_a",
+      "lora_b",
+      "weight_step_gain",
+      "act_steps",
+      "shortcut_scale",
+  }
   init = layer.init(jax.random.PRNGKey(0), x, CTX)["params"]
   assert init["lora_a"].shape == (3, 3, 8, 32) and init["lora_b"].shape == (32, 8)
   np.testing.assert_array_equal(np.asarray(init["lora_b"]), 0)
@@ -394,8 +475,9 @@ def test_efficientdm_layer_is_a_scaled_binary_conv_of_the_merged_weight():
   s_w = np.asarray(params["weight_step_gain"]) * np.mean(np.abs(w0), axis=(0, 1, 2))
   s_x = steps[[0, 1]][:, None, None, None]  # t = 5, 15 -> buckets 0, 1
   _assert_integer(y / (s_x * s_w))
-  np.testing.assert_allclose(y, s_x * s_w * _np_conv(_np_sign(x), _np_sign(merged)), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      y, s_x * s_w * _np_conv(_np_sign(x), _np_sign(merged)), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_efficientdm_timestep_aware_steps_and_gradients():
@@ -418,8 +500,9 @@ def test_efficientdm_timestep_aware_steps_and_gradients():
   xn = np.asarray(x)
   for i, s in enumerate(steps[:2]):
     inside = np.abs(xn[i]) <= s
-    np.testing.assert_allclose(g_steps[i], np.sum(g_xq[i] * (_np_sign(xn[i]) - xn[i] / s * inside)),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        g_steps[i], np.sum(g_xq[i] * (_np_sign(xn[i]) - xn[i] / s * inside)), rtol=1e-4
+    )
   # W0 and the bias are frozen; the LoRA factors and the weight step learn.
   np.testing.assert_array_equal(np.asarray(grads["kernel"]), 0)
   np.testing.assert_array_equal(np.asarray(grads["bias"]), 0)
@@ -464,12 +547,26 @@ def test_efficientdm_needs_the_timestep():
 
 
 # Real parameters (bias 8 + the method's scales) and real FLOPs of a 3x3, 8 -> 8 conv on 6x6.
-EXPECTED_REAL = {"xnor": 8 + 8 + 9 + 8, "bidm": 8 + 8 + 9 + 8, "xnorpp": 8 + 8, "dorefa": 8 + 1,
-                 "reactnet": 8 + 8 + 8 + 24, "reste": 8 + 1, "bbcu": 8 + 8 + 8 + 24,
-                 "efficientdm": 8 + 8 + 100}
-EXPECTED_FLOPS = {"xnor": 2 * 36 * (9 + 8 + 8), "bidm": 2 * 36 * (9 + 8 + 8), "xnorpp": 288,
-                  "dorefa": 2 * 288, "reactnet": 4 * 288, "reste": 288, "bbcu": 4 * 288,
-                  "efficientdm": 288}
+EXPECTED_REAL = {
+    "xnor": 8 + 8 + 9 + 8,
+    "bidm": 8 + 8 + 9 + 8,
+    "xnorpp": 8 + 8,
+    "dorefa": 8 + 1,
+    "reactnet": 8 + 8 + 8 + 24,
+    "reste": 8 + 1,
+    "bbcu": 8 + 8 + 8 + 24,
+    "efficientdm": 8 + 8 + 100,
+}
+EXPECTED_FLOPS = {
+    "xnor": 2 * 36 * (9 + 8 + 8),
+    "bidm": 2 * 36 * (9 + 8 + 8),
+    "xnorpp": 288,
+    "dorefa": 2 * 288,
+    "reactnet": 4 * 288,
+    "reste": 288,
+    "bbcu": 4 * 288,
+    "efficientdm": 288,
+}
 
 
 @pytest.mark.parametrize("name", PAPER_METHODS)
@@ -491,8 +588,14 @@ def test_costs_binary_vs_real(name):
 def test_model_costs_every_method():
   """The efficiency report's counts: the same binary work and 1-bit weights for every method."""
   from bidm_jax.evaluation.efficiency import count_costs
-  costs = {name: count_costs(UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                                  method=m), (16, 16, 3)) for name, m in METHODS.items()}
+
+  costs = {
+      name: count_costs(
+          UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), method=m),
+          (16, 16, 3),
+      )
+      for name, m in METHODS.items()
+  }
   assert costs["fp"]["bops"] == 0 and costs["fp"]["binary_params"] == 0
   for name in BINARY_METHODS:
     assert costs[name]["bops"] == costs["xnor"]["bops"] > 0, name

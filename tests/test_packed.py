@@ -36,8 +36,16 @@ from bidm_jax.export import packed as ex
 from bidm_jax.layers import packed as pk
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.training import checkpoint as ckpt_lib
-from helpers import (MICRO_SHAPE, MICRO_UNET, TBS_CONNECTIONS, TINY_SHAPE, TINY_UNET,
-                     fill_params, random_params, tiny_inputs)
+from helpers import (
+    MICRO_SHAPE,
+    MICRO_UNET,
+    TBS_CONNECTIONS,
+    TINY_SHAPE,
+    TINY_UNET,
+    fill_params,
+    random_params,
+    tiny_inputs,
+)
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +120,7 @@ def unet_layer_shapes() -> tuple:
     layers, _ = ex.trace_binary_layers(model, image)
     for v in layers.values():
       pad = tuple(map(tuple, v["padding"])) if v["kind"] == "conv" else None
-      shapes.add((v["kind"], tuple(v["kernel"]), v.get("strides"), pad,
-                  tuple(v.get("input", ()))))
+      shapes.add((v["kind"], tuple(v["kernel"]), v.get("strides"), pad, tuple(v.get("input", ()))))
   return tuple(sorted(shapes, key=str))
 
 
@@ -148,11 +155,21 @@ def check_conv(x, layer: BinaryConv, seed: int = 1):
     q = ex.pack_layer(p, {"kind": "conv", "kernel": list(p["kernel"].shape)}, layer.method)
     xbits = pk.activation_bits(x, q.get("threshold"))
     shape = (*layer.kernel_size, cin, layer.features)
-    dots = [pk.sign_conv(xbits, q["sign_bits"], shape, layer.strides, pads, impl)
-            for impl in pk.IMPLS]
-    ys = [pk.binary_conv(x, q, kernel_size=layer.kernel_size, strides=layer.strides,
-                         padding=layer.padding, method=layer.method, impl=impl)
-          for impl in pk.IMPLS]
+    dots = [
+        pk.sign_conv(xbits, q["sign_bits"], shape, layer.strides, pads, impl) for impl in pk.IMPLS
+    ]
+    ys = [
+        pk.binary_conv(
+            x,
+            q,
+            kernel_size=layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            method=layer.method,
+            impl=impl,
+        )
+        for impl in pk.IMPLS
+    ]
     return (sign_product(x, p, (layer.strides, pads)), dots, layer.apply(variables, x), ys)
 
   ref, dots, y, ys = run(variables, x)
@@ -182,8 +199,9 @@ def test_unet_layer_shapes(shape):
     xbits = pk.activation_bits(x, q["threshold"])
     ref = np.asarray(sign_product(x, p))
     for impl in pk.IMPLS:
-      np.testing.assert_array_equal(np.asarray(pk.sign_matmul(xbits, q["sign_bits"], impl)),
-                                    ref.astype(np.int32))
+      np.testing.assert_array_equal(
+          np.asarray(pk.sign_matmul(xbits, q["sign_bits"], impl)), ref.astype(np.int32)
+      )
       assert_close(pk.binary_dense(x, q, impl=impl), layer.apply(variables, x))
     return
   x = jnp.asarray(rng.standard_normal((1, *size, kernel[2])), jnp.float32)
@@ -204,14 +222,14 @@ ODD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", ODD_CASES, ids=lambda c: "x".join(map(str, c[:4])) +
-                         f"-k{c[4][0]}{c[4][1]}-s{c[5]}")
+@pytest.mark.parametrize(
+    "case", ODD_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}-s{c[5]}"
+)
 def test_strides_odd_sizes_and_padding(case):
   """Odd sizes, Cin not a multiple of 32, strides 1 and 2, symmetric, asymmetric and no
   padding; the real shortcut where its average pool fits the output."""
   h, w, cin, cout, kernel, stride, padding = case
-  x = jnp.asarray(np.random.default_rng(h * w + cin).standard_normal((2, h, w, cin)),
-                  jnp.float32)
+  x = jnp.asarray(np.random.default_rng(h * w + cin).standard_normal((2, h, w, cin)), jnp.float32)
   fits = stride == 1 or padding == ((0, 1), (0, 1)) or (h, w) == (6, 6)
   method = get_method("bidm", shortcut=fits and kernel != (5, 5) and padding != ((2, 0), (1, 2)))
   check_conv(x, BinaryConv(cout, kernel, strides=stride, padding=padding, method=method))
@@ -233,8 +251,10 @@ def test_zero_padding_border_is_exact(impl):
   np.testing.assert_array_equal(dot[0], np.repeat(-cin * taps[..., None], cout, -1))
   square = jnp.zeros((1, 6, 6, cin), bool)
   strided = pk.sign_conv(square, sign_bits, (3, 3, cin, cout), 2, ((0, 1), (0, 1)), impl)
-  np.testing.assert_array_equal(np.asarray(strided)[0, :, :, 0],  # the downsample's border
-                                -cin * np.array([[9, 9, 6], [9, 9, 6], [6, 6, 4]]))
+  np.testing.assert_array_equal(
+      np.asarray(strided)[0, :, :, 0],  # the downsample's border
+      -cin * np.array([[9, 9, 6], [9, 9, 6], [6, 6, 4]]),
+  )
 
 
 METHOD_CASES = {
@@ -287,8 +307,13 @@ def test_methods_without_packed_form_are_refused(name, tiny_bidm, tmp_path):
 def exported(tiny_bidm, tmp_path_factory):
   """The tiny BiDM U-Net (TBS, 2 connections) exported with float32 FP layers."""
   path = tmp_path_factory.mktemp("packed") / ex.EXPORT_FILE
-  info = ex.write_export(path, tiny_bidm.model, tiny_bidm.params["params"], TINY_SHAPE[1:],
-                         source={"path": "random", "step": 7})
+  info = ex.write_export(
+      path,
+      tiny_bidm.model,
+      tiny_bidm.params["params"],
+      TINY_SHAPE[1:],
+      source={"path": "random", "step": 7},
+  )
   return path, info
 
 
@@ -297,9 +322,12 @@ def packed_apply(tiny_bidm):
   """Jitted packed forwards of the tiny U-Net, always given a TBS cache (an empty one is the
   identity blend), so each impl compiles once."""
   model = tiny_bidm.model
-  return {impl: jax.jit(lambda p, x, t, cache, impl=impl: pk.apply(model, p, x, t, cache=cache,
-                                                                   impl=impl))
-          for impl in pk.IMPLS}
+  return {
+      impl: jax.jit(
+          lambda p, x, t, cache, impl=impl: pk.apply(model, p, x, t, cache=cache, impl=impl)
+      )
+      for impl in pk.IMPLS
+  }
 
 
 def empty_cache(tiny_bidm, x, t):
@@ -334,8 +362,9 @@ def test_bfloat16_fp_layers(tiny_bidm, tmp_path, packed_apply):
   """fp_dtype=bfloat16 stores the FP layers in half the bytes; the packed model then equals
   the simulated one on the bfloat16-rounded FP parameters."""
   path = tmp_path / "bf16.safetensors"
-  info = ex.write_export(path, tiny_bidm.model, tiny_bidm.params["params"], TINY_SHAPE[1:],
-                         fp_dtype="bfloat16")
+  info = ex.write_export(
+      path, tiny_bidm.model, tiny_bidm.params["params"], TINY_SHAPE[1:], fp_dtype="bfloat16"
+  )
   tree, desc = ex.read_export(path)
   assert desc["fp_dtype"] == "bfloat16"
   assert info["by_category"]["time_mlp"] == 2 * (32 * 128 + 128 + 128 * 128 + 128)
@@ -351,8 +380,9 @@ def test_bfloat16_fp_layers(tiny_bidm, tmp_path, packed_apply):
   params = jax.tree_util.tree_map_with_path(rounded, tiny_bidm.params)
   x, t = tiny_inputs(seed=1)
   empty = empty_cache(tiny_bidm, x, t)
-  assert_close(packed_apply["int8"](tree, x, t, empty).eps,
-               tiny_bidm.apply_cache(params, x, t, empty).eps)
+  assert_close(
+      packed_apply["int8"](tree, x, t, empty).eps, tiny_bidm.apply_cache(params, x, t, empty).eps
+  )
 
 
 def test_file_is_standard_safetensors(exported):
@@ -369,8 +399,16 @@ def test_file_is_standard_safetensors(exported):
   assert 0 < info["file_bytes"] - info["tensor_bytes"] < 64 * 1024  # the header
   desc = json.loads(metadata["description"])
   conv1 = desc["layers"]["down_0_block_0/conv1"]
-  assert conv1 == dict(kind="conv", kernel=[3, 3, 32, 32], strides=1, padding=[[1, 1], [1, 1]],
-                       input=[16, 16], output=[16, 16], reduction=288, words=9)
+  assert conv1 == dict(
+      kind="conv",
+      kernel=[3, 3, 32, 32],
+      strides=1,
+      padding=[[1, 1], [1, 1]],
+      input=[16, 16],
+      output=[16, 16],
+      reduction=288,
+      words=9,
+  )
   assert ours["down_0_block_0/conv1/sign_bits"].shape == (32, 9)
   assert ours["down_0_block_0/conv1/sign_bits"].dtype == np.uint32
 
@@ -418,12 +456,14 @@ def _flip_last_byte(path, out):
 def _without(name):
   def edit(tensors):
     del tensors[name]
+
   return edit
 
 
 def _drop_everywhere(name):
   def edit(desc):
     del desc["checksum"][name]
+
   return edit
 
 
@@ -435,22 +475,37 @@ def _write(out, data: bytes):
 DAMAGE = {
     "truncated": (lambda p, o: _write(o, p.read_bytes()[:-100]), "truncated"),
     "empty": (lambda p, o: _write(o, b""), "not a readable safetensors"),
-    "garbage header": (lambda p, o: _write(o, struct.pack("<Q", 4) + b"{]x}"),
-                       "header is not JSON"),
+    "garbage header": (
+        lambda p, o: _write(o, struct.pack("<Q", 4) + b"{]x}"),
+        "header is not JSON",
+    ),
     "flipped bit": (_flip_last_byte, "do not match their checksum"),
-    "missing tensor": (lambda p, o: _rewrite(p, o, _without("conv_out/bias"),
-                                             _drop_everywhere("conv_out/bias")),
-                       "does not hold the tensors of the model it describes"),
-    "unlisted tensor": (lambda p, o: _rewrite(p, o, _without("conv_out/bias")),
-                        "not those its description lists"),
-    "other version": (lambda p, o: _rewrite(p, o, edit_desc=lambda d: d.update(version=99)),
-                      "version 99"),
-    "other model": (lambda p, o: _rewrite(p, o, edit_desc=lambda d: d["model"].update(ch=64)),
-                    "does not hold the tensors"),
-    "unknown method": (lambda p, o: _rewrite(p, o, edit_desc=lambda d: d["method"].update(
-        activation_binarizer="dorefa")), "describes no model"),
-    "not an export": (lambda p, o: _write(o, ex.safetensors_bytes(
-        {"w": np.zeros(3, np.float32)}, {})), "is not a bidm-jax-packed export"),
+    "missing tensor": (
+        lambda p, o: _rewrite(p, o, _without("conv_out/bias"), _drop_everywhere("conv_out/bias")),
+        "does not hold the tensors of the model it describes",
+    ),
+    "unlisted tensor": (
+        lambda p, o: _rewrite(p, o, _without("conv_out/bias")),
+        "not those its description lists",
+    ),
+    "other version": (
+        lambda p, o: _rewrite(p, o, edit_desc=lambda d: d.update(version=99)),
+        "version 99",
+    ),
+    "other model": (
+        lambda p, o: _rewrite(p, o, edit_desc=lambda d: d["model"].update(ch=64)),
+        "does not hold the tensors",
+    ),
+    "unknown method": (
+        lambda p, o: _rewrite(
+            p, o, edit_desc=lambda d: d["method"].update(activation_binarizer="dorefa")
+        ),
+        "describes no model",
+    ),
+    "not an export": (
+        lambda p, o: _write(o, ex.safetensors_bytes({"w": np.zeros(3, np.float32)}, {})),
+        "is not a bidm-jax-packed export",
+    ),
 }
 
 
@@ -478,13 +533,16 @@ def export_config(**binarization):
   return c
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.model.update(ch=64), "ch: checkpoint 32 vs config 64"),
-    (lambda c: c.binarization.update(binary_bias=False), "binary_bias: export True"),
-    (lambda c: c.binarization.update(method="xnor"), "binarization name"),
-    (lambda c: c.tbs.update(connections=1), "tbs_connections: export 2 vs config 1"),
-    (lambda c: c.data.update(image_size=32), "image shape"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.model.update(ch=64), "ch: checkpoint 32 vs config 64"),
+        (lambda c: c.binarization.update(binary_bias=False), "binary_bias: export True"),
+        (lambda c: c.binarization.update(method="xnor"), "binarization name"),
+        (lambda c: c.tbs.update(connections=1), "tbs_connections: export 2 vs config 1"),
+        (lambda c: c.data.update(image_size=32), "image shape"),
+    ],
+)
 def test_export_of_another_setting_is_refused(exported, change, message):
   config = export_config()
   params, meta = ex.load_export(exported[0].parent, config)  # a folder holding the file
@@ -498,8 +556,9 @@ def test_export_of_another_setting_is_refused(exported, change, message):
 def test_parameters_that_do_not_fit_are_refused(tiny_bidm, tiny_fp, tmp_path):
   """FP parameters (no thresholds, k, shortcut scales) given for a BiDM export."""
   with pytest.raises(ckpt_lib.CheckpointError) as e:
-    ex.write_export(tmp_path / "x.safetensors", tiny_bidm.model, tiny_fp.params["params"],
-                    TINY_SHAPE[1:])
+    ex.write_export(
+        tmp_path / "x.safetensors", tiny_bidm.model, tiny_fp.params["params"], TINY_SHAPE[1:]
+    )
   assert "do not fit a 'bidm' model" in one_line(e)
 
 

@@ -30,8 +30,12 @@ from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import MetricWriter
 
-LONG_FP_FLAGS = [*H.TINY_FLAGS, "--config.binarization.method=fp", "--config.training.steps=1000",
-                 "--config.training.log_every=1"]
+LONG_FP_FLAGS = [
+    *H.TINY_FLAGS,
+    "--config.binarization.method=fp",
+    "--config.training.steps=1000",
+    "--config.training.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,10 @@ def env(tmp_path_factory):
 
 
 def _losses(workdir) -> dict[int, dict]:
-  return {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
-          for m in H.read_metrics(workdir)}
+  return {
+      m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
+      for m in H.read_metrics(workdir)
+  }
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
@@ -58,15 +64,23 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
   pytest.fail(f"timed out waiting for {what}")
 
 
-FOREGROUND = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+FOREGROUND = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
 """Runs the rest of its argv as a terminal's foreground job would: SIGINT not ignored (this
 process may be a shell's background job)."""
 
 
 def _popen(args, env) -> subprocess.Popen:
-  return subprocess.Popen([H.PYTHON, "-c", FOREGROUND, *args[1:]], cwd=H.REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      [H.PYTHON, "-c", FOREGROUND, *args[1:]],
+      cwd=H.REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 RESUME = r"""
@@ -100,16 +114,18 @@ def test_preempted_run_resumes_bit_identically(tmp_path, env):
   for s in whole:
     assert run[s] == whole[s], f"step {s}: {run[s]} vs {whole[s]}"
   assert H.checkpoint_steps(tmp_path / "run") == [n, 8, 2 * n]  # 4 and the keep-3 policy
-  H.assert_trees_equal(H.read_state(tmp_path / "run", 2 * n),
-                       H.read_state(tmp_path / "whole", 2 * n), "final state")
+  H.assert_trees_equal(
+      H.read_state(tmp_path / "run", 2 * n), H.read_state(tmp_path / "whole", 2 * n), "final state"
+  )
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, env):
   """SIGTERM to `python -m bidm_jax.main --mode=train` once a step is logged: exit code 0, a
   complete checkpoint at the step it stopped at (and none other), the summary says preempted."""
   workdir = tmp_path / "run"
-  proc = _popen(H.cli_args(workdir, "train", *LONG_FP_FLAGS,
-                           "--config.training.checkpoint_every=1000"), env)
+  proc = _popen(
+      H.cli_args(workdir, "train", *LONG_FP_FLAGS, "--config.training.checkpoint_every=1000"), env
+  )
   try:
     _wait_for(lambda: H.read_metrics(workdir), proc, 240, "the first logged step")
     proc.send_signal(signal.SIGTERM)
@@ -164,8 +180,10 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, env):
   flags = [*H.QAT_FLAGS, "--config.training.checkpoint_every=2", "--config.training.log_every=3"]
   proc = H.run([H.PYTHON, "-c", NAN, str(tmp_path), str(k), *flags], env, timeout=400)
   assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr[-3000:]}"
-  expected = [f"non-finite loss at step {k}",
-              f"last good checkpoint is step {k} in {tmp_path}/cli/checkpoints"]
+  expected = [
+      f"non-finite loss at step {k}",
+      f"last good checkpoint is step {k} in {tmp_path}/cli/checkpoints",
+  ]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("bidm_jax: error:")]
   assert len(errors) == 1 and all(e in errors[0] for e in expected), proc.stderr[-3000:]
   api = [l for l in proc.stdout.splitlines() if l.startswith("API:")]
@@ -203,8 +221,12 @@ def test_kill9_restart_resumes_from_latest_complete_checkpoint(tmp_path, env):
 
   proc = _popen(args, env)
   try:
-    _wait_for(lambda: H.read_metrics(workdir)[-1]["step"] > max(killed) + 2, proc, 240,
-              "the restarted run's first steps")
+    _wait_for(
+        lambda: H.read_metrics(workdir)[-1]["step"] > max(killed) + 2,
+        proc,
+        240,
+        "the restarted run's first steps",
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
   finally:
@@ -215,8 +237,11 @@ def test_kill9_restart_resumes_from_latest_complete_checkpoint(tmp_path, env):
   assert summary["start_step"] == latest and summary["preempted"]
   rows = H.read_metrics(workdir)
   assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))  # each step once
-  replayed = {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"} for m in rows
-              if m["step"] > latest}
+  replayed = {
+      m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
+      for m in rows
+      if m["step"] > latest
+  }
   for s in set(replayed) & set(killed):
     assert replayed[s] == killed[s], f"step {s}: {replayed[s]} vs {killed[s]}"
   assert summary["step"] in H.checkpoint_steps(workdir)
@@ -233,9 +258,14 @@ cfg = H.tiny_config("fp", steps=8, checkpoint_every=2, log_every=1)
 T.train(cfg, sys.argv[1], data_iterator=H.scripted_data(cfg, sigterm_after=6))
 """
 
-FP_RUN_FLAGS = [*H.TINY_FLAGS, "--config.binarization.method=fp", "--config.training.steps=8",
-                f"--config.training.learning_rate={H.QAT_LR}",
-                "--config.training.checkpoint_every=2", "--config.training.log_every=1"]
+FP_RUN_FLAGS = [
+    *H.TINY_FLAGS,
+    "--config.binarization.method=fp",
+    "--config.training.steps=8",
+    f"--config.training.learning_rate={H.QAT_LR}",
+    "--config.training.checkpoint_every=2",
+    "--config.training.log_every=1",
+]
 """The command line of FP_RUN's config (the same compiled step)."""
 
 DAMAGES = ("finite", "random", "truncate", "delete", "manifest", "no_meta")
@@ -273,10 +303,10 @@ def _damage(workdir, step: int, how: str) -> None:
     shutil.move(workdir.parent / "rewritten", folder / "state")
   elif how == "random":
     raw = bytearray(largest.read_bytes())
-    raw[len(raw) // 2:len(raw) // 2 + 64] = rng.bytes(64)
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = rng.bytes(64)
     largest.write_bytes(bytes(raw))
   elif how == "truncate":
-    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
   elif how == "delete":
     largest.unlink()
   elif how == "manifest":
@@ -289,8 +319,11 @@ def _damage(workdir, step: int, how: str) -> None:
 def _stderr_lines(proc) -> list[str]:
   """The process's stderr lines, less Orbax's note that an async save waited for the previous
   one (it appears whenever the machine is busy, and says nothing about the checkpoint)."""
-  return [line for line in proc.stderr.splitlines()
-          if line.strip() and "Waiting for previous save to complete" not in line]
+  return [
+      line
+      for line in proc.stderr.splitlines()
+      if line.strip() and "Waiting for previous save to complete" not in line
+  ]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -318,8 +351,9 @@ def test_training_resumes_from_the_newest_good_checkpoint(fp_run, tmp_path, env,
   damaged_checkpoints/6; the run replays steps 5-6 with the same losses and ends at step 8;
   metrics.jsonl has steps 1-8 once each."""
   run = _copy(fp_run, tmp_path)
-  first = {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
-           for m in H.read_metrics(run)}
+  first = {
+      m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"} for m in H.read_metrics(run)
+  }
   _damage(run, 6, how)
   damaged = H.snapshot(run / "checkpoints" / "6")
   proc = H.run(H.cli_args(run, "train", *FP_RUN_FLAGS), env)
@@ -344,12 +378,15 @@ def test_teacher_with_only_damaged_checkpoints_is_one_line(fp_run, tmp_path, env
   for step, how in ((2, "no_meta"), (4, "truncate"), (6, "finite")):
     _damage(teacher, step, how)
   before = H.snapshot(teacher)
-  proc = H.run(H.cli_args(tmp_path / "qat", "train", *H.QAT_FLAGS,
-                          f"--config.training.teacher={teacher}"), env)
+  proc = H.run(
+      H.cli_args(tmp_path / "qat", "train", *H.QAT_FLAGS, f"--config.training.teacher={teacher}"),
+      env,
+  )
   assert proc.returncode == 1
   lines = _stderr_lines(proc)
-  assert len(lines) == 1 and lines[0].startswith("bidm_jax: error: config.training.teacher:"), \
-      proc.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith(
+      "bidm_jax: error: config.training.teacher:"
+  ), proc.stderr[-3000:]
   assert "no readable checkpoint" in lines[0]
   assert all(f"step {s}:" in lines[0] for s in (2, 4, 6)), lines[0]
   assert H.snapshot(teacher) == before
@@ -421,8 +458,9 @@ def test_ctrl_c_saves_and_a_second_run_is_refused(tmp_path, env):
   the first run's pid (and changes nothing); Ctrl-C (SIGINT) then makes the first save the step
   it stopped at and exit 0, as SIGTERM does, and the lock file is gone."""
   workdir = tmp_path / "run"
-  proc = _popen(H.cli_args(workdir, "train", *LONG_FP_FLAGS,
-                           "--config.training.checkpoint_every=1000"), env)
+  proc = _popen(
+      H.cli_args(workdir, "train", *LONG_FP_FLAGS, "--config.training.checkpoint_every=1000"), env
+  )
   try:
     _wait_for(lambda: H.read_metrics(workdir), proc, 240, "the first logged step")
     second = H.run(H.cli_args(workdir, "train", *LONG_FP_FLAGS), env)
@@ -453,8 +491,7 @@ def test_non_finite_ema_counts_as_divergence():
   ema = jax.tree_util.tree_map(jnp.copy, state.ema_params)
   ema["conv_in"]["bias"] = ema["conv_in"]["bias"].at[0].set(jnp.inf)
   state = state.replace(ema_params=ema)
-  step = jax.jit(train_lib.make_train_step(config, model, builders.make_schedule(config),
-                                           tx))
+  step = jax.jit(train_lib.make_train_step(config, model, builders.make_schedule(config), tx))
   new, metrics = step(state, jnp.asarray(H.digits_batch(config)), jax.random.PRNGKey(0), None)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
   assert not bool(metrics["finite"])
@@ -473,8 +510,11 @@ def test_metric_rows_are_strict_json_and_replayed_steps_are_dropped(tmp_path):
   with open(logdir / "metrics.jsonl", "a") as f:
     f.write('{"step": 5, "lo')
   text = (logdir / "metrics.jsonl").read_text()
-  strict = lambda t: [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}"))
-                      for line in t.splitlines() if line.endswith("}")]
+  strict = lambda t: [
+      json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}"))
+      for line in t.splitlines()
+      if line.endswith("}")
+  ]
   assert strict(text)[3]["grad_norm"] is None
   writer = MetricWriter(str(logdir), resume_step=2)
   writer.write_scalars(3, {"loss": 0.5})

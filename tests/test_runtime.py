@@ -34,10 +34,22 @@ def test_unwritable_cache_dir_is_a_warning_not_an_error(tmp_path):
 
 def _train(workdir, cache, steps=2):
   return subprocess.run(
-      [sys.executable, "-m", "bidm_jax.main", "--config=configs/digits.py:smoke",
-       f"--workdir={workdir}", "--config.binarization.method=fp",
-       f"--config.training.steps={steps}", f"--config.compilation_cache={cache}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+      [
+          sys.executable,
+          "-m",
+          "bidm_jax.main",
+          "--config=configs/digits.py:smoke",
+          f"--workdir={workdir}",
+          "--config.binarization.method=fp",
+          f"--config.training.steps={steps}",
+          f"--config.compilation_cache={cache}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
 
 
 @pytest.mark.slow
@@ -49,5 +61,6 @@ def test_command_line_stores_and_reuses_the_train_step(tmp_path):
   assert any(name.startswith("jit_train_step") for name in stored), stored
   second = _train(tmp_path / "b", cache)  # same shapes: the step is loaded, nothing new stored
   assert second.returncode == 0, second.stderr[-2000:]
-  assert [p for p in sorted(p.name for p in cache.iterdir()) if p.startswith("jit_train_step")] \
-      == [p for p in stored if p.startswith("jit_train_step")]
+  assert [p for p in sorted(p.name for p in cache.iterdir()) if p.startswith("jit_train_step")] == [
+      p for p in stored if p.startswith("jit_train_step")
+  ]

@@ -68,6 +68,7 @@ def sharded(tmp_path_factory):
     env = H.subprocess_env(H.cache_dir(tmp_path_factory), devices=8)
     H.run_python(SHARDED, path, env=env, timeout=500)
     return pickle.loads(path.read_bytes())
+
   return H.shared_result(tmp_path_factory, "sharded_results", compute)
 
 
@@ -99,7 +100,9 @@ def test_qat_step_on_8_devices_matches_1_device(sharded):
     for k in fm:
       np.testing.assert_allclose(fm[k], fs[k], rtol=1e-5, atol=1e-5, err_msg=name + k)
   b1, lr = 0.9, 1e-3  # optax.adam's default b1; tiny_config's learning rate
-  grads = {k: v / (1 - b1) for k, v in H.flat(optax.tree_utils.tree_get(ss.opt_state, "mu")).items()}
+  grads = {
+      k: v / (1 - b1) for k, v in H.flat(optax.tree_utils.tree_get(ss.opt_state, "mu")).items()
+  }
   pm, ps, p0 = H.flat(sm.params), H.flat(ss.params), H.flat(sharded["params0"])
   compared = 0
   for k in ps:

@@ -30,10 +30,10 @@ def np_spd_feature(student, teacher, p=4):
     for j in range(p):
       maps = []
       for f in (s, t):
-        P = f[:, :, i * h:(i + 1) * h, j * w:(j + 1) * w]
+        P = f[:, :, i * h : (i + 1) * h, j * w : (j + 1) * w]
         A = P @ np.swapaxes(P, -1, -2)
         assert A.shape == f.shape[:2] + (h, h)
-        maps.append(A / np.sqrt(np.sum(A ** 2)))
+        maps.append(A / np.sqrt(np.sum(A**2)))
       losses.append(np.sqrt(np.sum((maps[0] - maps[1]) ** 2)))
   return float(np.mean(losses))
 
@@ -53,14 +53,16 @@ def test_spd_feature_matches_numpy(shape):
   assert ref > 1e-3
   np.testing.assert_allclose(got, ref, rtol=1e-4)
   # and through the feature-list entry point
-  np.testing.assert_allclose(float(spd.spd_loss([jnp.asarray(s)], [jnp.asarray(t)])), ref,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      float(spd.spd_loss([jnp.asarray(s)], [jnp.asarray(t)])), ref, rtol=1e-4
+  )
 
 
 def test_spd_loss_averages_over_features():
   pairs = [random_pair(shape, seed=i) for i, shape in enumerate(SHAPES)]
-  got = float(jax.jit(spd.spd_loss)([jnp.asarray(s) for s, _ in pairs],
-                                    [jnp.asarray(t) for _, t in pairs]))
+  got = float(
+      jax.jit(spd.spd_loss)([jnp.asarray(s) for s, _ in pairs], [jnp.asarray(t) for _, t in pairs])
+  )
   ref = np.mean([np_spd_feature(s, t) for s, t in pairs])
   np.testing.assert_allclose(got, ref, rtol=1e-4)
 
@@ -70,7 +72,7 @@ def test_patch_attention_maps_layout():
   maps = np.asarray(spd.patch_attention_maps(jnp.asarray(x), 4))
   assert maps.shape == (4, 4, 2, 3, 2, 2)
   i, j = 2, 1
-  P = x.transpose(0, 3, 1, 2)[:, :, 2 * i:2 * i + 2, 3 * j:3 * j + 3]
+  P = x.transpose(0, 3, 1, 2)[:, :, 2 * i : 2 * i + 2, 3 * j : 3 * j + 3]
   np.testing.assert_allclose(maps[i, j], P @ np.swapaxes(P, -1, -2), rtol=1e-5, atol=1e-5)
 
 
@@ -105,8 +107,9 @@ def test_spd_invariant_to_positive_rescaling(cs, ct):
 
 def test_spd_gradient_only_to_student():
   s, t = random_pair((2, 8, 8, 4), seed=7)
-  gs, gt = jax.grad(lambda a, b: spd.spd_loss([a], [b]), argnums=(0, 1))(jnp.asarray(s),
-                                                                          jnp.asarray(t))
+  gs, gt = jax.grad(lambda a, b: spd.spd_loss([a], [b]), argnums=(0, 1))(
+      jnp.asarray(s), jnp.asarray(t)
+  )
   np.testing.assert_array_equal(np.asarray(gt), 0.0)
   assert np.any(np.asarray(gs) != 0) and np.all(np.isfinite(np.asarray(gs)))
   # matches a finite difference of the NumPy reference along a random direction
@@ -118,8 +121,11 @@ def test_spd_gradient_only_to_student():
 
 def test_l2_distillation_is_mean_mse():
   pairs = [random_pair(shape, seed=10 + i) for i, shape in enumerate(SHAPES[:3])]
-  got = float(spd.l2_distillation_loss([jnp.asarray(s) for s, _ in pairs],
-                                       [jnp.asarray(t) for _, t in pairs]))
+  got = float(
+      spd.l2_distillation_loss(
+          [jnp.asarray(s) for s, _ in pairs], [jnp.asarray(t) for _, t in pairs]
+      )
+  )
   ref = np.mean([np.mean((s.astype(np.float64) - t) ** 2) for s, t in pairs])
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   s, t = pairs[0]
@@ -142,10 +148,14 @@ def test_distillation_table_names_the_methods_losses():
   rng = np.random.default_rng(7)
   s, t = ([jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)] for _ in range(2))
   assert set(spd.DISTILLATION_LOSSES) == {"spd", "l2"}
-  np.testing.assert_allclose(float(spd.Distillation("spd", 0.5, 2).loss(s, t)),
-                             float(spd.spd_loss(s, t, 2)), rtol=1e-6)
-  np.testing.assert_allclose(float(spd.Distillation("l2", 0.5, 2).loss(s, t)),
-                             float(spd.l2_distillation_loss(s, t)), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(spd.Distillation("spd", 0.5, 2).loss(s, t)), float(spd.spd_loss(s, t, 2)), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      float(spd.Distillation("l2", 0.5, 2).loss(s, t)),
+      float(spd.l2_distillation_loss(s, t)),
+      rtol=1e-6,
+  )
   with pytest.raises(ValueError, match="unknown distillation loss 'kl'"):
     spd.Distillation("kl", 1.0, 4).loss(s, t)
   with pytest.raises(ValueError, match="registered already"):
@@ -154,4 +164,5 @@ def test_distillation_table_names_the_methods_losses():
   assert builders.make_distillation(config, get_method("fp")) is None
   assert builders.make_distillation(config, get_method("bidm", distillation="none")) is None
   assert builders.make_distillation(config, get_method("xnor", distillation="l2")) == (
-      spd.Distillation("l2", config.distill.weight, config.distill.patches))
+      spd.Distillation("l2", config.distill.weight, config.distill.patches)
+  )

@@ -37,8 +37,11 @@ def random_cache(bundle, x, t, seed, valid=True):
 
 
 def assert_outputs_equal(a, b, atol=0.0):
-  check = (np.testing.assert_array_equal if atol == 0 else
-           lambda u, v: np.testing.assert_allclose(u, v, rtol=0, atol=atol))
+  check = (
+      np.testing.assert_array_equal
+      if atol == 0
+      else lambda u, v: np.testing.assert_allclose(u, v, rtol=0, atol=atol)
+  )
   check(np.asarray(a.eps), np.asarray(b.eps))
   assert len(a.features) == len(b.features)
   for u, v in zip(a.features, b.features):
@@ -55,7 +58,8 @@ def test_blend_weights():
   a = np.asarray(tbs.blend_weights(table, t, jnp.array(True), 1000))
   np.testing.assert_array_equal(a, np.asarray(table)[[0, 0, 1, 55, 99]])
   np.testing.assert_array_equal(
-      np.asarray(tbs.blend_weights(table, t, jnp.array(False), 1000)), np.zeros((5, 3)))
+      np.asarray(tbs.blend_weights(table, t, jnp.array(False), 1000)), np.zeros((5, 3))
+  )
   valid = jnp.array([True, False, True, False, True])
   a = np.asarray(tbs.blend_weights(table, t, valid, 1000))
   np.testing.assert_array_equal(a[[1, 3]], 0.0)
@@ -73,7 +77,8 @@ def test_blend_formula_and_stop_gradient():
   np.testing.assert_array_equal(got[2], c[2])  # a = 1: exactly the cache
   g = rng.standard_normal(h.shape).astype(np.float32)
   gh, gc, ga = jax.grad(lambda hh, cc, aa: jnp.sum(tbs.blend(hh, cc, aa) * g), argnums=(0, 1, 2))(
-      jnp.asarray(h), jnp.asarray(c), jnp.asarray(a))
+      jnp.asarray(h), jnp.asarray(c), jnp.asarray(a)
+  )
   np.testing.assert_allclose(np.asarray(gh), (1 - ar) * g, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(gc), 0.0)
   np.testing.assert_allclose(np.asarray(ga), ((c - h) * g).sum((1, 2, 3)), rtol=1e-4, atol=1e-5)
@@ -139,7 +144,7 @@ def test_no_gradient_into_cache(micro_bidm):
 
   def loss(params, feats):
     out = micro_bidm.model.apply(params, x, t, cache=tbs.TBSCache(feats, cache.valid))
-    return jnp.sum(out.eps * g) + sum(jnp.mean(f ** 2) for f in out.features)
+    return jnp.sum(out.eps * g) + sum(jnp.mean(f**2) for f in out.features)
 
   g_params, g_cache = jax.jit(jax.grad(loss, argnums=(0, 1)))(micro_bidm.params, cache.features)
   for gc in g_cache:
@@ -154,7 +159,7 @@ def test_no_gradient_into_cache(micro_bidm):
 def paired_inputs(shape, seed):
   rng = np.random.default_rng(seed)
   x_prev, x_t = (jnp.asarray(a, jnp.float32) for a in rng.standard_normal((2,) + shape))
-  t = jnp.asarray([3, 999][:shape[0]] + [500] * (shape[0] - 2), jnp.int32)
+  t = jnp.asarray([3, 999][: shape[0]] + [500] * (shape[0] - 2), jnp.int32)
   t_prev = jnp.minimum(t + 1, 999)
   return x_prev, t_prev, x_t, t
 
@@ -163,8 +168,7 @@ def test_paired_forward_equals_two_explicit_calls(micro_bidm):
   model, params = micro_bidm.model, micro_bidm.params
   x_prev, t_prev, x_t, t = paired_inputs(MICRO_SHAPE, seed=13)
   apply_fn = lambda p, x, tt, cache, rng: model.apply(p, x, tt, cache=cache)
-  paired = jax.jit(lambda p, r, tp: tbs.paired_timestep_forward(
-      apply_fn, p, x_prev, tp, x_t, t, r))
+  paired = jax.jit(lambda p, r, tp: tbs.paired_timestep_forward(apply_fn, p, x_prev, tp, x_t, t, r))
   # t' = min(t + 1, T - 1) as in training, and a distant t' (a binary model's output barely
   # moves between t and t + 1, so only the latter shows that the first pass runs at t')
   for tp in (t_prev, jnp.asarray([403, 10], jnp.int32)):
@@ -187,16 +191,18 @@ def test_paired_forward_gradient_equals_explicit_stop_gradient(micro_bidm):
   apply_fn = lambda p, x, tt, cache, rng: model.apply(p, x, tt, cache=cache)
 
   def loss_of(out):
-    return jnp.mean((out.eps - noise) ** 2) + 0.1 * sum(jnp.mean(f ** 2) for f in out.features)
+    return jnp.mean((out.eps - noise) ** 2) + 0.1 * sum(jnp.mean(f**2) for f in out.features)
 
   def paired_loss(p):
-    return loss_of(tbs.paired_timestep_forward(apply_fn, p, x_prev, t_prev, x_t, t,
-                                               jax.random.key(1)))
+    return loss_of(
+        tbs.paired_timestep_forward(apply_fn, p, x_prev, t_prev, x_t, t, jax.random.key(1))
+    )
 
   def explicit_loss(p):
     first = model.apply(p, x_prev, t_prev)
-    cache = tbs.TBSCache(tuple(jax.lax.stop_gradient(f) for f in first.connections),
-                         jnp.ones((), bool))
+    cache = tbs.TBSCache(
+        tuple(jax.lax.stop_gradient(f) for f in first.connections), jnp.ones((), bool)
+    )
     return loss_of(model.apply(p, x_t, t, cache=cache))
 
   lp, gp = jax.jit(jax.value_and_grad(paired_loss))(params)
@@ -206,16 +212,22 @@ def test_paired_forward_gradient_equals_explicit_stop_gradient(micro_bidm):
   flat_e = dict(jax.tree_util.tree_flatten_with_path(ge)[0])
   assert len(flat_p) == len(flat_e)
   for path, g in flat_p:
-    np.testing.assert_allclose(np.asarray(g), np.asarray(flat_e[path]), rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        np.asarray(g),
+        np.asarray(flat_e[path]),
+        rtol=1e-4,
+        atol=1e-6,
+        err_msg=jax.tree_util.keystr(path),
+    )
   assert np.any(np.asarray(gp["params"]["tbs_table"]) != 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # The release's TBS structure (tbs_structure='release')
 
-RELEASE_CONFIG = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                      dropout=0.0)
+RELEASE_CONFIG = dict(
+    ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0
+)
 """Three levels (16, 8, 4) with attention at level 1, like CIFAR-10's (32, 16, 8, 4) with
 attention at 16x16: up_2_upsample enters level 1, up_1_upsample leaves it."""
 RELEASE_SHAPE = (2, 16, 16, 3)
@@ -223,12 +235,15 @@ RELEASE_SHAPE = (2, 16, 16, 3)
 
 @pytest.fixture(scope="module")
 def release_bidm():
-  model = UNet(**RELEASE_CONFIG, method=get_method("bidm"), tbs_connections=5,
-               tbs_structure="release")
+  model = UNet(
+      **RELEASE_CONFIG, method=get_method("bidm"), tbs_connections=5, tbs_structure="release"
+  )
   params = {"params": random_params(model, RELEASE_SHAPE, seed=21)}
-  apply = jax.jit(lambda p, x, t, cache: model.apply(p, x, t, cache=cache,
-                                                     capture_intermediates=True,
-                                                     mutable=["intermediates"]))
+  apply = jax.jit(
+      lambda p, x, t, cache: model.apply(
+          p, x, t, cache=cache, capture_intermediates=True, mutable=["intermediates"]
+      )
+  )
   return model, params, apply
 
 
@@ -252,16 +267,18 @@ def test_release_zero_table_and_invalid_cache_are_the_identity(release_bidm):
   x, t = tiny_inputs(RELEASE_SHAPE, seed=22)
   plain, _ = apply(params, x, t, None)
   assert len(plain.connections) == 2
-  np.testing.assert_array_equal(np.asarray(plain.connections[1]),
-                                np.asarray(plain.points["up_1_upsample"]))
+  np.testing.assert_array_equal(
+      np.asarray(plain.connections[1]), np.asarray(plain.points["up_1_upsample"])
+  )
   rng = np.random.default_rng(23)
   feats = tuple(jnp.asarray(rng.standard_normal(c.shape), jnp.float32) for c in plain.connections)
   assert np.all(np.asarray(params["params"]["tbs_release_table"]) != 0)  # random, non-zero
   invalid, _ = apply(params, x, t, tbs.TBSCache(feats, jnp.asarray(False)))
   assert_outputs_equal(invalid, plain)
   zero = {"params": dict(params["params"], tbs_release_table=jnp.zeros((100, 3)))}
-  assert_outputs_equal(apply(zero, x, t, tbs.TBSCache(feats, jnp.asarray(True)))[0],
-                       apply(zero, x, t, None)[0])
+  assert_outputs_equal(
+      apply(zero, x, t, tbs.TBSCache(feats, jnp.asarray(True)))[0], apply(zero, x, t, None)[0]
+  )
   # the model's own init is the release's: zero
   init = jax.eval_shape(model.init, jax.random.key(0), x, t)
   assert init["params"]["tbs_release_table"].shape == (100, 3)
@@ -319,13 +336,26 @@ def test_samplers_and_paired_forward_carry_the_models_connections():
   ts = ddim_timesteps(1000, 4)
   for i, ti in enumerate(ts):
     out = apply_fn(x, jnp.full((2,), ti, jnp.int32), cache)
-    x = ddim_step(s, x, out.eps, jnp.int32(ti), jnp.int32(ts[i + 1] if i + 1 < 4 else -1), 0.0,
-                  jnp.zeros(shape))
+    x = ddim_step(
+        s,
+        x,
+        out.eps,
+        jnp.int32(ti),
+        jnp.int32(ts[i + 1] if i + 1 < 4 else -1),
+        0.0,
+        jnp.zeros(shape),
+    )
     cache = tbs.TBSCache(out.connections, jnp.ones((), bool))
   np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-5, atol=1e-5)
-  paired = tbs.paired_timestep_forward(lambda p, x, t, c, r: apply_fn(x, t, c), None,
-                                       x, jnp.array([5, 6]), x + 1, jnp.array([4, 5]),
-                                       jax.random.key(1))
+  paired = tbs.paired_timestep_forward(
+      lambda p, x, t, c, r: apply_fn(x, t, c),
+      None,
+      x,
+      jnp.array([5, 6]),
+      x + 1,
+      jnp.array([4, 5]),
+      jax.random.key(1),
+  )
   first = apply_fn(x, jnp.array([5, 6]), None)
   second = apply_fn(x + 1, jnp.array([4, 5]), tbs.TBSCache(first.connections, jnp.ones((), bool)))
   np.testing.assert_allclose(np.asarray(paired.eps), np.asarray(second.eps), rtol=1e-6)

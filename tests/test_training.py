@@ -43,8 +43,9 @@ def _compute_qat_results():
   state0 = train_lib.create_state(params0, tx)
   # a distinct EMA start, so that the EMA check sees which tree each term comes from
   state0 = state0.replace(ema_params=H.random_params(model, shape, seed=2))
-  step = jax.jit(train_lib.make_train_step(config, model, builders.make_schedule(config),
-                                           tx, teacher))
+  step = jax.jit(
+      train_lib.make_train_step(config, model, builders.make_schedule(config), tx, teacher)
+  )
   images = jnp.asarray(H.digits_batch(config))
   rng = jax.random.PRNGKey(0)
   teacher_before = _numpy(teacher_params)
@@ -53,20 +54,28 @@ def _compute_qat_results():
   # every call draws the same timesteps and noise (the step folds state.step into the key).
   state, losses, metrics = state0, [], None
   for _ in range(QAT_UPDATES + 1):
-    state, metrics = step(state.replace(step=jnp.zeros((), jnp.int32)), images, rng,
-                          teacher_params)
+    state, metrics = step(state.replace(step=jnp.zeros((), jnp.int32)), images, rng, teacher_params)
     losses.append(float(metrics["loss"]))
   state1, metrics1 = step(state0, images, rng, teacher_params)
   doubled = jax.tree_util.tree_map(lambda p: 2 * p, teacher_params)
   _, metrics_doubled = step(state0, images, rng, doubled)
   nan_state, nan_metrics = step(state0, jnp.full_like(images, jnp.nan), rng, teacher_params)
   return dict(
-      decay=config.training.ema_decay, num_connections=model.num_connections,
-      distillation=method.distillation, losses=losses, metric_keys=sorted(metrics),
-      state0=_numpy(state0), state1=_numpy(state1), metrics1=_numpy(metrics1),
-      final_params=_numpy(state.params), teacher_before=teacher_before,
-      teacher_after=_numpy(teacher_params), distill_doubled=float(metrics_doubled["loss_distill"]),
-      nan_state=_numpy(nan_state), nan_metrics=_numpy(nan_metrics))
+      decay=config.training.ema_decay,
+      num_connections=model.num_connections,
+      distillation=method.distillation,
+      losses=losses,
+      metric_keys=sorted(metrics),
+      state0=_numpy(state0),
+      state1=_numpy(state1),
+      metrics1=_numpy(metrics1),
+      final_params=_numpy(state.params),
+      teacher_before=teacher_before,
+      teacher_after=_numpy(teacher_params),
+      distill_doubled=float(metrics_doubled["loss_distill"]),
+      nan_state=_numpy(nan_state),
+      nan_metrics=_numpy(nan_metrics),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +117,12 @@ def test_teacher_is_frozen(qat):
   """The teacher's parameters are an argument of the step, not part of the state: bit-identical
   after 22 steps, while the student's overlaid copies of them trained; and the teacher is used
   (doubling its parameters changes the distillation loss)."""
-  assert set(train_lib.TrainState.__dataclass_fields__) == {"step", "params", "ema_params",
-                                                           "opt_state"}
+  assert set(train_lib.TrainState.__dataclass_fields__) == {
+      "step",
+      "params",
+      "ema_params",
+      "opt_state",
+  }
   H.assert_trees_equal(qat["teacher_before"], qat["teacher_after"], "teacher")
   teacher, student = H.flat(qat["teacher_before"]), H.flat(qat["final_params"])
   shared = [k for k in teacher if k in student and teacher[k].shape == student[k].shape]
@@ -177,8 +190,10 @@ print(json.dumps({k: {a: b for a, b in v.items() if a != "state"} for k, v in ou
 
 
 def _losses(workdir):
-  return {m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
-          for m in H.read_metrics(workdir)}
+  return {
+      m["step"]: {k: v for k, v in m.items() if k != "steps_per_sec"}
+      for m in H.read_metrics(workdir)
+  }
 
 
 def test_checkpoint_round_trip_is_bit_identical(tmp_path, tmp_path_factory):
@@ -197,16 +212,27 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path, tmp_path_factory):
   for s in range(1, 2 * n + 1):
     assert split[s] == whole[s], f"step {s}: {split[s]} vs {whole[s]}"
   assert H.checkpoint_steps(tmp_path / "split") == [n, 2 * n]
-  H.assert_trees_equal(H.read_state(tmp_path / "split", 2 * n),
-                       H.read_state(tmp_path / "whole", 2 * n), "final state")
+  H.assert_trees_equal(
+      H.read_state(tmp_path / "split", 2 * n),
+      H.read_state(tmp_path / "whole", 2 * n),
+      "final state",
+  )
 
 
 def test_train_applies_the_method_fp_init(tmp_path):
   """train() runs method.init_from_fp right after loading the teacher: XNOR++ starts its Gamma
   at mean|W_teacher| / sqrt(2 pi) (one step at lr 1e-9 moves it by ~1e-9)."""
   teacher = H.export_teacher(H.tiny_config("fp", micro=True), tmp_path / "teacher", seed=5)
-  config = H.tiny_config("xnorpp", micro=True, teacher=teacher, steps=1, learning_rate=1e-9,
-                         warmup_steps=0, log_every=1, checkpoint_every=1000)
+  config = H.tiny_config(
+      "xnorpp",
+      micro=True,
+      teacher=teacher,
+      steps=1,
+      learning_rate=1e-9,
+      warmup_steps=0,
+      log_every=1,
+      checkpoint_every=1000,
+  )
   state = train_lib.train(config, str(tmp_path / "run"))["state"]
   flat = H.flat(jax.device_get(state.params))
   scales = [k for k in flat if k.endswith("['output_scale']")]
@@ -214,8 +240,9 @@ def test_train_applies_the_method_fp_init(tmp_path):
   for key in scales:
     kernel = flat[key.replace("['output_scale']", "['kernel']")]
     alpha = np.mean(np.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
-    np.testing.assert_allclose(flat[key], alpha * ACTIVATION_MEAN_ABS, rtol=1e-4, atol=1e-7,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        flat[key], alpha * ACTIVATION_MEAN_ABS, rtol=1e-4, atol=1e-7, err_msg=key
+    )
 
 
 def test_loss_reduction_sum():
@@ -234,8 +261,9 @@ def test_loss_reduction_sum():
     config.distill.reduction = reduction
     config_lib.validate(config)
     fns[reduction] = train_lib.make_loss_fn(config, model, schedule, teacher)
-  both = jax.jit(lambda r: {k: f(params, teacher_params, images, r, 0.5)[1]
-                            for k, f in fns.items()})(jax.random.PRNGKey(3))
+  both = jax.jit(
+      lambda r: {k: f(params, teacher_params, images, r, 0.5)[1] for k, f in fns.items()}
+  )(jax.random.PRNGKey(3))
   mean, total = jax.device_get(both["mean"]), jax.device_get(both["sum"])
   values = int(np.prod(images.shape[1:]))
   assert values == 64
@@ -244,8 +272,7 @@ def test_loss_reduction_sum():
   assert "eps_mse" not in mean
   np.testing.assert_allclose(total["loss_distill"], mean["loss_distill"], rtol=1e-6)
   w = config.distill.weight
-  np.testing.assert_allclose(total["loss"], total["loss_dm"] + w * total["loss_distill"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(total["loss"], total["loss_dm"] + w * total["loss_distill"], rtol=1e-6)
   config.distill.reduction = "none"
   with pytest.raises(ValueError, match="distill.reduction"):
     config_lib.validate(config)
@@ -261,8 +288,12 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
   method = config_lib.method_from_config(config)
   model, teacher = builders.make_model(config, method), builders.make_model(config, FP)
   assert model.tbs_structure == "release" and model.num_connections == 1
-  assert model.release_points == ("down_0_downsample", "down_1_block_0/conv2",
-                                  "mid_block_2/conv2", "up_1_upsample")
+  assert model.release_points == (
+      "down_0_downsample",
+      "down_1_block_0/conv2",
+      "mid_block_2/conv2",
+      "up_1_upsample",
+  )
   shape = builders.image_shape(config, 1)
   teacher_params = H.random_params(teacher, shape, seed=0)
   params = train_lib.overlay_params(H.random_params(model, shape, seed=1), teacher_params)
@@ -278,17 +309,22 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
     noise = jax.random.normal(k_noise, images.shape, jnp.float32)
     x_t = q_sample(schedule, images, t, noise)
     t_prev = jnp.minimum(t + 1, 999)
-    apply = lambda p, x, tt, cache, r: model.apply({"params": p}, x, tt, cache=cache, train=True,
-                                                   progress=0.5, rngs={"dropout": r})
-    out = tbs.paired_timestep_forward(apply, params, q_sample(schedule, images, t_prev, noise),
-                                      t_prev, x_t, t, k_drop)
+    apply = lambda p, x, tt, cache, r: model.apply(
+        {"params": p}, x, tt, cache=cache, train=True, progress=0.5, rngs={"dropout": r}
+    )
+    out = tbs.paired_timestep_forward(
+        apply, params, q_sample(schedule, images, t_prev, noise), t_prev, x_t, t, k_drop
+    )
     target = teacher.apply({"params": teacher_params}, x_t, t)
     names = model.release_points
-    return (spd.spd_loss([out.points[k] for k in names], [target.points[k] for k in names], 4),
-            spd.spd_loss(out.features, target.features, 4))
+    return (
+        spd.spd_loss([out.points[k] for k in names], [target.points[k] for k in names], 4),
+        spd.spd_loss(out.features, target.features, 4),
+    )
 
   metrics, (release, blocks) = jax.jit(
-      lambda: (loss_fn(params, teacher_params, images, rng, 0.5)[1], reference()))()
+      lambda: (loss_fn(params, teacher_params, images, rng, 0.5)[1], reference())
+  )()
   np.testing.assert_allclose(float(metrics["loss_distill"]), float(release), rtol=1e-5)
   assert abs(float(release) - float(blocks)) > 1e-3
   config.distill.points = "all"

@@ -22,8 +22,7 @@ def param_shapes(model, x_shape):
 
 
 def flat_shapes(tree):
-  return {path_str(p): tuple(v.shape)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_str(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def expected_feature_shapes(cfg, x_shape):
@@ -49,8 +48,9 @@ def expected_feature_shapes(cfg, x_shape):
 
 def test_cifar10_parameter_count():
   """Spec section 1: ~35.7M parameters (the ddim repo's CIFAR-10 model has 35,746,307)."""
-  n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(param_shapes(UNet(),
-                                                                                  CIFAR_SHAPE)))
+  n = sum(
+      int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(param_shapes(UNet(), CIFAR_SHAPE))
+  )
   assert abs(n - 35.7e6) <= 0.01 * 35.7e6, n
   assert n == 35_746_307
 
@@ -71,8 +71,16 @@ def test_cifar10_features_and_output_shapes():
 def test_tiny_output_and_feature_shapes(tiny_fp, tiny_bidm):
   x, t = tiny_inputs()
   expected = expected_feature_shapes(TINY_UNET, TINY_SHAPE)
-  assert expected == [(2, 16, 16, 32), (2, 8, 8, 32), (2, 8, 8, 64), (2, 8, 8, 64),
-                      (2, 8, 8, 64), (2, 16, 16, 64), (2, 16, 16, 32), (2, 16, 16, 32)]
+  assert expected == [
+      (2, 16, 16, 32),
+      (2, 8, 8, 32),
+      (2, 8, 8, 64),
+      (2, 8, 8, 64),
+      (2, 8, 8, 64),
+      (2, 16, 16, 64),
+      (2, 16, 16, 32),
+      (2, 16, 16, 32),
+  ]
   for bundle in (tiny_fp, tiny_bidm):
     out = bundle.apply(bundle.params, x, t)
     assert isinstance(out, UNetOutput)
@@ -85,15 +93,18 @@ def test_tiny_output_and_feature_shapes(tiny_fp, tiny_bidm):
 def test_binary_tree_contains_fp_tree_cifar():
   fp = flat_shapes(param_shapes(UNet(), CIFAR_SHAPE))
   for method in ("xnor", "bidm"):
-    binary = flat_shapes(param_shapes(UNet(method=get_method(method), tbs_connections=2),
-                                      CIFAR_SHAPE))
+    binary = flat_shapes(
+        param_shapes(UNet(method=get_method(method), tbs_connections=2), CIFAR_SHAPE)
+    )
     missing = [k for k in fp if k not in binary]
     assert not missing, missing[:5]
     assert all(binary[k] == fp[k] for k in fp)
     extra = set(binary) - set(fp)
-    assert extra and all(k.rsplit("/", 1)[-1] in {"threshold", "scale_kernel", "shortcut_scale",
-                                                  "shortcut_kernel", "tbs_table"}
-                         for k in extra), sorted(extra)[:10]
+    assert extra and all(
+        k.rsplit("/", 1)[-1]
+        in {"threshold", "scale_kernel", "shortcut_scale", "shortcut_kernel", "tbs_table"}
+        for k in extra
+    ), sorted(extra)[:10]
     assert ("tbs_table" in binary) == (method == "bidm")
     if method == "bidm":
       assert binary["tbs_table"] == (100, 2)
@@ -101,8 +112,7 @@ def test_binary_tree_contains_fp_tree_cifar():
 
 def test_full_precision_layers_stay_full_precision():
   """Spec section 2: first/last conv, time MLP, nin shortcuts are FP; q/k/v/proj_out binary."""
-  params = param_shapes(UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2),
-                        TINY_SHAPE)
+  params = param_shapes(UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2), TINY_SHAPE)
   leaves = flat_shapes(params)
   modules = {}
   for path in leaves:
@@ -110,15 +120,21 @@ def test_full_precision_layers_stay_full_precision():
       continue
     mod, name = path.rsplit("/", 1)
     modules.setdefault(mod, set()).add(name)
-  fp_modules = [m for m in modules if m.split("/")[-1] in
-                ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")]
+  fp_modules = [
+      m
+      for m in modules
+      if m.split("/")[-1] in ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")
+  ]
   # 4 FP layers + the nin shortcuts of the 5 res blocks whose channel count changes
   assert len(fp_modules) == 4 + 5
   for m in fp_modules:
     assert modules[m] == {"kernel", "bias"}, m
-  binary = [m for m in modules if m.split("/")[-1] in
-            ("q", "k", "v", "proj_out", "conv1", "conv2", "temb_proj")
-            or m.endswith("sample")]
+  binary = [
+      m
+      for m in modules
+      if m.split("/")[-1] in ("q", "k", "v", "proj_out", "conv1", "conv2", "temb_proj")
+      or m.endswith("sample")
+  ]
   assert len(binary) == 4 * 4 + 8 * 3 + 2  # 4 attn blocks, 8 res blocks, down + upsample
   for m in binary:
     assert "threshold" in modules[m], m
@@ -131,6 +147,7 @@ def test_fp_model_runs_on_binary_tree(tiny_fp, tiny_bidm):
   x, t = tiny_inputs(seed=5)
   fp_paths = set(flat_shapes(tiny_fp.params))
   binary = tiny_bidm.params
+
   def prune(tree, prefix=()):
     out = {}
     for k, v in tree.items():
@@ -147,8 +164,9 @@ def test_fp_model_runs_on_binary_tree(tiny_fp, tiny_bidm):
   assert set(flat_shapes(subtree)) == fp_paths
   on_binary = tiny_fp.apply(binary, x, t)
   on_subtree = tiny_fp.apply(subtree, x, t)
-  np.testing.assert_allclose(np.asarray(on_binary.eps), np.asarray(on_subtree.eps), rtol=0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(on_binary.eps), np.asarray(on_subtree.eps), rtol=0, atol=1e-6
+  )
   for a, b in zip(on_binary.features, on_subtree.features):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
   # and the binary model computes something else from the same tree
@@ -170,8 +188,12 @@ def test_invalid_configurations_raise():
   with pytest.raises(ValueError):
     jax.eval_shape(too_many.init, jax.random.key(0), x, t)
   with pytest.raises(ValueError):
-    jax.eval_shape(UNet(**TINY_UNET).init, jax.random.key(0),
-                   jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32), t)
+    jax.eval_shape(
+        UNet(**TINY_UNET).init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32),
+        t,
+    )
 
 
 def test_release_points_cifar10():
@@ -179,15 +201,29 @@ def test_release_points_cifar10():
   block's conv2, three upsamples."""
   model = UNet(method=get_method("bidm"), tbs_connections=2)
   assert model.release_points == (
-      "down_0_downsample", "down_1_downsample", "down_2_downsample", "down_3_block_1/conv2",
-      "mid_block_2/conv2", "up_3_upsample", "up_2_upsample", "up_1_upsample")
+      "down_0_downsample",
+      "down_1_downsample",
+      "down_2_downsample",
+      "down_3_block_1/conv2",
+      "mid_block_2/conv2",
+      "up_3_upsample",
+      "up_2_upsample",
+      "up_1_upsample",
+  )
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
   out = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0), x, t), x, t)
   assert set(out.points) == set(model.release_points)  # (jax returns dicts key-sorted)
   assert [out.points[k].shape[1:] for k in model.release_points] == [
-      (16, 16, 128), (8, 8, 256), (4, 4, 256), (4, 4, 256), (4, 4, 256), (8, 8, 256),
-      (16, 16, 256), (32, 32, 256)]
+      (16, 16, 128),
+      (8, 8, 256),
+      (4, 4, 256),
+      (4, 4, 256),
+      (4, 4, 256),
+      (8, 8, 256),
+      (16, 16, 256),
+      (32, 32, 256),
+  ]
   assert len(out.connections) == 2
   assert model.connection_points == ("up_0_block_1", "up_0_block_2")
   assert [d.shape for d in out.distill] == [f.shape for f in out.features]
@@ -201,10 +237,15 @@ def test_points_are_the_named_layer_outputs(tiny_bidm):
   the res block's skip addition; connections are the last n features (the 'blocks' TBS)."""
   model, params = tiny_bidm.model, tiny_bidm.params
   x, t = tiny_inputs()
-  assert model.release_points == ("down_0_downsample", "down_1_block_0/conv2",
-                                  "mid_block_2/conv2", "up_1_upsample")
-  out, inter = jax.jit(lambda p: model.apply(p, x, t, capture_intermediates=True,
-                                             mutable=["intermediates"]))(params)
+  assert model.release_points == (
+      "down_0_downsample",
+      "down_1_block_0/conv2",
+      "mid_block_2/conv2",
+      "up_1_upsample",
+  )
+  out, inter = jax.jit(
+      lambda p: model.apply(p, x, t, capture_intermediates=True, mutable=["intermediates"])
+  )(params)
   inter = inter["intermediates"]
   for name in model.release_points:
     node = inter

@@ -29,8 +29,9 @@ def patch_attention_maps(feature: Array, patches: int) -> Array:
   """
   b, hgt, wid, c = feature.shape
   if hgt % patches or wid % patches:
-    raise ValueError(f"feature of spatial size {hgt}x{wid} cannot be split into "
-                     f"{patches}x{patches} patches")
+    raise ValueError(
+        f"feature of spatial size {hgt}x{wid} cannot be split into " f"{patches}x{patches} patches"
+    )
   h, w = hgt // patches, wid // patches
   x = feature.astype(jnp.float32).reshape(b, patches, h, patches, w, c)
   return jnp.einsum("bihjwc,bigjwc->ijbchg", x, x)
@@ -44,25 +45,41 @@ def _normalise(maps: Array) -> Array:
 def spd_feature_loss(student: Array, teacher: Array, patches: int = 4) -> Array:
   """Eq. 15 for one feature: mean over patches of ||A_s/|A_s| - A_t/|A_t|||_F. (B,H,W,C)x2 -> ()."""
   diff = _normalise(patch_attention_maps(student, patches)) - _normalise(
-      patch_attention_maps(jax.lax.stop_gradient(teacher), patches))
+      patch_attention_maps(jax.lax.stop_gradient(teacher), patches)
+  )
   return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(diff), axis=(2, 3, 4, 5)) + 1e-20))
 
 
-def spd_loss(student_features: Sequence[Array], teacher_features: Sequence[Array],
-             patches: int = 4) -> Array:
+def spd_loss(
+    student_features: Sequence[Array], teacher_features: Sequence[Array], patches: int = 4
+) -> Array:
   """L_SPD: Eq. 15 averaged over all feature pairs (Eq. 16 without lambda). -> ()."""
   _check_pairs(student_features, teacher_features)
-  return jnp.mean(jnp.stack([spd_feature_loss(s, t, _fit_patches(s, patches))
-                             for s, t in zip(student_features, teacher_features)]))
+  return jnp.mean(
+      jnp.stack(
+          [
+              spd_feature_loss(s, t, _fit_patches(s, patches))
+              for s, t in zip(student_features, teacher_features)
+          ]
+      )
+  )
 
 
-def l2_distillation_loss(student_features: Sequence[Array],
-                         teacher_features: Sequence[Array]) -> Array:
+def l2_distillation_loss(
+    student_features: Sequence[Array], teacher_features: Sequence[Array]
+) -> Array:
   """Plain feature distillation (Table 7 ablation): mean over features of MSE(student, teacher)."""
   _check_pairs(student_features, teacher_features)
-  return jnp.mean(jnp.stack([
-      jnp.mean(jnp.square(s.astype(jnp.float32) - jax.lax.stop_gradient(t).astype(jnp.float32)))
-      for s, t in zip(student_features, teacher_features)]))
+  return jnp.mean(
+      jnp.stack(
+          [
+              jnp.mean(
+                  jnp.square(s.astype(jnp.float32) - jax.lax.stop_gradient(t).astype(jnp.float32))
+              )
+              for s, t in zip(student_features, teacher_features)
+          ]
+      )
+  )
 
 
 DistillationLoss = Callable[[Sequence[Array], Sequence[Array], int], Array]
@@ -73,11 +90,13 @@ DISTILLATION_LOSSES: dict[str, DistillationLoss] = {}
 
 def register_distillation(name: str):
   """Registers a `DistillationLoss` under `name` (a method's `distillation` value)."""
+
   def register(loss: DistillationLoss) -> DistillationLoss:
     if name in DISTILLATION_LOSSES:
       raise ValueError(f"distillation loss {name!r} is registered already")
     DISTILLATION_LOSSES[name] = loss
     return loss
+
   return register
 
 
@@ -85,8 +104,9 @@ register_distillation("spd")(spd_loss)
 
 
 @register_distillation("l2")
-def _l2_loss(student_features: Sequence[Array], teacher_features: Sequence[Array],
-             patches: int) -> Array:
+def _l2_loss(
+    student_features: Sequence[Array], teacher_features: Sequence[Array], patches: int
+) -> Array:
   """`l2_distillation_loss` in the registry's signature (L2 compares whole features)."""
   del patches
   return l2_distillation_loss(student_features, teacher_features)
@@ -95,6 +115,7 @@ def _l2_loss(student_features: Sequence[Array], teacher_features: Sequence[Array
 class Distillation(NamedTuple):
   """The registered loss `name` with its weight lambda (L = L_DM + weight * loss) and the
   patch count p that SPD splits features into (unused by L2)."""
+
   name: str
   weight: float
   patches: int
@@ -102,8 +123,10 @@ class Distillation(NamedTuple):
   def loss(self, student_features: Sequence[Array], teacher_features: Sequence[Array]) -> Array:
     """The unweighted distillation loss of paired (B, H, W, C) features -> ()."""
     if self.name not in DISTILLATION_LOSSES:
-      raise ValueError(f"unknown distillation loss {self.name!r}; registered: "
-                       f"{', '.join(DISTILLATION_LOSSES)}")
+      raise ValueError(
+          f"unknown distillation loss {self.name!r}; registered: "
+          f"{', '.join(DISTILLATION_LOSSES)}"
+      )
     return DISTILLATION_LOSSES[self.name](student_features, teacher_features, self.patches)
 
 
@@ -118,8 +141,9 @@ def _fit_patches(feature: Array, patches: int) -> int:
 
 def _check_pairs(student_features, teacher_features) -> None:
   if len(student_features) != len(teacher_features):
-    raise ValueError(f"{len(student_features)} student features vs "
-                     f"{len(teacher_features)} teacher features")
+    raise ValueError(
+        f"{len(student_features)} student features vs " f"{len(teacher_features)} teacher features"
+    )
   for i, (s, t) in enumerate(zip(student_features, teacher_features)):
     if s.shape != t.shape:
       raise ValueError(f"feature {i}: student {s.shape} vs teacher {t.shape}")

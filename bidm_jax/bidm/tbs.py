@@ -29,14 +29,14 @@ class TBSCache(NamedTuple):
   features: n arrays (B, H_p, W_p, C_p); valid: () or (B,) bool, False where there is no
   previous step (the blend is then the identity, exactly).
   """
+
   features: tuple[Array, ...]
   valid: Array
 
 
 def empty_cache(feature_shapes) -> TBSCache:
   """An invalid cache of zeros for features shaped like `feature_shapes` (ShapeDtypeStructs)."""
-  return TBSCache(tuple(jnp.zeros(s.shape, s.dtype) for s in feature_shapes),
-                  jnp.zeros((), bool))
+  return TBSCache(tuple(jnp.zeros(s.shape, s.dtype) for s in feature_shapes), jnp.zeros((), bool))
 
 
 def blend_weights(table: Array, t: Array, valid: Array, num_timesteps: int) -> Array:
@@ -70,8 +70,9 @@ def cached_step(apply_fn: StepFn, x: Array, t: Array, cache: TBSCache):
 ApplyFn = Callable[..., "UNetOutput"]  # (params, x, t, cache, rng) -> UNetOutput
 
 
-def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Array,
-                            x_t: Array, t: Array, rng: Array):
+def paired_timestep_forward(
+    apply_fn: ApplyFn, params, x_prev: Array, t_prev: Array, x_t: Array, t: Array, rng: Array
+):
   """The TBS training forward: the model at t' = t + 1, then at t with the first pass's cache.
 
   A `lax.scan` over the two timesteps (one trace of the model) whose carry is the TBS cache
@@ -93,8 +94,9 @@ def paired_timestep_forward(apply_fn: ApplyFn, params, x_prev: Array, t_prev: Ar
     x, tt, r = inputs
     # The first pass (no valid cache yet) sees stop-gradient parameters. The scan is unrolled,
     # so `cache.valid` is a compile-time constant per pass and XLA drops that pass's backward.
-    p = jax.tree_util.tree_map(lambda a: jnp.where(cache.valid, a, jax.lax.stop_gradient(a)),
-                               params)
+    p = jax.tree_util.tree_map(
+        lambda a: jnp.where(cache.valid, a, jax.lax.stop_gradient(a)), params
+    )
     out, cache = cached_step(lambda x, tt, c: apply_fn(p, x, tt, c, r), x, tt, cache)
     return (cache, out), None
 

@@ -56,6 +56,7 @@ class WeightBinarizer:
     train).
   packed: the packed engine runs it as `packed_scale(W)[o] sign(W)`.
   """
+
   name: str
   scale: str | None = None
   frozen_kernel = False
@@ -91,13 +92,13 @@ class ActivationBinarizer:
   flops_per_output: other real operations per conv output at inference.
   packed: the packed engine's sign bits of x + tau compute it exactly.
   """
+
   name: str
   scaled = False
   flops_per_output = 0
   packed = False
 
-  def __call__(self, module: nn.Module, x: Array, sign: SignFn,
-               ctx: QuantContext | None) -> Array:
+  def __call__(self, module: nn.Module, x: Array, sign: SignFn, ctx: QuantContext | None) -> Array:
     raise NotImplementedError
 
   def stored_params(self, method: BinarizationMethod, cout: int, out_shape) -> int:
@@ -112,6 +113,7 @@ class OutputScale:
   scaled: it multiplies every output (at inference). packed: the packed engine folds it into
   alpha (and applies the spatial factors of 'factorised').
   """
+
   name: str
   scaled = True
   packed = False
@@ -132,6 +134,7 @@ OUTPUT_SCALES = Registry("output_scale")
 
 class Binarizers(NamedTuple):
   """The objects a method combines (`BinarizationMethod.binarizers`)."""
+
   weight: WeightBinarizer
   activation: ActivationBinarizer
   output_scale: OutputScale
@@ -144,6 +147,7 @@ class Binarizers(NamedTuple):
 @WEIGHT_BINARIZERS.register
 class XnorWeights(WeightBinarizer):
   """alpha[o] sign(W), alpha = mean|W[..., o]| stop-gradient (XNOR-Net)."""
+
   name = "xnor"
   scale = "channel"
   packed = True
@@ -155,6 +159,7 @@ class XnorWeights(WeightBinarizer):
 @WEIGHT_BINARIZERS.register
 class SignWeights(WeightBinarizer):
   """sign(W), unscaled (XNOR++: the output scale carries it)."""
+
   name = "sign"
   packed = True
 
@@ -165,6 +170,7 @@ class SignWeights(WeightBinarizer):
 @WEIGHT_BINARIZERS.register
 class DorefaWeights(WeightBinarizer):
   """E sign(W), E = mean|W| one stop-gradient scalar, gradient not scaled by E (DoReFa-Net)."""
+
   name = "dorefa"
   scale = "tensor"
 
@@ -175,6 +181,7 @@ class DorefaWeights(WeightBinarizer):
 @WEIGHT_BINARIZERS.register
 class ResteWeights(WeightBinarizer):
   """mean|W| sign(W), one scalar WITH gradient (ReSTE's code)."""
+
   name = "reste"
   scale = "tensor"
   packed = True
@@ -194,6 +201,7 @@ class LoraLsqWeights(WeightBinarizer):
   Frozen W0, LoRA factors A, B of rank `method.lora_rank`, LSQ step s_w = gain[o] mean|W0[..., o]|
   per output channel. The factors merge into the 1-bit weight at inference (not stored).
   """
+
   name = "lora_lsq"
   scale = "channel"
   frozen_kernel = True
@@ -214,6 +222,7 @@ class LoraLsqWeights(WeightBinarizer):
 @ACTIVATION_BINARIZERS.register
 class SignActivations(ActivationBinarizer):
   """sign(x [+ tau]) in {-1, +1} (RSign with a learnable threshold)."""
+
   name = "sign"
   packed = True
 
@@ -227,6 +236,7 @@ class DorefaActivations(ActivationBinarizer):
 
   At inference a conv adds the constant map conv(1, Wb) / 2: one more FLOP per output.
   """
+
   name = "dorefa"
   flops_per_output = 1
 
@@ -238,14 +248,17 @@ class DorefaActivations(ActivationBinarizer):
 class LsqTimestepActivations(ActivationBinarizer):
   """s_x[bucket(t)] sign(x): one LSQ step per timestep bucket, per example (EfficientDM's TALSQ
   at one bit); bucket(t) = t * timestep_buckets // num_timesteps."""
+
   name = "lsq_timestep"
   scaled = True
 
   def __call__(self, module, x, sign, ctx):
     method = module.method
     if ctx is None:
-      raise ValueError(f"method {method.name!r} binarizes activations with timestep-aware "
-                       "steps; call the layer with a QuantContext")
+      raise ValueError(
+          f"method {method.name!r} binarizes activations with timestep-aware "
+          "steps; call the layer with a QuantContext"
+      )
     steps = module.param("act_steps", nn.initializers.ones, (method.timestep_buckets,))
     t = jnp.broadcast_to(ctx.t, (x.shape[0],))
     bucket = estimators.timestep_bucket(t, method.timestep_buckets, method.num_timesteps)
@@ -263,6 +276,7 @@ class LsqTimestepActivations(ActivationBinarizer):
 @OUTPUT_SCALES.register
 class NoOutputScale(OutputScale):
   """No learned output scale."""
+
   name = "none"
   scaled = False
   packed = True
@@ -274,13 +288,14 @@ class NoOutputScale(OutputScale):
 @OUTPUT_SCALES.register
 class ChannelOutputScale(OutputScale):
   """Gamma[o] per output channel (XNOR++ case 1), initialised to `method.output_scale_init`."""
+
   name = "channel"
   packed = True
 
   def __call__(self, module, y):
-    gamma = module.param("output_scale",
-                         nn.initializers.constant(module.method.output_scale_init),
-                         (y.shape[-1],))
+    gamma = module.param(
+        "output_scale", nn.initializers.constant(module.method.output_scale_init), (y.shape[-1],)
+    )
     return y * gamma.astype(y.dtype)
 
   def stored_params(self, method, cout, out_shape):
@@ -291,6 +306,7 @@ class ChannelOutputScale(OutputScale):
 class FactorisedOutputScale(ChannelOutputScale):
   """alpha[o] beta[h] gamma[w] on a conv's (B, H, W, C) output (XNOR++ case 3; the spatial
   factors sized by the first call, initialised to 1); dense layers take the channel factor."""
+
   name = "factorised"
 
   def __call__(self, module, y):

@@ -134,7 +134,8 @@ def get_estimator(name: str) -> Callable[[Array], Array]:
   except KeyError:
     raise ValueError(
         f"unknown gradient estimator {name!r}; valid: {sorted(ESTIMATORS)} (and 'reste', which "
-        "takes its schedule parameter)") from None
+        "takes its schedule parameter)"
+    ) from None
 
 
 def weight_scale(w: Array) -> Array:
@@ -156,8 +157,9 @@ def binarize_weight(w: Array, sign: Callable[[Array], Array] = sign_ste) -> Arra
   return weight_scale(w) * sign(w)
 
 
-def binarize_activation(x: Array, threshold: Array | None = None,
-                        sign: Callable[[Array], Array] = sign_approx) -> Array:
+def binarize_activation(
+    x: Array, threshold: Array | None = None, sign: Callable[[Array], Array] = sign_approx
+) -> Array:
   """Activation binarizer `sign(x + tau)` (ReActNet's RSign when tau is learnable).
 
   x: (..., C); threshold: (C,) or None (tau = 0) -> (...) of +-1 in x's dtype. Gradient:
@@ -223,12 +225,11 @@ def dorefa_activation(x: Array) -> Array:
 
 
 dorefa_activation.defvjp(
-    lambda x: (dorefa_activation(x), x),
-    lambda x, g: (g * ((x >= 0) & (x <= 1)).astype(g.dtype),))
+    lambda x: (dorefa_activation(x), x), lambda x, g: (g * ((x >= 0) & (x <= 1)).astype(g.dtype),)
+)
 
 
-def lsq_binarize(x: Array, step: Array,
-                 sign: Callable[[Array], Array] = sign_ste) -> Array:
+def lsq_binarize(x: Array, step: Array, sign: Callable[[Array], Array] = sign_ste) -> Array:
   """Binary LSQ quantizer `s * sign(x / s)` = +-s (LSQ, Esser et al. 2020, at one bit).
 
   Forward: s * sign(x) for s > 0. Backward (LSQ's, with the clipped STE of the levels -1, +1,

@@ -55,6 +55,7 @@ def _xnor_output_scales(method: "BinarizationMethod", params):
   Gamma = 1 (some 40x too large on CIFAR's kernels). Dense layers take the same
   alpha[o] / sqrt(2 pi). A factorised Gamma's spatial factors stay at 1.
   """
+
   def visit(node):
     if not isinstance(node, Mapping):
       return node
@@ -87,6 +88,7 @@ class QuantContext(NamedTuple):
   t: (B,) int timesteps of the batch (timestep-aware quantizers).
   progress: () float in [0, 1], fraction of training done (estimator schedules); 1 at inference.
   """
+
   t: jax.Array
   progress: jax.Array
 
@@ -142,6 +144,7 @@ class BinarizationMethod:
       from the forward, as the authors' release does (the 'bias' parameter stays in the tree,
       so the student still contains the FP tree, but is unused and not counted as stored).
   """
+
   name: str = "fp"
   binary: bool = False
   weight_estimator: str = "ste"
@@ -167,9 +170,14 @@ class BinarizationMethod:
   binary_bias: bool = True
 
   def __post_init__(self):
-    choices = dict(activation_scale=ACTIVATION_SCALES, distillation=DISTILLATIONS,
-                   rprelu=RPRELUS, weight_estimator=estimators.SIGN_ESTIMATORS,
-                   activation_estimator=estimators.SIGN_ESTIMATORS, fp_init=tuple(FP_INITS))
+    choices = dict(
+        activation_scale=ACTIVATION_SCALES,
+        distillation=DISTILLATIONS,
+        rprelu=RPRELUS,
+        weight_estimator=estimators.SIGN_ESTIMATORS,
+        activation_estimator=estimators.SIGN_ESTIMATORS,
+        fp_init=tuple(FP_INITS),
+    )
     for field, valid in choices.items():
       if getattr(self, field) not in valid:
         raise ValueError(f"{field} must be one of {valid}, got {getattr(self, field)!r}")
@@ -194,7 +202,8 @@ class BinarizationMethod:
     return binarizers_lib.Binarizers(
         binarizers_lib.WEIGHT_BINARIZERS[self.weight_binarizer],
         binarizers_lib.ACTIVATION_BINARIZERS[self.activation_binarizer],
-        binarizers_lib.OUTPUT_SCALES[self.output_scale])
+        binarizers_lib.OUTPUT_SCALES[self.output_scale],
+    )
 
   @property
   def doc(self) -> str:
@@ -205,10 +214,14 @@ class BinarizationMethod:
 METHOD_DOCS: dict[str, str] = {}
 
 FP = BinarizationMethod()
-METHOD_DOCS["fp"] = """Full precision: y = conv(x, W) + b. The teacher and the QAT starting point."""
+METHOD_DOCS["fp"] = (
+    """Full precision: y = conv(x, W) + b. The teacher and the QAT starting point."""
+)
 
 XNOR = BinarizationMethod(name="xnor", binary=True)
-METHOD_DOCS["xnor"] = """XNOR-Net (Rastegari et al., ECCV 2016), the vanilla baseline of BiDM Table 3.
+METHOD_DOCS[
+    "xnor"
+] = """XNOR-Net (Rastegari et al., ECCV 2016), the vanilla baseline of BiDM Table 3.
 
 Forward: y = conv(sign(x + tau), alpha * sign(W)) * K + b + s * shortcut(x), with
 alpha[o] = mean|W[..., o]| (stop-gradient), K = conv(mean_c |x|, k), k fixed at 1/(kh kw)
@@ -220,10 +233,19 @@ Ablations (all through get_method overrides): Table 5 `learnable_k=True`; Table 
 `learnable_k=True, cross_timestep=True`, "+SPD" `distillation='spd'`."""
 
 XNORPP = BinarizationMethod(
-    name="xnorpp", binary=True, weight_binarizer="sign", weight_estimator="ste",
-    activation_estimator="ste", learnable_threshold=False, activation_scale="none",
-    output_scale="channel", fp_init="xnor_scales")
-METHOD_DOCS["xnorpp"] = """XNOR-Net++ (Bulat & Tzimiropoulos, BMVC 2019).
+    name="xnorpp",
+    binary=True,
+    weight_binarizer="sign",
+    weight_estimator="ste",
+    activation_estimator="ste",
+    learnable_threshold=False,
+    activation_scale="none",
+    output_scale="channel",
+    fp_init="xnor_scales",
+)
+METHOD_DOCS[
+    "xnorpp"
+] = """XNOR-Net++ (Bulat & Tzimiropoulos, BMVC 2019).
 
 Forward: y = conv(sign(x), sign(W)) * Gamma + b + s * shortcut(x). Gamma is learned by
 backpropagation and fixed at inference; it replaces both XNOR's analytic weight scale alpha and
@@ -243,9 +265,17 @@ spatial factors start at 1. Without the FP init (fp_init='none'), Gamma starts a
 sign)."""
 
 DOREFA = BinarizationMethod(
-    name="dorefa", binary=True, weight_binarizer="dorefa", weight_estimator="identity",
-    activation_binarizer="dorefa", learnable_threshold=False, activation_scale="none")
-METHOD_DOCS["dorefa"] = """DoReFa-Net (Zhou et al., arXiv:1606.06160, 2016) at W1A1.
+    name="dorefa",
+    binary=True,
+    weight_binarizer="dorefa",
+    weight_estimator="identity",
+    activation_binarizer="dorefa",
+    learnable_threshold=False,
+    activation_scale="none",
+)
+METHOD_DOCS[
+    "dorefa"
+] = """DoReFa-Net (Zhou et al., arXiv:1606.06160, 2016) at W1A1.
 
 Weights: Wb = E * sign(W), E = mean|W| over the WHOLE tensor (one scalar, stop-gradient), with
 the identity STE dL/dW = dL/dWb (DoReFa's 1-bit `_sign`, no factor E).
@@ -261,10 +291,18 @@ scale (DoReFa has neither). Ties: exactly 0.5 rounds up (TensorFlow's round-half
 give 0; measure zero)."""
 
 REACTNET = BinarizationMethod(
-    name="reactnet", binary=True, weight_binarizer="xnor", weight_estimator="ste",
-    activation_estimator="approx", learnable_threshold=True, activation_scale="none",
-    rprelu="after_shortcut")
-METHOD_DOCS["reactnet"] = """ReActNet (Liu et al., ECCV 2020).
+    name="reactnet",
+    binary=True,
+    weight_binarizer="xnor",
+    weight_estimator="ste",
+    activation_estimator="approx",
+    learnable_threshold=True,
+    activation_scale="none",
+    rprelu="after_shortcut",
+)
+METHOD_DOCS[
+    "reactnet"
+] = """ReActNet (Liu et al., ECCV 2020).
 
 Forward: y = RPReLU(conv(RSign(x), alpha * sign(W)) + b + s * shortcut(x)), with
 RSign(x) = sign(x + tau) (learnable per-input-channel threshold, init 0),
@@ -281,10 +319,18 @@ channel constant factor that Adam normalises away). No XNOR activation scale (Re
 none). Distillation from a real-valued network (ReActNet's distributional loss) is not used."""
 
 RESTE = BinarizationMethod(
-    name="reste", binary=True, weight_binarizer="reste", weight_estimator="reste",
-    activation_estimator="reste", learnable_threshold=False, activation_scale="none",
-    reste_o_end=3.0)
-METHOD_DOCS["reste"] = """ReSTE, rectified straight-through estimator (Wu et al., ICCV 2023).
+    name="reste",
+    binary=True,
+    weight_binarizer="reste",
+    weight_estimator="reste",
+    activation_estimator="reste",
+    learnable_threshold=False,
+    activation_scale="none",
+    reste_o_end=3.0,
+)
+METHOD_DOCS[
+    "reste"
+] = """ReSTE, rectified straight-through estimator (Wu et al., ICCV 2023).
 
 Forward: y = conv(sign(x), m * sign(W)) + b + s * shortcut(x), m = mean|W| one scalar over
 the tensor (as the authors' BinarizeConv2d; not stop-gradient, so m passes gradient too).
@@ -298,10 +344,20 @@ share o (the authors' o and o_a follow the same schedule). No threshold, no acti
 scale (ReSTE uses plain sign)."""
 
 BBCU = BinarizationMethod(
-    name="bbcu", binary=True, weight_binarizer="xnor", weight_estimator="ste",
-    activation_estimator="approx", learnable_threshold=True, activation_scale="none",
-    rprelu="before_shortcut", shortcut_scale_init=1.0, learnable_shortcut_scale=False)
-METHOD_DOCS["bbcu"] = """BBCU, basic binary convolution unit (Xia et al., ICLR 2023, arXiv:2210.00405).
+    name="bbcu",
+    binary=True,
+    weight_binarizer="xnor",
+    weight_estimator="ste",
+    activation_estimator="approx",
+    learnable_threshold=True,
+    activation_scale="none",
+    rprelu="before_shortcut",
+    shortcut_scale_init=1.0,
+    learnable_shortcut_scale=False,
+)
+METHOD_DOCS[
+    "bbcu"
+] = """BBCU, basic binary convolution unit (Xia et al., ICLR 2023, arXiv:2210.00405).
 
 The paper's final unit (its code's BinaryConv2d): no BatchNorm, a residual connection around
 every binary conv, RPReLU on the binary conv output before the residual is added:
@@ -317,10 +373,21 @@ alignment (multiplying the network's input image by a constant k) is not applied
 the diffusion model's input interface, and our first conv is full precision."""
 
 EFFICIENTDM = BinarizationMethod(
-    name="efficientdm", binary=True, weight_binarizer="lora_lsq", weight_estimator="ste",
-    activation_binarizer="lsq_timestep", activation_estimator="ste", learnable_threshold=False,
-    activation_scale="none", lora_rank=32, timestep_buckets=100, distillation="l2")
-METHOD_DOCS["efficientdm"] = """EfficientDM (He et al., ICLR 2024, arXiv:2310.03270) at W1A1.
+    name="efficientdm",
+    binary=True,
+    weight_binarizer="lora_lsq",
+    weight_estimator="ste",
+    activation_binarizer="lsq_timestep",
+    activation_estimator="ste",
+    learnable_threshold=False,
+    activation_scale="none",
+    lora_rank=32,
+    timestep_buckets=100,
+    distillation="l2",
+)
+METHOD_DOCS[
+    "efficientdm"
+] = """EfficientDM (He et al., ICLR 2024, arXiv:2310.03270) at W1A1.
 
 Weights (QALoRA): W = sg(W0) + A B with W0 the FP kernel (stop-gradient: never trained),
 LoRA factors A (kh, kw, Cin, r) (Kaiming-uniform, bound 1/sqrt(fan_in)) and B (r, Cout)
@@ -352,9 +419,12 @@ mean(delta_w) / 2500 in the authors' code) is an optimizer setting and is not re
 shared single-learning-rate Adam. (5) The LSQ gradient scale 1/sqrt(N Q_P) is not applied
 (EfficientDM's code has none). At inference the LoRA factors merge into the 1-bit weight."""
 
-BIDM = BinarizationMethod(name="bidm", binary=True, learnable_k=True, cross_timestep=True,
-                          distillation="spd")
-METHOD_DOCS["bidm"] = """BiDM (Zheng et al., NeurIPS 2024): XNOR with TBS and SPD.
+BIDM = BinarizationMethod(
+    name="bidm", binary=True, learnable_k=True, cross_timestep=True, distillation="spd"
+)
+METHOD_DOCS[
+    "bidm"
+] = """BiDM (Zheng et al., NeurIPS 2024): XNOR with TBS and SPD.
 
 Forward as `xnor`, with the k filter of K = conv(mean_c |x|, k) learnable (Eq. 10, the first
 half of TBS), cross-timestep connections on the last decoder blocks (Eq. 12) and Space Patched
@@ -362,7 +432,8 @@ Distillation from the FP teacher (Eq. 13-16). Ablation Table 7: `distillation='l
 `'none'`."""
 
 METHODS: dict[str, BinarizationMethod] = {
-    m.name: m for m in (FP, XNOR, XNORPP, DOREFA, REACTNET, RESTE, BBCU, EFFICIENTDM, BIDM)}
+    m.name: m for m in (FP, XNOR, XNORPP, DOREFA, REACTNET, RESTE, BBCU, EFFICIENTDM, BIDM)
+}
 
 
 def get_method(name: str, **overrides) -> BinarizationMethod:
@@ -377,5 +448,4 @@ def get_method(name: str, **overrides) -> BinarizationMethod:
   unknown = set(overrides) - fields
   if unknown:
     raise ValueError(f"unknown method fields {sorted(unknown)}; valid: {sorted(fields)}")
-  return dataclasses.replace(METHODS[name], **{k: v for k, v in overrides.items()
-                                               if v is not None})
+  return dataclasses.replace(METHODS[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -32,20 +32,22 @@ def default_data_config(source: str = "digits") -> ml_collections.ConfigDict:
   """
   if source not in SOURCES:
     raise ValueError(f"data.source={source!r} is invalid; valid values: {', '.join(SOURCES)}")
-  return ml_collections.ConfigDict(dict(
-      source=source,
-      name="cifar10",
-      split="train",
-      data_dir="",
-      image_key="image",
-      image_size=32,
-      channels=1 if source == "digits" else 3,
-      random_flip=source != "digits",
-      on_bad_file="fail",
-      num_workers=0,
-      cache_in_memory="auto",
-      cache_budget_mb=4096.0,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          source=source,
+          name="cifar10",
+          split="train",
+          data_dir="",
+          image_key="image",
+          image_size=32,
+          channels=1 if source == "digits" else 3,
+          random_flip=source != "digits",
+          on_bad_file="fail",
+          num_workers=0,
+          cache_in_memory="auto",
+          cache_budget_mb=4096.0,
+      )
+  )
 
 
 def validate(data) -> None:
@@ -58,19 +60,28 @@ def validate(data) -> None:
   if data.channels not in CHANNELS:
     raise ValueError(f"data.channels={data.channels!r} is invalid; valid values: 1, 3")
   if data.on_bad_file not in BAD_FILE_POLICIES:
-    raise ValueError(f"data.on_bad_file={data.on_bad_file!r} is invalid; valid values: "
-                     f"{', '.join(BAD_FILE_POLICIES)}")
+    raise ValueError(
+        f"data.on_bad_file={data.on_bad_file!r} is invalid; valid values: "
+        f"{', '.join(BAD_FILE_POLICIES)}"
+    )
   if not isinstance(data.num_workers, int) or data.num_workers < 0:
     raise ValueError(f"data.num_workers={data.num_workers!r} is invalid; valid values: an int >= 0")
   if data.cache_in_memory not in CACHE_POLICIES:
-    raise ValueError(f"data.cache_in_memory={data.cache_in_memory!r} is invalid; valid values: "
-                     f"{', '.join(CACHE_POLICIES)}")
+    raise ValueError(
+        f"data.cache_in_memory={data.cache_in_memory!r} is invalid; valid values: "
+        f"{', '.join(CACHE_POLICIES)}"
+    )
   if not data.cache_budget_mb >= 0:
-    raise ValueError(f"data.cache_budget_mb={data.cache_budget_mb!r} is invalid; valid values: "
-                     "a number >= 0")
+    raise ValueError(
+        f"data.cache_budget_mb={data.cache_budget_mb!r} is invalid; valid values: " "a number >= 0"
+    )
   if data.source == "tfds" and not data.name:
-    raise ValueError("data.name='' is invalid for source='tfds'; valid values: a TFDS dataset "
-                     "name such as 'cifar10' or 'lsun/church_outdoor'")
+    raise ValueError(
+        "data.name='' is invalid for source='tfds'; valid values: a TFDS dataset "
+        "name such as 'cifar10' or 'lsun/church_outdoor'"
+    )
   if data.source == "folder" and not data.data_dir:
-    raise ValueError("data.data_dir='' is invalid for source='folder'; valid values: the path "
-                     "of an image folder")
+    raise ValueError(
+        "data.data_dir='' is invalid for source='folder'; valid values: the path "
+        "of an image folder"
+    )

@@ -91,8 +91,12 @@ class EvalIterator(grain.DatasetIterator):
         break
       if "bad" in ex:
         self.skipped += 1
-        log.warning("skipping undecodable image %s (%s); %d skipped so far",
-                    ex["bad"], ex["error"], self.skipped)
+        log.warning(
+            "skipping undecodable image %s (%s); %d skipped so far",
+            ex["bad"],
+            ex["error"],
+            self.skipped,
+        )
         continue
       images.append(ex["image"])
       if "label" in ex:
@@ -119,11 +123,14 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
   """(process_index, process_count), defaulting to jax's."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index}, process_count={process_count} are invalid; "
-                     "valid values: process_count >= 1 and 0 <= process_index < process_count")
+    raise ValueError(
+        f"process_index={process_index}, process_count={process_count} are invalid; "
+        "valid values: process_count >= 1 and 0 <= process_index < process_count"
+    )
   return process_index, process_count
 
 
@@ -133,8 +140,9 @@ def _seeds(seed: int) -> tuple[int, int]:
   return int(a), int(b)
 
 
-def _iterate(ds: grain.MapDataset, num_workers: int, *, batched: bool,
-             decoded: bool = False) -> grain.DatasetIterator:
+def _iterate(
+    ds: grain.MapDataset, num_workers: int, *, batched: bool, decoded: bool = False
+) -> grain.DatasetIterator:
   """The MapDataset as an iterator, computed by `num_workers` processes (0: threads in-process).
 
   Elements that are whole batches get a short read-ahead (grain's default of 500 would hold
@@ -161,9 +169,14 @@ def dataset_size(data) -> int:
   return len(sources.build_source(data))
 
 
-def make_train_iterator(data, *, global_batch_size: int, seed: int,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+def make_train_iterator(
+    data,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
   """Endless, shuffled training batches for this host.
 
   Host `process_index` reads examples `process_index::process_count` of the dataset (its
@@ -176,28 +189,39 @@ def make_train_iterator(data, *, global_batch_size: int, seed: int,
   config_lib.validate(data)
   process_index, process_count = _host(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is invalid; valid values: a positive "
-                     f"multiple of process_count={process_count}")
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is invalid; valid values: a positive "
+        f"multiple of process_count={process_count}"
+    )
   source = sources.build_source(data)
   if len(source) < process_count:
     raise ValueError(f"{source!r} has fewer examples than process_count={process_count}")
-  loaded = preprocess.LoadedSource(source, image_size=data.image_size, channels=data.channels,
-                                   skip_bad=data.on_bad_file == "skip")
+  loaded = preprocess.LoadedSource(
+      source,
+      image_size=data.image_size,
+      channels=data.channels,
+      skip_bad=data.on_bad_file == "skip",
+  )
   examples = preprocess.HostShard(loaded, process_index, process_count)
   cached = _cache_shard(data, len(examples))
   if cached:
     start = time.perf_counter()
     examples = preprocess.decode_all(examples, threads=max(data.num_workers, os.cpu_count() or 1))
-    log.info("decoded %d examples of %r into host memory in %.1f s", len(examples), source,
-             time.perf_counter() - start)
+    log.info(
+        "decoded %d examples of %r into host memory in %.1f s",
+        len(examples),
+        source,
+        time.perf_counter() - start,
+    )
   shuffle_seed, flip_seed = _seeds(seed)
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(preprocess.EpochBatches(len(examples), local_batch, shuffle_seed))
   ds = ds.map(preprocess.BatchLoader(examples, flip_seed if data.random_flip else None))
   ds = ds.map(preprocess.scale_batch)
   # Decoded batches need no worker processes: threads in this process assemble them.
-  return TrainIterator(_iterate(ds, 0 if cached else data.num_workers, batched=True,
-                               decoded=cached), local_batch)
+  return TrainIterator(
+      _iterate(ds, 0 if cached else data.num_workers, batched=True, decoded=cached), local_batch
+  )
 
 
 def _cache_shard(data, num_examples: int) -> bool:
@@ -206,15 +230,25 @@ def _cache_shard(data, num_examples: int) -> bool:
     return data.cache_in_memory == "always"
   mib = num_examples * data.image_size**2 * data.channels / 2**20
   if mib > data.cache_budget_mb:
-    log.info("streaming the training data: its %d decoded images take %.0f MiB, over "
-             "data.cache_budget_mb=%g", num_examples, mib, data.cache_budget_mb)
+    log.info(
+        "streaming the training data: its %d decoded images take %.0f MiB, over "
+        "data.cache_budget_mb=%g",
+        num_examples,
+        mib,
+        data.cache_budget_mb,
+    )
     return False
   return True
 
 
-def make_eval_iterator(data, *, batch_size: int, process_index: int | None = None,
-                       process_count: int | None = None,
-                       num_examples: int | None = None) -> EvalIterator:
+def make_eval_iterator(
+    data,
+    *,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_examples: int | None = None,
+) -> EvalIterator:
   """One pass over this host's shard, in dataset order, for FID/reference statistics.
 
   Takes the first `num_examples` examples of the split (all when None), and host
@@ -231,12 +265,19 @@ def make_eval_iterator(data, *, batch_size: int, process_index: int | None = Non
   ds = grain.MapDataset.source(source)
   if num_examples is not None:
     if not 0 < num_examples <= len(source):
-      raise ValueError(f"num_examples={num_examples} is invalid; valid values: 1..{len(source)} "
-                       f"(the size of {source!r}) or None")
+      raise ValueError(
+          f"num_examples={num_examples} is invalid; valid values: 1..{len(source)} "
+          f"(the size of {source!r}) or None"
+      )
     ds = ds[:num_examples]
-  ds = ds[process_index::process_count].map(functools.partial(
-      preprocess.load, image_size=data.image_size, channels=data.channels,
-      skip_bad=data.on_bad_file == "skip"))
+  ds = ds[process_index::process_count].map(
+      functools.partial(
+          preprocess.load,
+          image_size=data.image_size,
+          channels=data.channels,
+          skip_bad=data.on_bad_file == "skip",
+      )
+  )
   return EvalIterator(_iterate(ds, data.num_workers, batched=False), batch_size)
 
 
@@ -246,8 +287,9 @@ def iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
   return json.loads(json.dumps(it.get_state()))
 
 
-def restore_iterator_state(it: grain.DatasetIterator,
-                           state: dict[str, Any] | str | bytes) -> grain.DatasetIterator:
+def restore_iterator_state(
+    it: grain.DatasetIterator, state: dict[str, Any] | str | bytes
+) -> grain.DatasetIterator:
   """Moves `it` (built with the same config, seed, hosts and num_workers) to a position from
   `iterator_state` (dict, or its JSON text/bytes); returns `it`."""
   if isinstance(state, (str, bytes)):

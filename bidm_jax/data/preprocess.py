@@ -86,8 +86,12 @@ class LoadedSource:
   def __getitem__(self, i: int) -> dict:
     n = len(self.source)
     for k in range(n):
-      ex = load(self.source[(i + k) % n], image_size=self.image_size, channels=self.channels,
-                skip_bad=self.skip_bad)
+      ex = load(
+          self.source[(i + k) % n],
+          image_size=self.image_size,
+          channels=self.channels,
+          skip_bad=self.skip_bad,
+      )
       if "bad" not in ex:
         ex["skipped"] = k
         return ex
@@ -146,6 +150,7 @@ def decode_all(examples, *, threads: int) -> DecodedArraySource:
   """Loads every example of `examples` (len() and [i] -> `LoadedSource` records) with `threads`
   threads (PIL decodes without the GIL) into one DecodedArraySource."""
   import concurrent.futures  # pylint: disable=import-outside-toplevel
+
   n = len(examples)
   first = examples[0]
   images = np.empty((n, *first["image"].shape), np.uint8)
@@ -233,6 +238,7 @@ class BatchLoader:
       batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     if self.flip_seed is not None:
       flip = np.random.default_rng([self.flip_seed, b]).random(len(indices)) < 0.5
-      batch["image"] = np.where(flip[:, None, None, None], batch["image"][:, :, ::-1],
-                                batch["image"])
+      batch["image"] = np.where(
+          flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"]
+      )
     return batch

@@ -40,6 +40,7 @@ class ArraySource:
 def digits_source() -> ArraySource:
   """scikit-learn's 1797 8x8 digits (values 0..16) as uint8 (N, 8, 8, 1) in 0..255."""
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
   d = load_digits()
   images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   return ArraySource(images, d.target.astype(np.int32))
@@ -47,9 +48,11 @@ def digits_source() -> ArraySource:
 
 def prepare_command(name: str, data_dir: str) -> str:
   """The shell command that prepares TFDS dataset `name` as array_record (needs tensorflow)."""
-  code = (f"import tensorflow_datasets as tfds; "
-          f"tfds.builder({name!r}, data_dir={data_dir or None!r})"
-          ".download_and_prepare(file_format='array_record')")
+  code = (
+      f"import tensorflow_datasets as tfds; "
+      f"tfds.builder({name!r}, data_dir={data_dir or None!r})"
+      ".download_and_prepare(file_format='array_record')"
+  )
   return f'python -c "{code}"'
 
 
@@ -58,6 +61,7 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir: str, image_key: str, skip_bad: bool):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     self.desc = f"tfds:{name}/{split}"
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
@@ -65,8 +69,10 @@ class TfdsSource:
       raise _not_prepared_error(tfds, name, split, data_dir, e) from e
     features = self.source.dataset_info.features
     if image_key not in features:
-      raise ValueError(f"data.image_key={image_key!r} is not a feature of {name}; valid values: "
-                       f"{', '.join(sorted(features.keys()))}")
+      raise ValueError(
+          f"data.image_key={image_key!r} is not a feature of {name}; valid values: "
+          f"{', '.join(sorted(features.keys()))}"
+      )
     self.image_key, self.skip_bad = image_key, skip_bad
     self.has_label = "label" in features and not features["label"].shape
 
@@ -93,8 +99,10 @@ class TfdsSource:
 def _not_prepared_error(tfds, name, split, data_dir, cause) -> Exception:
   """Turns tfds's failure to open a split into an error saying what is wrong and how to fix it."""
   if isinstance(cause, tfds.core.registered.DatasetNotFoundError):
-    return ValueError(f"data.name={name!r} is not a TFDS dataset; valid values: names listed by "
-                      "tfds.list_builders(), e.g. 'cifar10', 'lsun/church_outdoor'")
+    return ValueError(
+        f"data.name={name!r} is not a TFDS dataset; valid values: names listed by "
+        "tfds.list_builders(), e.g. 'cifar10', 'lsun/church_outdoor'"
+    )
   first_line = (str(cause).splitlines() or [""])[0]
   where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
   try:
@@ -102,16 +110,23 @@ def _not_prepared_error(tfds, name, split, data_dir, cause) -> Exception:
   except Exception:  # pylint: disable=broad-except
     prepared = False
   if prepared and not isinstance(cause, NotImplementedError):  # e.g. an unknown split
-    return ValueError(f"cannot open TFDS {name!r} split {split!r} in {where}: "
-                      f"{type(cause).__name__}: {first_line}")
-  state = ("was prepared in another file format (random access needs array_record; use a new "
-           "data_dir or delete the old copy)" if prepared else "is not prepared")
+    return ValueError(
+        f"cannot open TFDS {name!r} split {split!r} in {where}: "
+        f"{type(cause).__name__}: {first_line}"
+    )
+  state = (
+      "was prepared in another file format (random access needs array_record; use a new "
+      "data_dir or delete the old copy)"
+      if prepared
+      else "is not prepared"
+  )
   cli = f"tfds build {name} --file_format=array_record"
   if data_dir:
     cli += f" --data_dir={shlex.quote(data_dir)}"
   return DatasetNotPreparedError(
       f"TFDS dataset {name!r} (split {split!r}) {state} in {where}. Prepare it once, in an "
-      f"environment with tensorflow installed: {cli}   or   {prepare_command(name, data_dir)}")
+      f"environment with tensorflow installed: {cli}   or   {prepare_command(name, data_dir)}"
+  )
 
 
 class FolderSource:
@@ -137,15 +152,21 @@ def folder_source(data_dir: str, split: str) -> FolderSource:
   folder's index among the sorted subfolders holding images (ImageFolder convention), so
   `train/<class>/NNNN.jpg` trees give class labels.
   """
-  root = os.path.join(data_dir, split) if split and os.path.isdir(os.path.join(data_dir, split)) \
+  root = (
+      os.path.join(data_dir, split)
+      if split and os.path.isdir(os.path.join(data_dir, split))
       else data_dir
+  )
   if not os.path.isdir(root):
     raise FileNotFoundError(f"image folder {root} does not exist (data.data_dir)")
   rel_paths = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames.sort()
-    rel_paths += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    rel_paths += [
+        os.path.relpath(os.path.join(dirpath, f), root)
+        for f in filenames
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    ]
   if not rel_paths:
     raise FileNotFoundError(f"image folder {root} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
   rel_paths.sort()
@@ -161,6 +182,7 @@ def build_source(data):
   if data.source == "digits":
     return digits_source()
   if data.source == "tfds":
-    return TfdsSource(data.name, data.split, data.data_dir, data.image_key,
-                      skip_bad=data.on_bad_file == "skip")
+    return TfdsSource(
+        data.name, data.split, data.data_dir, data.image_key, skip_bad=data.on_bad_file == "skip"
+    )
   return folder_source(data.data_dir, data.split)

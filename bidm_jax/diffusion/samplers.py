@@ -66,8 +66,18 @@ def process_x0(x0: Array, clip_x0: bool = False, dynamic_threshold: float = 0.0)
   return x0
 
 
-def ddim_step(schedule: Schedule, x: Array, eps: Array, t: Array, t_next: Array, eta: float,
-              noise: Array, *, clip_x0: bool = False, dynamic_threshold: float = 0.0) -> Array:
+def ddim_step(
+    schedule: Schedule,
+    x: Array,
+    eps: Array,
+    t: Array,
+    t_next: Array,
+    eta: float,
+    noise: Array,
+    *,
+    clip_x0: bool = False,
+    dynamic_threshold: float = 0.0,
+) -> Array:
   """One generalized DDIM update x_t -> x_{t_next} (Song et al. 2021, Eq. 12).
 
   x, eps, noise: (B, H, W, C); t, t_next: () int, t_next = -1 meaning the clean image.
@@ -104,13 +114,22 @@ def _run(apply_fn, x, ts, rng, update):
 
 def _check_x0_options(dynamic_threshold: float) -> None:
   if not 0 <= dynamic_threshold <= 100:
-    raise ValueError(f"dynamic_threshold is a percentile in (0, 100] (0 = off), got "
-                     f"{dynamic_threshold}")
+    raise ValueError(
+        f"dynamic_threshold is a percentile in (0, 100] (0 = off), got " f"{dynamic_threshold}"
+    )
 
 
-def ddim_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *, steps: int = 100,
-                eta: float = 0.0, clip_x0: bool = False,
-                dynamic_threshold: float = 0.0) -> Array:
+def ddim_sample(
+    apply_fn: ApplyFn,
+    schedule: Schedule,
+    shape,
+    rng: Array,
+    *,
+    steps: int = 100,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    dynamic_threshold: float = 0.0,
+) -> Array:
   """Samples `shape` = (B, H, W, C) images with DDIM; eta = 0 is deterministic given rng.
 
   clip_x0, dynamic_threshold: x0 post-processing at every step (module docstring), off by
@@ -121,15 +140,30 @@ def ddim_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *, ste
   ts_next = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
   init_key, rng = jax.random.split(rng)
   x = jax.random.normal(init_key, shape, jnp.float32)
-  update = lambda x, eps, i, noise: ddim_step(schedule, x, eps, ts[i], ts_next[i], eta, noise,
-                                              clip_x0=clip_x0,
-                                              dynamic_threshold=dynamic_threshold)
+  update = lambda x, eps, i, noise: ddim_step(
+      schedule,
+      x,
+      eps,
+      ts[i],
+      ts_next[i],
+      eta,
+      noise,
+      clip_x0=clip_x0,
+      dynamic_threshold=dynamic_threshold,
+  )
   return _run(apply_fn, x, ts, rng, update)
 
 
-def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
-                variance: str = "fixedlarge", clip_x0: bool = False,
-                dynamic_threshold: float = 0.0) -> Array:
+def ddpm_sample(
+    apply_fn: ApplyFn,
+    schedule: Schedule,
+    shape,
+    rng: Array,
+    *,
+    variance: str = "fixedlarge",
+    clip_x0: bool = False,
+    dynamic_threshold: float = 0.0,
+) -> Array:
   """Ancestral DDPM sampling over all T steps; variance 'fixedlarge' (beta) or 'fixedsmall'.
 
   clip_x0, dynamic_threshold: x0 post-processing at every step (module docstring); with
@@ -149,10 +183,12 @@ def ddpm_sample(apply_fn: ApplyFn, schedule: Schedule, shape, rng: Array, *,
   def update(x, eps, i, noise):
     t = ts[i]
     if clip_x0 or dynamic_threshold:
-      x0 = process_x0((x - jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(abar[t]), clip_x0,
-                      dynamic_threshold)
-      mean = (jnp.sqrt(abar_prev[t]) * betas[t] * x0
-              + jnp.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x) / (1 - abar[t])
+      x0 = process_x0(
+          (x - jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(abar[t]), clip_x0, dynamic_threshold
+      )
+      mean = (
+          jnp.sqrt(abar_prev[t]) * betas[t] * x0 + jnp.sqrt(1 - betas[t]) * (1 - abar_prev[t]) * x
+      ) / (1 - abar[t])
     else:
       mean = (x - betas[t] / jnp.sqrt(1 - abar[t]) * eps) / jnp.sqrt(1 - betas[t])
     return mean + jnp.where(t > 0, jnp.sqrt(var[t]), 0.0) * noise

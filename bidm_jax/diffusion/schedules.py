@@ -18,6 +18,7 @@ class Schedule(NamedTuple):
 
   betas: (T,) float32; alphas_cumprod: (T,) float32, prod_{s<=t} (1 - beta_s).
   """
+
   betas: Array
   alphas_cumprod: Array
 
@@ -35,17 +36,24 @@ def beta_schedule(kind: str, num_timesteps: int, beta_start: float, beta_end: fl
   else:
     raise ValueError(f"unknown beta schedule {kind!r}; valid: {BETA_SCHEDULES}")
   if num_timesteps < 1 or not (0 < betas.min() and betas.max() < 1):
-    raise ValueError(f"betas must lie in (0, 1) for T >= 1, got T={num_timesteps}, "
-                     f"range [{beta_start}, {beta_end}]")
+    raise ValueError(
+        f"betas must lie in (0, 1) for T >= 1, got T={num_timesteps}, "
+        f"range [{beta_start}, {beta_end}]"
+    )
   return betas
 
 
-def make_schedule(kind: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> Schedule:
+def make_schedule(
+    kind: str = "linear",
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> Schedule:
   """The schedule of spec section 1 (CIFAR-10: linear 1e-4..0.02, T = 1000)."""
   betas = beta_schedule(kind, num_timesteps, beta_start, beta_end)
-  return Schedule(jnp.asarray(betas, jnp.float32),
-                  jnp.asarray(np.cumprod(1.0 - betas), jnp.float32))
+  return Schedule(
+      jnp.asarray(betas, jnp.float32), jnp.asarray(np.cumprod(1.0 - betas), jnp.float32)
+  )
 
 
 def _gather(values: Array, t: Array, ndim: int) -> Array:

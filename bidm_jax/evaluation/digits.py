@@ -40,7 +40,11 @@ class DigitsJudge:
     """frechet_distance to the real digits' features, and the classifier's mean confidence."""
     flat = self.to_unit_8x8(np.asarray(images, np.float64))
     feats = self._hidden(flat)
-    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False),
-                          self.real_features.mean(0), np.cov(self.real_features, rowvar=False))
+    fd = frechet_distance(
+        feats.mean(0),
+        np.cov(feats, rowvar=False),
+        self.real_features.mean(0),
+        np.cov(self.real_features, rowvar=False),
+    )
     confidence = float(self.clf.predict_proba(flat).max(axis=1).mean())
     return dict(digits_fd=float(fd), classifier_confidence=confidence)

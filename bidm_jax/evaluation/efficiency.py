@@ -33,12 +33,22 @@ def count_costs(model, image_shape: tuple[int, int, int]) -> dict:
   bops, flops, binary_params, _ = (float(v) for v in np.asarray(costs(params)))
   total = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
   size_bits = binary_params + 32 * (total - binary_params)
-  return dict(params=total, binary_params=int(binary_params), size_mb=size_bits / 8 / 2**20,
-              bops=bops, flops=flops, ops=bops / 64 + flops)
+  return dict(
+      params=total,
+      binary_params=int(binary_params),
+      size_mb=size_bits / 8 / 2**20,
+      bops=bops,
+      flops=flops,
+      ops=bops / 64 + flops,
+  )
 
 
 def efficiency_report(fp_model, binary_model, image_shape: tuple[int, int, int]) -> dict:
   """FP and binary costs side by side with the storage and OPs ratios (FP / binary)."""
   fp, binary = count_costs(fp_model, image_shape), count_costs(binary_model, image_shape)
-  return dict(fp=fp, binary=binary, size_ratio=fp["size_mb"] / binary["size_mb"],
-              ops_ratio=fp["ops"] / binary["ops"])
+  return dict(
+      fp=fp,
+      binary=binary,
+      size_ratio=fp["size_mb"] / binary["size_mb"],
+      ops_ratio=fp["ops"] / binary["ops"],
+  )

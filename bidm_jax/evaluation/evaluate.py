@@ -33,8 +33,13 @@ from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.featurizer import get_featurizer
 from bidm_jax.evaluation.inception import SPATIAL_DIM
 from bidm_jax.evaluation.inception_weights import inception_weights_file
-from bidm_jax.evaluation.metrics import (HEALTH_KEYS, PR_K, FeatureStats, ImageHealth,
-                                         compute_metrics)
+from bidm_jax.evaluation.metrics import (
+    HEALTH_KEYS,
+    PR_K,
+    FeatureStats,
+    ImageHealth,
+    compute_metrics,
+)
 from bidm_jax.io import files
 
 __all__ = ["METRICS_FILE", "SAMPLES_FILE", "evaluate"]
@@ -83,9 +88,16 @@ def evaluate(config, workdir: str) -> dict:
   pool_parts, logit_parts, spatial_parts, kept = [], [], [], []
   keep_spatial = num < SPATIAL_DIM
   rate = float("nan")
-  for batch in sampling.sample_batches(config, model, params, num, seed=config.seed,
-                                       batch_size=e.batch_size, desc="evaluate",
-                                       progress_bar=e.progress_bar):
+  for batch in sampling.sample_batches(
+      config,
+      model,
+      params,
+      num,
+      seed=config.seed,
+      batch_size=e.batch_size,
+      desc="evaluate",
+      progress_bar=e.progress_bar,
+  ):
     rate = batch.images_per_s
     images = to_uint8(batch.images)
     health.update(images)
@@ -101,35 +113,52 @@ def evaluate(config, workdir: str) -> dict:
 
   pool = np.concatenate(pool_parts)
   logits = np.concatenate(logit_parts) if logit_parts else None
-  values, notes = compute_metrics(reference, pool, spatial, logits,
-                                  np.concatenate(spatial_parts) if keep_spatial else None,
-                                  weights.name)
+  values, notes = compute_metrics(
+      reference,
+      pool,
+      spatial,
+      logits,
+      np.concatenate(spatial_parts) if keep_spatial else None,
+      weights.name,
+  )
   if reference.description is None:
     notes.append(f"reference {reference.path} has no data description (external file)")
   values.update({k: health.result()[k] for k in HEALTH_KEYS})
   ref_health = reference.health or {}
   values.update({f"reference_{k}": ref_health.get(k) for k in HEALTH_KEYS})
   if reference.health is None:
-    notes.append(f"reference {reference.path} has no image health ({', '.join(HEALTH_KEYS)}); "
-                 "recompute it with --mode=ref_stats into a new file to get them")
+    notes.append(
+        f"reference {reference.path} has no image health ({', '.join(HEALTH_KEYS)}); "
+        "recompute it with --mode=ref_stats into a new file to get them"
+    )
 
   files.makedirs(workdir)
   samples_file = os.path.join(workdir, SAMPLES_FILE) if e.keep_samples else None
   result = dict(
-      values, pr_k=PR_K, num_samples=int(len(pool)), sampler=s.sampler,
+      values,
+      pr_k=PR_K,
+      num_samples=int(len(pool)),
+      sampler=s.sampler,
       steps=int(s.steps if s.sampler == "ddim" else config.diffusion.num_timesteps),
-      eta=float(s.eta) if s.sampler == "ddim" else None, clip_x0=bool(s.clip_x0),
-      dynamic_threshold=float(s.dynamic_threshold), seed=int(config.seed),
-      method=model.method.name, checkpoint=str(source), checkpoint_step=step,
-      reference=reference.path, reference_description=reference.description,
+      eta=float(s.eta) if s.sampler == "ddim" else None,
+      clip_x0=bool(s.clip_x0),
+      dynamic_threshold=float(s.dynamic_threshold),
+      seed=int(config.seed),
+      method=model.method.name,
+      checkpoint=str(source),
+      checkpoint_step=step,
+      reference=reference.path,
+      reference_description=reference.description,
       reference_count=reference.count,
       reference_pr_features=None if reference.pr_features is None else len(reference.pr_features),
       inception_weights=str(weights),
       images_per_s=rate if math.isfinite(rate) else None,
-      seconds=time.perf_counter() - start, samples_file=samples_file, notes=notes)
+      seconds=time.perf_counter() - start,
+      samples_file=samples_file,
+      notes=notes,
+  )
   if jax.process_index() == 0:
     if samples_file:
       files.write_npz(samples_file, images=np.concatenate(kept))
     files.write_json(os.path.join(workdir, METRICS_FILE), result)
   return result
-

@@ -55,8 +55,13 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 _MAX_LISTED = 25
 _LOW_PRECISION_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
-__all__ = ["convert_state_dict", "convert_checkpoint",
-           "model_description", "detect_layout", "check_diffusers_config"]
+__all__ = [
+    "convert_state_dict",
+    "convert_checkpoint",
+    "model_description",
+    "detect_layout",
+    "check_diffusers_config",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,8 +78,10 @@ def model_description(model_kwargs: Mapping[str, Any] | None = None) -> dict:
   model_kwargs = dict(model_kwargs or {})
   unknown = sorted(set(model_kwargs) - set(builders.ARCHITECTURE))
   if unknown:
-    raise ValueError(f"model_kwargs: unknown field(s) {unknown}; the converted FP U-Net is "
-                     f"described by {list(builders.ARCHITECTURE)}")
+    raise ValueError(
+        f"model_kwargs: unknown field(s) {unknown}; the converted FP U-Net is "
+        f"described by {list(builders.ARCHITECTURE)}"
+    )
   return builders.describe_unet(UNet(**model_kwargs))
 
 
@@ -94,22 +101,33 @@ def _target_shapes(desc: Mapping[str, Any], image_size: int, in_channels: int) -
 # Source key names of each target module.
 
 # Our res-block / attention sub-module -> (ddim name, diffusers names in order of preference).
-_RES_FIELDS = {"norm1": ("norm1", ("norm1",)), "conv1": ("conv1", ("conv1",)),
-               "temb_proj": ("temb_proj", ("time_emb_proj",)),
-               "norm2": ("norm2", ("norm2",)), "conv2": ("conv2", ("conv2",)),
-               "nin_shortcut": ("nin_shortcut", ("conv_shortcut",))}
-_ATTN_FIELDS = {"norm": ("norm", ("group_norm",)), "q": ("q", ("to_q", "query")),
-                "k": ("k", ("to_k", "key")), "v": ("v", ("to_v", "value")),
-                "proj_out": ("proj_out", ("to_out.0", "proj_attn"))}
+_RES_FIELDS = {
+    "norm1": ("norm1", ("norm1",)),
+    "conv1": ("conv1", ("conv1",)),
+    "temb_proj": ("temb_proj", ("time_emb_proj",)),
+    "norm2": ("norm2", ("norm2",)),
+    "conv2": ("conv2", ("conv2",)),
+    "nin_shortcut": ("nin_shortcut", ("conv_shortcut",)),
+}
+_ATTN_FIELDS = {
+    "norm": ("norm", ("group_norm",)),
+    "q": ("q", ("to_q", "query")),
+    "k": ("k", ("to_k", "key")),
+    "v": ("v", ("to_v", "value")),
+    "proj_out": ("proj_out", ("to_out.0", "proj_attn")),
+}
 
 
 def _source_modules(module: str, sub: str | None, layout: str, levels: int) -> tuple[str, ...]:
   """Candidate source module names (without .weight/.bias) for our module[/sub]."""
   ddim = layout == "ddim"
-  fixed = {"conv_in": ("conv_in", "conv_in"), "norm_out": ("norm_out", "conv_norm_out"),
-           "conv_out": ("conv_out", "conv_out"),
-           "temb_dense0": ("temb.dense.0", "time_embedding.linear_1"),
-           "temb_dense1": ("temb.dense.1", "time_embedding.linear_2")}
+  fixed = {
+      "conv_in": ("conv_in", "conv_in"),
+      "norm_out": ("norm_out", "conv_norm_out"),
+      "conv_out": ("conv_out", "conv_out"),
+      "temb_dense0": ("temb.dense.0", "time_embedding.linear_1"),
+      "temb_dense1": ("temb.dense.1", "time_embedding.linear_2"),
+  }
   if module in fixed:
     return (fixed[module][0 if ddim else 1],)
   m = re.fullmatch(r"(down|up)_(\d+)_(block|attn)_(\d+)", module)
@@ -168,7 +186,7 @@ def _candidate_prefixes(keys) -> list[str]:
   out = set()
   for k in keys:
     if k == "conv_in.weight" or k.endswith(".conv_in.weight"):
-      p = k[:-len("conv_in.weight")]
+      p = k[: -len("conv_in.weight")]
       if any(p + m in keys for m in _ROOT_MARKERS):
         out.add(p)
   return sorted(out)
@@ -192,12 +210,15 @@ def _choose_prefix(prefixes: list[str], use_ema: bool) -> str:
 
 
 def _ambiguous(prefixes):
-  raise ValueError(f"the checkpoint holds several U-Nets (under the prefixes {prefixes}); "
-                   "choose one with prefix=...")
+  raise ValueError(
+      f"the checkpoint holds several U-Nets (under the prefixes {prefixes}); "
+      "choose one with prefix=..."
+  )
 
 
-def _select_model(state_dict: Mapping[str, np.ndarray], prefix: str | None,
-                  use_ema: bool) -> tuple[dict[str, np.ndarray], str]:
+def _select_model(
+    state_dict: Mapping[str, np.ndarray], prefix: str | None, use_ema: bool
+) -> tuple[dict[str, np.ndarray], str]:
   """The sub-dict of one U-Net, keys relative to it, and the prefix it was found under."""
   keys = list(state_dict)
   prefixes = _candidate_prefixes(keys)
@@ -209,14 +230,18 @@ def _select_model(state_dict: Mapping[str, np.ndarray], prefix: str | None,
           "'temb.dense.0.weight' or 'time_embedding.linear_1.weight' "
           f"({len(keys)} tensors: {shown or 'none'}); expected the ddim/pytorch_diffusion "
           "layout (temb.dense.0, down.0.block.0, ...) or diffusers UNet2DModel "
-          "(time_embedding.linear_1, down_blocks.0.resnets.0, ...)")
+          "(time_embedding.linear_1, down_blocks.0.resnets.0, ...)"
+      )
     prefix = _choose_prefix(prefixes, use_ema)
   elif prefix and not prefix.endswith("."):
     prefix += "."
   # Keys under a longer candidate prefix belong to another U-Net (e.g. '' vs 'ema.').
   others = [p for p in prefixes if p != prefix and p.startswith(prefix)]
-  sub = {k[len(prefix):]: v for k, v in state_dict.items()
-         if k.startswith(prefix) and not any(k.startswith(o) for o in others)}
+  sub = {
+      k[len(prefix) :]: v
+      for k, v in state_dict.items()
+      if k.startswith(prefix) and not any(k.startswith(o) for o in others)
+  }
   if not sub:
     raise ValueError(f"no tensors under the prefix {prefix!r}")
   return sub, prefix
@@ -229,9 +254,11 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
     return "ddim"
   if any(k.startswith(("time_embedding.", "down_blocks.", "mid_block.")) for k in keys):
     return "diffusers"
-  raise ValueError("cannot tell the checkpoint layout: neither ddim keys (temb.dense.0, "
-                   "down.0.block.0, mid.block_1) nor diffusers keys (time_embedding.linear_1, "
-                   "down_blocks.0, mid_block) are present")
+  raise ValueError(
+      "cannot tell the checkpoint layout: neither ddim keys (temb.dense.0, "
+      "down.0.block.0, mid.block_1) nor diffusers keys (time_embedding.linear_1, "
+      "down_blocks.0, mid_block) are present"
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +284,16 @@ def _fmt_list(title: str, items: list[str]) -> str:
   return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown) + more
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], layout: str | None = None,
-                       model_kwargs: Mapping[str, Any] | None = None, *, image_size: int = 32,
-                       in_channels: int | None = None, use_ema: bool = True,
-                       prefix: str | None = None) -> dict:
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    layout: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    image_size: int = 32,
+    in_channels: int | None = None,
+    use_ema: bool = True,
+    prefix: str | None = None,
+) -> dict:
   """Converts a PyTorch DDPM state dict into the params of our FP U-Net.
 
   Args:
@@ -298,8 +331,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], layout: str | None 
   missing, mismatched, bad = [], [], []
   for path, shape in sorted(targets.items()):
     module, sub_name, leaf = _split_module(path)
-    names = (_source_modules(module, sub_name, layout, levels)
-             if len(path) in (2, 3) and leaf in ("kernel", "bias", "scale") else ())
+    names = (
+        _source_modules(module, sub_name, layout, levels)
+        if len(path) in (2, 3) and leaf in ("kernel", "bias", "scale")
+        else ()
+    )
     suffix = "bias" if leaf == "bias" else "weight"
     cands = [f"{n}.{suffix}" for n in names]
     key = next((c for c in cands if c in sub), None)
@@ -327,21 +363,31 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], layout: str | None 
   unused = sorted(set(sub) - used)
 
   if missing or mismatched or unused or bad:
-    parts = [f"cannot convert the {layout}-layout checkpoint"
-             + (f" (U-Net under prefix {found_prefix!r})" if found_prefix else "")
-             + f" into the U-Net {desc} at image_size={image_size}:"]
+    parts = [
+        f"cannot convert the {layout}-layout checkpoint"
+        + (f" (U-Net under prefix {found_prefix!r})" if found_prefix else "")
+        + f" into the U-Net {desc} at image_size={image_size}:"
+    ]
     if mismatched:
       parts.append(_fmt_list("shape mismatches", mismatched))
     if missing:
       parts.append(_fmt_list("targets missing from the checkpoint", missing))
     if unused:
-      parts.append(_fmt_list("unused source tensors",
-                             [f"{found_prefix}{k} {tuple(np.shape(sub[k]))}" for k in unused]))
+      parts.append(
+          _fmt_list(
+              "unused source tensors",
+              [f"{found_prefix}{k} {tuple(np.shape(sub[k]))}" for k in unused],
+          )
+      )
     if bad:
       parts.append(_fmt_list("unusable tensors", bad))
     raise ValueError("\n".join(parts))
-  logging.info("converted %d tensors of a %s-layout DDPM U-Net%s", len(used), layout,
-               f" (prefix {found_prefix!r})" if found_prefix else "")
+  logging.info(
+      "converted %d tensors of a %s-layout DDPM U-Net%s",
+      len(used),
+      layout,
+      f" (prefix {found_prefix!r})" if found_prefix else "",
+  )
   return params
 
 
@@ -359,9 +405,9 @@ def _expected_diffusers_config(desc: Mapping[str, Any], image_size: int) -> dict
       "out_channels": desc["out_ch"],
       "act_fn": ("silu", "swish"),
       "time_embedding_type": "positional",
-      "flip_sin_to_cos": False,       # sin first, as our timestep_embedding
-      "freq_shift": 1,                # frequencies 10000^(-k / (half - 1))
-      "downsample_padding": 0,        # (0, 1, 0, 1) padding before the stride-2 conv
+      "flip_sin_to_cos": False,  # sin first, as our timestep_embedding
+      "freq_shift": 1,  # frequencies 10000^(-k / (half - 1))
+      "downsample_padding": 0,  # (0, 1, 0, 1) padding before the stride-2 conv
       "downsample_type": "conv",
       "upsample_type": "conv",
       "norm_num_groups": 32,
@@ -378,8 +424,13 @@ def _expected_diffusers_config(desc: Mapping[str, Any], image_size: int) -> dict
   }
 
 
-def check_diffusers_config(config: Mapping[str, Any], model_kwargs: Mapping[str, Any] | None,
-                           *, image_size: int = 32, in_channels: int | None = None) -> None:
+def check_diffusers_config(
+    config: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any] | None,
+    *,
+    image_size: int = 32,
+    in_channels: int | None = None,
+) -> None:
   """Raises ValueError naming every field of a diffusers UNet2DModel config.json that does not
   describe our U-Net with `model_kwargs` (fields absent from the config are not checked).
 
@@ -407,15 +458,18 @@ def check_diffusers_config(config: Mapping[str, Any], model_kwargs: Mapping[str,
   # equal to the channels of every level that has attention.
   head_dim = config.get("attention_head_dim", None)
   if head_dim is not None:
-    widths = {desc["ch"] * m for m, a in zip(desc["ch_mult"],
-                                            _attn_levels(desc, image_size)) if a}
+    widths = {desc["ch"] * m for m, a in zip(desc["ch_mult"], _attn_levels(desc, image_size)) if a}
     widths.add(desc["ch"] * desc["ch_mult"][-1])  # the middle block's attention
     if any(head_dim != w for w in widths):
-      diffs.append(f"attention_head_dim: {head_dim!r} gives multi-head attention; our U-Net "
-                   "has one head (attention_head_dim null)")
+      diffs.append(
+          f"attention_head_dim: {head_dim!r} gives multi-head attention; our U-Net "
+          "has one head (attention_head_dim null)"
+      )
   if diffs:
-    raise ValueError("the diffusers config.json does not describe our U-Net with "
-                     f"{desc} at image_size={image_size}:\n  " + "\n  ".join(diffs))
+    raise ValueError(
+        "the diffusers config.json does not describe our U-Net with "
+        f"{desc} at image_size={image_size}:\n  " + "\n  ".join(diffs)
+    )
 
 
 def _attn_levels(desc, image_size) -> list[bool]:
@@ -440,8 +494,9 @@ def _resolve_source(source) -> tuple[epath.Path, dict | None]:
     weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).exists()), None)
     if weights is None:
       listing = sorted(p.name for p in folder.iterdir())[:10]
-      raise FileNotFoundError(f"{path}: a folder must hold one of {list(DIFFUSERS_WEIGHTS)} "
-                              f"(found {listing})")
+      raise FileNotFoundError(
+          f"{path}: a folder must hold one of {list(DIFFUSERS_WEIGHTS)} " f"(found {listing})"
+      )
     path, config_path = weights, folder / "config.json"
   else:
     sibling = path.parent / "config.json"
@@ -458,10 +513,17 @@ def _resolve_source(source) -> tuple[epath.Path, dict | None]:
   return path, config
 
 
-def convert_checkpoint(source_path, out_dir, model_kwargs: Mapping[str, Any] | None = None, *,
-                       layout: str | None = None, image_size: int = 32,
-                       in_channels: int | None = None, use_ema: bool = True,
-                       prefix: str | None = None) -> epath.Path:
+def convert_checkpoint(
+    source_path,
+    out_dir,
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    layout: str | None = None,
+    image_size: int = 32,
+    in_channels: int | None = None,
+    use_ema: bool = True,
+    prefix: str | None = None,
+) -> epath.Path:
   """Converts a PyTorch DDPM checkpoint and exports it as an Orbax parameter folder.
 
   Args:
@@ -494,8 +556,15 @@ def convert_checkpoint(source_path, out_dir, model_kwargs: Mapping[str, Any] | N
   except ValueError as e:
     raise ValueError(f"cannot read the checkpoint: {e}") from None
   try:
-    params = convert_state_dict(state_dict, layout, desc, image_size=image_size,
-                                in_channels=in_channels, use_ema=use_ema, prefix=prefix)
+    params = convert_state_dict(
+        state_dict,
+        layout,
+        desc,
+        image_size=image_size,
+        in_channels=in_channels,
+        use_ema=use_ema,
+        prefix=prefix,
+    )
   except ValueError as e:
     raise ValueError(f"{weights}: {e}") from None
   _export_atomically(out, params, desc)

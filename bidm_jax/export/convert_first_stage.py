@@ -48,8 +48,16 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 PIPELINE_FOLDERS = ("vqvae", "vae")
 _MAX_LISTED = 25
 
-__all__ = ["LAYOUTS", "convert_state_dict", "config_from_diffusers", "load_first_stage",
-           "check_config", "map_tensors", "resolve_source", "target_shapes"]
+__all__ = [
+    "LAYOUTS",
+    "convert_state_dict",
+    "config_from_diffusers",
+    "load_first_stage",
+    "check_config",
+    "map_tensors",
+    "resolve_source",
+    "target_shapes",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,8 +69,10 @@ def target_shapes(config: ae.FirstStageConfig) -> dict[tuple[str, ...], tuple[in
   model = ae.make_first_stage(config)
   x = jax.ShapeDtypeStruct((1, config.factor, config.factor, config.in_channels), jnp.float32)
   params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
-  return {tuple(p.key for p in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {
+      tuple(p.key for p in path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
 
 
 # Our module name -> (CompVis name, diffusers names in order of preference).
@@ -129,19 +139,26 @@ def _find_prefix(keys) -> str:
   """The prefix of the first stage: where both encoder.conv_in and decoder.conv_in lie."""
   keys = set(keys)
   marker = "encoder.conv_in.weight"
-  found = sorted(k[:-len(marker)] for k in keys if k.endswith(marker)
-                 and (k == marker or k[-len(marker) - 1] == ".")
-                 and k[:-len(marker)] + "decoder.conv_in.weight" in keys)
+  found = sorted(
+      k[: -len(marker)]
+      for k in keys
+      if k.endswith(marker)
+      and (k == marker or k[-len(marker) - 1] == ".")
+      and k[: -len(marker)] + "decoder.conv_in.weight" in keys
+  )
   first_stage = [p for p in found if p.endswith("first_stage_model.")]
   if len(found) == 1:
     return found[0]
   if len(first_stage) == 1:
     return first_stage[0]
   if not found:
-    raise ValueError("no first-stage autoencoder in this checkpoint: no prefix holds both "
-                     "'encoder.conv_in.weight' and 'decoder.conv_in.weight'")
-  raise ValueError(f"the checkpoint holds several autoencoders (prefixes {found}); choose one "
-                   "with prefix=...")
+    raise ValueError(
+        "no first-stage autoencoder in this checkpoint: no prefix holds both "
+        "'encoder.conv_in.weight' and 'decoder.conv_in.weight'"
+    )
+  raise ValueError(
+      f"the checkpoint holds several autoencoders (prefixes {found}); choose one " "with prefix=..."
+  )
 
 
 def _with_dot(prefix: str) -> str:
@@ -154,8 +171,10 @@ def detect_layout(keys) -> str:
     return "compvis"
   if any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.")) for k in keys):
     return "diffusers"
-  raise ValueError("cannot tell the layout: neither CompVis keys (encoder.down.0, encoder.mid) "
-                   "nor diffusers keys (encoder.down_blocks.0, encoder.mid_block) are present")
+  raise ValueError(
+      "cannot tell the layout: neither CompVis keys (encoder.down.0, encoder.mid) "
+      "nor diffusers keys (encoder.down_blocks.0, encoder.mid_block) are present"
+  )
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -163,10 +182,15 @@ def _listing(title: str, items: list[str]) -> str:
   return f"{title} ({len(items)}): " + ", ".join(items[:_MAX_LISTED]) + more
 
 
-def map_tensors(sources: Mapping[str, np.ndarray], targets: Mapping[tuple[str, ...], tuple],
-                candidates: Callable[[tuple[str, ...]], list[str]],
-                transform: Callable[[np.ndarray, tuple[str, ...], tuple], np.ndarray | None],
-                selected: set[str], what: str, label: Callable[[str], str] = str) -> dict:
+def map_tensors(
+    sources: Mapping[str, np.ndarray],
+    targets: Mapping[tuple[str, ...], tuple],
+    candidates: Callable[[tuple[str, ...]], list[str]],
+    transform: Callable[[np.ndarray, tuple[str, ...], tuple], np.ndarray | None],
+    selected: set[str],
+    what: str,
+    label: Callable[[str], str] = str,
+) -> dict:
   """Fills every target parameter from its first present candidate key, all or nothing.
 
   sources: {key: array}; targets: {parameter path: shape}; candidates(path): the source keys of
@@ -188,8 +212,9 @@ def map_tensors(sources: Mapping[str, np.ndarray], targets: Mapping[tuple[str, .
     arr = np.asarray(sources[key])
     value = transform(arr, path, shape) if "float" in arr.dtype.name else None
     if value is None or value.shape != shape:
-      mismatched.append(f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} "
-                        f"{arr.dtype}")
+      mismatched.append(
+          f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} " f"{arr.dtype}"
+      )
       continue
     node = params
     for p in path[:-1]:
@@ -197,15 +222,26 @@ def map_tensors(sources: Mapping[str, np.ndarray], targets: Mapping[tuple[str, .
     node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
   unused = [f"{label(k)} {tuple(np.shape(sources[k]))}" for k in sorted(selected - used)]
   if missing or mismatched or unused:
-    problems = [_listing(title, items) for title, items in (
-        ("shape mismatches", mismatched), ("missing targets", missing),
-        ("unused source tensors", unused)) if items]
+    problems = [
+        _listing(title, items)
+        for title, items in (
+            ("shape mismatches", mismatched),
+            ("missing targets", missing),
+            ("unused source tensors", unused),
+        )
+        if items
+    ]
     raise ValueError(f"cannot convert {what}: " + "; ".join(problems))
   return params
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstStageConfig, *,
-                       layout: str | None = None, prefix: str | None = None) -> dict:
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: ae.FirstStageConfig,
+    *,
+    layout: str | None = None,
+    prefix: str | None = None,
+) -> dict:
   """The ``params`` of `ae.make_first_stage(config)` from a PyTorch state dict.
 
   Args:
@@ -220,8 +256,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstSta
     ValueError: no model found, an unknown layout, or any mismatch (one line listing them all).
   """
   prefix = _find_prefix(state_dict) if prefix is None else _with_dot(prefix)
-  sub = {k[len(prefix):]: v for k, v in state_dict.items()
-         if k.startswith(prefix) and not k[len(prefix):].startswith("loss.")}
+  sub = {
+      k[len(prefix) :]: v
+      for k, v in state_dict.items()
+      if k.startswith(prefix) and not k[len(prefix) :].startswith("loss.")
+  }
   if layout is None:
     layout = detect_layout(sub)
   elif layout not in LAYOUTS:
@@ -229,11 +268,19 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstSta
 
   targets = target_shapes(config)
   params = map_tensors(
-      sub, targets, lambda path: source_keys(path, layout, len(config.ch_mult)), _to_flax,
-      set(sub), f"the {layout}-layout first stage" + (f" under {prefix!r}" if prefix else "")
-      + f" into {config}", label=lambda key: prefix + key)
-  logging.info("converted %d tensors of a %s-layout %s first stage", len(targets), layout,
-               config.kind)
+      sub,
+      targets,
+      lambda path: source_keys(path, layout, len(config.ch_mult)),
+      _to_flax,
+      set(sub),
+      f"the {layout}-layout first stage"
+      + (f" under {prefix!r}" if prefix else "")
+      + f" into {config}",
+      label=lambda key: prefix + key,
+  )
+  logging.info(
+      "converted %d tensors of a %s-layout %s first stage", len(targets), layout, config.kind
+  )
   return params
 
 
@@ -243,29 +290,44 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ae.FirstSta
 
 _DIFFUSERS_CLASSES = {"VQModel": "vq", "AutoencoderKL": "kl"}
 # Fields whose other values describe a model that ours is not (absent fields are not checked).
-_DIFFUSERS_REQUIRED = {"act_fn": ("silu", "swish"), "norm_type": ("group",),
-                       "mid_block_add_attention": (True,), "use_quant_conv": (True,),
-                       "use_post_quant_conv": (True,), "shift_factor": (None,),
-                       "latents_mean": (None,), "latents_std": (None,)}
+_DIFFUSERS_REQUIRED = {
+    "act_fn": ("silu", "swish"),
+    "norm_type": ("group",),
+    "mid_block_add_attention": (True,),
+    "use_quant_conv": (True,),
+    "use_post_quant_conv": (True,),
+    "shift_factor": (None,),
+    "latents_mean": (None,),
+    "latents_std": (None,),
+}
 
 
-def check_config(config: Mapping[str, Any], required: Mapping[str, tuple], widths: list[int],
-                 problems: list[str], what: str) -> None:
+def check_config(
+    config: Mapping[str, Any],
+    required: Mapping[str, tuple],
+    widths: list[int],
+    problems: list[str],
+    what: str,
+) -> None:
   """Raises one ValueError naming `problems`, every field of a diffusers `config` whose value is
   not among its `required` ones (absent fields are not checked) and block_out_channels `widths`
   that are not multiples of the first; `what` names the model kind in the message."""
   problems = list(problems) + [
       f"{field}: {config[field]!r}, expected {' or '.join(map(repr, allowed))}"
-      for field, allowed in required.items() if field in config and config[field] not in allowed]
+      for field, allowed in required.items()
+      if field in config and config[field] not in allowed
+  ]
   if any(w % widths[0] for w in widths):
     problems.append(f"block_out_channels {widths} are not multiples of the first")
   if problems:
-    raise ValueError(f"the diffusers config.json does not describe {what} we build: "
-                     + "; ".join(problems))
+    raise ValueError(
+        f"the diffusers config.json does not describe {what} we build: " + "; ".join(problems)
+    )
 
 
-def config_from_diffusers(config: Mapping[str, Any],
-                          scale_factor: float | None = None) -> ae.FirstStageConfig:
+def config_from_diffusers(
+    config: Mapping[str, Any], scale_factor: float | None = None
+) -> ae.FirstStageConfig:
   """Our architecture from a diffusers VQModel / AutoencoderKL ``config.json`` (parsed).
 
   Raises ValueError naming every field that describes something we do not build: attention or
@@ -274,11 +336,14 @@ def config_from_diffusers(config: Mapping[str, Any],
   problems = []
   kind = _DIFFUSERS_CLASSES.get(config.get("_class_name"))
   if kind is None:
-    problems.append(f"_class_name {config.get('_class_name')!r} is not one of "
-                    f"{sorted(_DIFFUSERS_CLASSES)}")
+    problems.append(
+        f"_class_name {config.get('_class_name')!r} is not one of " f"{sorted(_DIFFUSERS_CLASSES)}"
+    )
   widths = [int(w) for w in config.get("block_out_channels", (64,))]
-  for field, block in (("down_block_types", "DownEncoderBlock2D"),
-                       ("up_block_types", "UpDecoderBlock2D")):
+  for field, block in (
+      ("down_block_types", "DownEncoderBlock2D"),
+      ("up_block_types", "UpDecoderBlock2D"),
+  ):
     types = list(config.get(field, (block,)))
     if types != [block] * len(widths):
       problems.append(f"{field}: {types}, expected {len(widths)} x {block!r}")
@@ -287,13 +352,18 @@ def config_from_diffusers(config: Mapping[str, Any],
   if scale_factor is None:
     scale_factor = 1.0 if kind == "vq" else float(config.get("scaling_factor", 0.18215))
   return ae.FirstStageConfig(
-      kind=kind, in_channels=int(config.get("in_channels", 3)),
-      out_channels=int(config.get("out_channels", 3)), ch=widths[0],
+      kind=kind,
+      in_channels=int(config.get("in_channels", 3)),
+      out_channels=int(config.get("out_channels", 3)),
+      ch=widths[0],
       ch_mult=tuple(w // widths[0] for w in widths),
-      num_res_blocks=int(config.get("layers_per_block", 1)), z_channels=latent,
+      num_res_blocks=int(config.get("layers_per_block", 1)),
+      z_channels=latent,
       embed_dim=int(config.get("vq_embed_dim") or latent) if kind == "vq" else latent,
       n_embed=int(config.get("num_vq_embeddings", 256)) if kind == "vq" else 0,
-      norm_groups=int(config.get("norm_num_groups", 32)), scale_factor=float(scale_factor))
+      norm_groups=int(config.get("norm_num_groups", 32)),
+      scale_factor=float(scale_factor),
+  )
 
 
 def _diffusers_folder(path: epath.Path, subfolders: tuple[str, ...]) -> epath.Path | None:
@@ -304,8 +374,9 @@ def _diffusers_folder(path: epath.Path, subfolders: tuple[str, ...]) -> epath.Pa
   return None
 
 
-def resolve_source(source, subfolders: tuple[str, ...] = PIPELINE_FOLDERS
-                   ) -> tuple[epath.Path, dict | None]:
+def resolve_source(
+    source, subfolders: tuple[str, ...] = PIPELINE_FOLDERS
+) -> tuple[epath.Path, dict | None]:
   """The weights file of `source` and, for a diffusers model, its parsed config.json.
 
   source: a diffusers folder, a pipeline folder holding it in one of `subfolders`, the weights
@@ -321,8 +392,10 @@ def resolve_source(source, subfolders: tuple[str, ...] = PIPELINE_FOLDERS
     return path, None
   folder = _diffusers_folder(path, subfolders)
   if folder is None or not (folder / "config.json").exists():
-    raise FileNotFoundError(f"{path}: no config.json with one of {list(WEIGHT_FILES)} here or "
-                            f"in {'/, '.join(subfolders)}/")
+    raise FileNotFoundError(
+        f"{path}: no config.json with one of {list(WEIGHT_FILES)} here or "
+        f"in {'/, '.join(subfolders)}/"
+    )
   try:
     config = json.loads((folder / "config.json").read_text())
   except json.JSONDecodeError as e:
@@ -337,9 +410,14 @@ def _read_state_dict(path) -> dict[str, np.ndarray]:
     raise ValueError(f"cannot read the checkpoint: {e}") from None
 
 
-def load_first_stage(source, config: ae.FirstStageConfig | None = None, *,
-                     layout: str | None = None, prefix: str | None = None,
-                     scale_factor: float | None = None) -> tuple[ae.FirstStageConfig, dict]:
+def load_first_stage(
+    source,
+    config: ae.FirstStageConfig | None = None,
+    *,
+    layout: str | None = None,
+    prefix: str | None = None,
+    scale_factor: float | None = None,
+) -> tuple[ae.FirstStageConfig, dict]:
   """Reads and converts a first stage: returns (its config, its params).
 
   Args:
@@ -357,17 +435,21 @@ def load_first_stage(source, config: ae.FirstStageConfig | None = None, *,
   if diffusers_config is not None:
     found = config_from_diffusers(diffusers_config, scale_factor)
     if config is not None and dataclasses.replace(config, scale_factor=found.scale_factor) != found:
-      raise ValueError(f"{weights.parent}: its config.json describes {found}, not the given "
-                       f"{config}")
+      raise ValueError(
+          f"{weights.parent}: its config.json describes {found}, not the given " f"{config}"
+      )
     config = found
     state_dict = _read_state_dict(weights)
   else:
     if config is None:
-      raise ValueError(f"{weights}: a CompVis checkpoint does not hold the architecture; pass "
-                       "config=autoencoders.VQ_F4, KL_F8 or a FirstStageConfig")
+      raise ValueError(
+          f"{weights}: a CompVis checkpoint does not hold the architecture; pass "
+          "config=autoencoders.VQ_F4, KL_F8 or a FirstStageConfig"
+      )
     state_dict = _read_state_dict(weights)
     root = (_with_dot(prefix) if prefix is not None else _find_prefix(state_dict)).removesuffix(
-        "first_stage_model.")
+        "first_stage_model."
+    )
     stored = state_dict.get(root + "scale_factor")
     if scale_factor is None and stored is not None and np.size(stored) == 1:
       scale_factor = float(np.asarray(stored, np.float64).reshape(()))

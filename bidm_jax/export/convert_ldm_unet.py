@@ -42,19 +42,28 @@ COMPVIS_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 _QKV = {"q": 0, "k": 1, "v": 2}
 
-__all__ = ["LAYOUTS", "config_from_diffusers", "convert_state_dict", "load_ldm_unet",
-           "source_key", "target_shapes"]
+__all__ = [
+    "LAYOUTS",
+    "config_from_diffusers",
+    "convert_state_dict",
+    "load_ldm_unet",
+    "source_key",
+    "target_shapes",
+]
 
 
 def target_shapes(config: ldm_unet.LDMUNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{parameter path: shape} of the FP `LDMUNet(config)` (jax.eval_shape: nothing is computed)."""
   model = ldm_unet.LDMUNet(config)
-  x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.in_channels),
-                           jnp.float32)
+  x = jax.ShapeDtypeStruct(
+      (1, config.image_size, config.image_size, config.in_channels), jnp.float32
+  )
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)["params"]
-  return {tuple(p.key for p in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {
+      tuple(p.key for p in path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,17 +71,25 @@ def target_shapes(config: ldm_unet.LDMUNetConfig) -> dict[tuple[str, ...], tuple
 
 # Our res-block / attention sub-module -> (CompVis name, diffusers names in order of preference).
 _SUB_NAMES = {
-    "norm1": ("in_layers.0", ("norm1",)), "conv1": ("in_layers.2", ("conv1",)),
-    "temb_proj": ("emb_layers.1", ("time_emb_proj",)), "norm2": ("out_layers.0", ("norm2",)),
-    "conv2": ("out_layers.3", ("conv2",)), "nin_shortcut": ("skip_connection", ("conv_shortcut",)),
-    "norm": ("norm", ("group_norm",)), "q": ("qkv", ("to_q", "query")),
-    "k": ("qkv", ("to_k", "key")), "v": ("qkv", ("to_v", "value")),
+    "norm1": ("in_layers.0", ("norm1",)),
+    "conv1": ("in_layers.2", ("conv1",)),
+    "temb_proj": ("emb_layers.1", ("time_emb_proj",)),
+    "norm2": ("out_layers.0", ("norm2",)),
+    "conv2": ("out_layers.3", ("conv2",)),
+    "nin_shortcut": ("skip_connection", ("conv_shortcut",)),
+    "norm": ("norm", ("group_norm",)),
+    "q": ("qkv", ("to_q", "query")),
+    "k": ("qkv", ("to_k", "key")),
+    "v": ("qkv", ("to_v", "value")),
     "proj_out": ("proj_out", ("to_out.0", "proj_attn")),
 }
-_TOP_NAMES = {"conv_in": ("input_blocks.0.0", "conv_in"), "norm_out": ("out.0", "conv_norm_out"),
-              "conv_out": ("out.2", "conv_out"),
-              "temb_dense0": ("time_embed.0", "time_embedding.linear_1"),
-              "temb_dense1": ("time_embed.2", "time_embedding.linear_2")}
+_TOP_NAMES = {
+    "conv_in": ("input_blocks.0.0", "conv_in"),
+    "norm_out": ("out.0", "conv_norm_out"),
+    "conv_out": ("out.2", "conv_out"),
+    "temb_dense0": ("time_embed.0", "time_embedding.linear_1"),
+    "temb_dense1": ("time_embed.2", "time_embedding.linear_2"),
+}
 
 
 def _compvis_module(module: str, config: ldm_unet.LDMUNetConfig) -> str | None:
@@ -119,8 +136,7 @@ def _diffusers_module(module: str, config: ldm_unet.LDMUNetConfig) -> str | None
   return None
 
 
-def source_key(path: tuple[str, ...], layout: str,
-               config: ldm_unet.LDMUNetConfig) -> list[str]:
+def source_key(path: tuple[str, ...], layout: str, config: ldm_unet.LDMUNetConfig) -> list[str]:
   """The state-dict keys that may hold our parameter `path`, in order of preference.
 
   CompVis' q, k and v all come from the fused ``qkv`` tensor (`_slice_qkv` takes their part).
@@ -174,21 +190,31 @@ def _find_compvis(keys, use_ema: bool) -> tuple[str, Callable[[str], str]]:
   """(description, key function) of the CompVis U-Net: EMA names when present and wanted."""
   keys = set(keys)
   marker = "input_blocks.0.0.weight"
-  bases = sorted(k[:-len(marker)] for k in keys if k.endswith(marker)
-                 and (k == marker or k[:-len(marker)].endswith(".")))
+  bases = sorted(
+      k[: -len(marker)]
+      for k in keys
+      if k.endswith(marker) and (k == marker or k[: -len(marker)].endswith("."))
+  )
   roots = [b for b in bases if b.endswith(COMPVIS_PREFIX) or b == ""]
   if len(roots) != 1:
-    raise ValueError(f"expected one CompVis U-Net (a key ending in {COMPVIS_PREFIX}{marker} or "
-                     f"a bare {marker}), found {len(roots)}: {roots}")
+    raise ValueError(
+        f"expected one CompVis U-Net (a key ending in {COMPVIS_PREFIX}{marker} or "
+        f"a bare {marker}), found {len(roots)}: {roots}"
+    )
   base = roots[0]
-  root = base[:-len(COMPVIS_PREFIX)] if base.endswith(COMPVIS_PREFIX) else None
+  root = base[: -len(COMPVIS_PREFIX)] if base.endswith(COMPVIS_PREFIX) else None
   if use_ema and root is not None and root + _ema_key(marker) in keys:
     return f"{root}{EMA_PREFIX}", lambda k: root + _ema_key(k)
   return base, lambda k: base + k
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ldm_unet.LDMUNetConfig, *,
-                       layout: str | None = None, use_ema: bool = True) -> dict:
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: ldm_unet.LDMUNetConfig,
+    *,
+    layout: str | None = None,
+    use_ema: bool = True,
+) -> dict:
   """The ``params`` of the FP `LDMUNet(config)` from a PyTorch state dict.
 
   Args:
@@ -222,11 +248,19 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ldm_unet.LD
 
   targets = target_shapes(config)
   params = cfs.map_tensors(
-      state_dict, targets, lambda path: [key_of(k) for k in source_key(path, layout, config)],
-      transform, selected, f"the {layout}-layout U-Net" + (f" under {where!r}" if where else "")
-      + f" into {config}")
-  logging.info("converted %d tensors of a %s-layout LDM U-Net%s", len(targets), layout,
-               f" under {where!r}" if where else "")
+      state_dict,
+      targets,
+      lambda path: [key_of(k) for k in source_key(path, layout, config)],
+      transform,
+      selected,
+      f"the {layout}-layout U-Net" + (f" under {where!r}" if where else "") + f" into {config}",
+  )
+  logging.info(
+      "converted %d tensors of a %s-layout LDM U-Net%s",
+      len(targets),
+      layout,
+      f" under {where!r}" if where else "",
+  )
   return params
 
 
@@ -235,13 +269,21 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ldm_unet.LD
 
 # Fields whose other values describe a model that ours is not (absent fields are not checked).
 _DIFFUSERS_REQUIRED = {
-    "act_fn": ("silu", "swish"), "time_embedding_type": ("positional",),
-    "flip_sin_to_cos": (True,), "freq_shift": (0,), "downsample_padding": (1,),
-    "norm_eps": (ldm_unet.NORM_EPS,), "center_input_sample": (False,),
-    "mid_block_scale_factor": (1,), "mid_block_type": ("UNetMidBlock2D",),
-    "add_attention": (True,), "class_embed_type": (None,), "num_class_embeds": (None,),
+    "act_fn": ("silu", "swish"),
+    "time_embedding_type": ("positional",),
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "downsample_padding": (1,),
+    "norm_eps": (ldm_unet.NORM_EPS,),
+    "center_input_sample": (False,),
+    "mid_block_scale_factor": (1,),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default", "scale_shift"),
-    "downsample_type": ("conv", "resnet"), "upsample_type": ("conv", "resnet"),
+    "downsample_type": ("conv", "resnet"),
+    "upsample_type": ("conv", "resnet"),
 }
 
 
@@ -260,29 +302,42 @@ def config_from_diffusers(config: Mapping[str, Any]) -> ldm_unet.LDMUNetConfig:
   groups = int(config.get("norm_num_groups", 32))
   shift = config.get("resnet_time_scale_shift", "default") == "scale_shift"
   if config.get("attn_norm_num_groups") not in ((groups,) if shift else (None, groups)):
-    problems.append(f"attn_norm_num_groups: {config.get('attn_norm_num_groups')!r}, expected "
-                    f"{groups}" + ("" if shift else " or None"))
+    problems.append(
+        f"attn_norm_num_groups: {config.get('attn_norm_num_groups')!r}, expected "
+        f"{groups}" + ("" if shift else " or None")
+    )
   if config.get("time_embedding_dim") not in (None, 4 * widths[0]):
-    problems.append(f"time_embedding_dim: {config['time_embedding_dim']!r}, expected "
-                    f"{4 * widths[0]} or None")
+    problems.append(
+        f"time_embedding_dim: {config['time_embedding_dim']!r}, expected "
+        f"{4 * widths[0]} or None"
+    )
   updown = config.get("downsample_type", "conv")
   if config.get("upsample_type", "conv") != updown:
-    problems.append(f"upsample_type {config.get('upsample_type')!r} differs from "
-                    f"downsample_type {updown!r}")
-  plain = {"conv": ("DownBlock2D", "UpBlock2D"),
-           "resnet": ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")}.get(updown)
+    problems.append(
+        f"upsample_type {config.get('upsample_type')!r} differs from " f"downsample_type {updown!r}"
+    )
+  plain = {
+      "conv": ("DownBlock2D", "UpBlock2D"),
+      "resnet": ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"),
+  }.get(updown)
   down = list(config.get("down_block_types", ()))
   up = list(config.get("up_block_types", ()))
   attention = [t == "AttnDownBlock2D" for t in down]
   levels = len(widths)
   if plain is not None:
     # The deepest level does not resample, so its plain blocks may be either kind.
-    allowed_down = [("AttnDownBlock2D",) if a else (plain[0],) + (
-        ("DownBlock2D", "ResnetDownsampleBlock2D") if i == levels - 1 else ())
-                    for i, a in enumerate(attention)]
-    allowed_up = [("AttnUpBlock2D",) if a else (plain[1],) + (
-        ("UpBlock2D", "ResnetUpsampleBlock2D") if i == 0 else ())
-                  for i, a in enumerate(attention)][::-1]
+    allowed_down = [
+        ("AttnDownBlock2D",)
+        if a
+        else (plain[0],) + (("DownBlock2D", "ResnetDownsampleBlock2D") if i == levels - 1 else ())
+        for i, a in enumerate(attention)
+    ]
+    allowed_up = [
+        ("AttnUpBlock2D",)
+        if a
+        else (plain[1],) + (("UpBlock2D", "ResnetUpsampleBlock2D") if i == 0 else ())
+        for i, a in enumerate(attention)
+    ][::-1]
     if len(down) != levels or any(t not in a for t, a in zip(down, allowed_down)):
       problems.append(f"down_block_types: {down}, expected per level one of {allowed_down}")
     if len(up) != levels or any(t not in a for t, a in zip(up, allowed_up)):
@@ -293,22 +348,30 @@ def config_from_diffusers(config: Mapping[str, Any]) -> ldm_unet.LDMUNetConfig:
   try:
     return ldm_unet.LDMUNetConfig(
         in_channels=int(config.get("in_channels", 3)),
-        out_channels=int(config.get("out_channels", 3)), model_channels=widths[0],
+        out_channels=int(config.get("out_channels", 3)),
+        model_channels=widths[0],
         channel_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=int(config.get("layers_per_block", 2)),
-        attention_resolutions=tuple(2 ** i for i, a in enumerate(attention) if a),
+        attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
         num_heads=1 if head_dim is None else -1,
         num_head_channels=-1 if head_dim is None else int(head_dim),
-        use_scale_shift_norm=shift, resblock_updown=updown == "resnet",
-        dropout=float(config.get("dropout", 0.0)), norm_groups=groups,
-        image_size=int(size[0] if isinstance(size, (list, tuple)) else size))
+        use_scale_shift_norm=shift,
+        resblock_updown=updown == "resnet",
+        dropout=float(config.get("dropout", 0.0)),
+        norm_groups=groups,
+        image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+    )
   except ValueError as e:
     raise ValueError(f"the diffusers config.json does not describe a U-Net we build: {e}") from None
 
 
-def load_ldm_unet(source, config: ldm_unet.LDMUNetConfig | None = None, *,
-                  layout: str | None = None,
-                  use_ema: bool = True) -> tuple[ldm_unet.LDMUNetConfig, dict]:
+def load_ldm_unet(
+    source,
+    config: ldm_unet.LDMUNetConfig | None = None,
+    *,
+    layout: str | None = None,
+    use_ema: bool = True,
+) -> tuple[ldm_unet.LDMUNetConfig, dict]:
   """Reads and converts a latent-diffusion U-Net: returns (its config, its FP params).
 
   Args:
@@ -325,12 +388,15 @@ def load_ldm_unet(source, config: ldm_unet.LDMUNetConfig | None = None, *,
   if diffusers_config is not None:
     found = config_from_diffusers(diffusers_config)
     if config is not None and config != found:
-      raise ValueError(f"{weights.parent}: its config.json describes {found}, not the given "
-                       f"{config}")
+      raise ValueError(
+          f"{weights.parent}: its config.json describes {found}, not the given " f"{config}"
+      )
     config, layout = found, layout or "diffusers"
   elif config is None:
-    raise ValueError(f"{weights}: a CompVis checkpoint does not hold the architecture; pass "
-                     "config=ldm_unet.LDM4, LDM8 or an LDMUNetConfig")
+    raise ValueError(
+        f"{weights}: a CompVis checkpoint does not hold the architecture; pass "
+        "config=ldm_unet.LDM4, LDM8 or an LDMUNetConfig"
+    )
   state_dict = cfs._read_state_dict(weights)
   try:
     params = convert_state_dict(state_dict, config, layout=layout, use_ema=use_ema)

@@ -49,11 +49,17 @@ VERSION = 1
 EXPORT_FILE = "packed.safetensors"
 TBS_KEYS = ("tbs_connections", "tbs_buckets", "tbs_init", "tbs_structure", "num_timesteps")
 
-_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-          np.dtype(np.uint32): "U32"}
+_CODES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.uint32): "U32",
+}
 _WIRE = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2"), "U32": np.dtype("<u4")}
-_NATIVE = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
-           "U32": np.dtype(np.uint32)}
+_NATIVE = {
+    "F32": np.dtype(np.float32),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "U32": np.dtype(np.uint32),
+}
 
 
 def unsupported_reason(method: BinarizationMethod) -> str | None:
@@ -62,8 +68,7 @@ def unsupported_reason(method: BinarizationMethod) -> str | None:
     return "it is full precision: there are no binary layers to pack"
   parts = method.binarizers
   if not parts.activation.packed:
-    return (f"its activations are {method.activation_binarizer!r}, not a sign (+-1) "
-            "binarizer")
+    return f"its activations are {method.activation_binarizer!r}, not a sign (+-1) " "binarizer"
   if not parts.weight.packed:
     return f"its weights are {method.weight_binarizer!r}, not a scaled sign"
   if not parts.output_scale.packed:
@@ -80,8 +85,10 @@ def check_supported(method: BinarizationMethod) -> None:
   """Raises a one-line ValueError naming `method` when it cannot be exported packed."""
   reason = unsupported_reason(method)
   if reason:
-    raise ValueError(f"method {method.name!r} cannot be exported as packed bits ({reason}); "
-                     f"export supports {', '.join(PACKED_METHODS)}")
+    raise ValueError(
+        f"method {method.name!r} cannot be exported as packed bits ({reason}); "
+        f"export supports {', '.join(PACKED_METHODS)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,15 +105,23 @@ def trace_binary_layers(model: UNet, image_shape) -> tuple[dict[str, dict], Any]
 
   def record(next_fun, args, kwargs, context):
     module, y = context.module, next_fun(*args, **kwargs)
-    if (context.method_name == "__call__" and isinstance(module, (BinaryConv, BinaryDense))
-        and module.method.binary):
+    if (
+        context.method_name == "__call__"
+        and isinstance(module, (BinaryConv, BinaryDense))
+        and module.method.binary
+    ):
       cin, cout = args[0].shape[-1], module.features
       if isinstance(module, BinaryConv):
         kh, kw = module.kernel_size
         pads = _pad_amounts(module.padding, (kh, kw))
-        spec = dict(kind="conv", kernel=[kh, kw, cin, cout], strides=module.strides,
-                    padding=[list(p) for p in pads], input=list(args[0].shape[1:3]),
-                    output=list(y.shape[1:3]))
+        spec = dict(
+            kind="conv",
+            kernel=[kh, kw, cin, cout],
+            strides=module.strides,
+            padding=[list(p) for p in pads],
+            input=list(args[0].shape[1:3]),
+            output=list(y.shape[1:3]),
+        )
       else:
         spec = dict(kind="dense", kernel=[cin, cout])
       k = math.prod(spec["kernel"][:-1])
@@ -120,8 +135,12 @@ def trace_binary_layers(model: UNet, image_shape) -> tuple[dict[str, dict], Any]
   return layers, shapes
 
 
-def pack_layer(p: Mapping[str, Any], spec: Mapping[str, Any], method: BinarizationMethod,
-               fp_dtype: str = "float32") -> dict[str, jax.Array]:
+def pack_layer(
+    p: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    method: BinarizationMethod,
+    fp_dtype: str = "float32",
+) -> dict[str, jax.Array]:
   """One binary layer's simulated parameters -> its packed ones (see layers.packed).
 
   p: the layer's parameters ('kernel', 'bias', 'threshold', 'scale_kernel', ...); spec: its
@@ -142,8 +161,11 @@ def pack_layer(p: Mapping[str, Any], spec: Mapping[str, Any], method: Binarizati
     return out
   kh, kw, cin, _ = spec["kernel"]
   if method.activation_scale == "xnor":
-    k = (f32(p["scale_kernel"]) if method.learnable_k
-         else jnp.full((kh, kw, 1, 1), 1.0 / (kh * kw), jnp.float32))
+    k = (
+        f32(p["scale_kernel"])
+        if method.learnable_k
+        else jnp.full((kh, kw, 1, 1), 1.0 / (kh * kw), jnp.float32)
+    )
     out["scale_kernel"] = k / cin
   if method.output_scale == "factorised":
     out["output_scale_h"] = f32(p["output_scale_h"])
@@ -152,15 +174,22 @@ def pack_layer(p: Mapping[str, Any], spec: Mapping[str, Any], method: Binarizati
     for name in ("rprelu_shift_in", "rprelu_slope", "rprelu_shift_out"):
       out[name] = f32(p[name])
   if method.shortcut:
-    out["shortcut_scale"] = (f32(p["shortcut_scale"]) if method.learnable_shortcut_scale
-                             else jnp.asarray(method.shortcut_scale_init, jnp.float32))
+    out["shortcut_scale"] = (
+        f32(p["shortcut_scale"])
+        if method.learnable_shortcut_scale
+        else jnp.asarray(method.shortcut_scale_init, jnp.float32)
+    )
     if "shortcut_kernel" in p:
       out["shortcut_kernel"] = jnp.asarray(p["shortcut_kernel"], fp_dtype)
   return out
 
 
-def export_tree(params, layers: Mapping[str, Mapping[str, Any]], method: BinarizationMethod,
-                fp_dtype: str = "float32"):
+def export_tree(
+    params,
+    layers: Mapping[str, Mapping[str, Any]],
+    method: BinarizationMethod,
+    fp_dtype: str = "float32",
+):
   """The packed parameter tree: `params` with every layer of `layers` packed (`pack_layer`)
   and every other floating-point leaf cast to `fp_dtype`. Traceable (jax.eval_shape)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -191,12 +220,17 @@ def _check_params_fit(params, shapes, method: BinarizationMethod, where: str) ->
   extra = sorted(set(found) - set(expected))
   bad = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
   if missing or extra or bad:
-    what = (f"missing {len(missing)} (e.g. {missing[0]})" if missing
-            else f"{len(extra)} unknown (e.g. {extra[0]})" if extra
-            else f"{len(bad)} of another shape (e.g. {bad[0]}: {found[bad[0]]} vs "
-                 f"{expected[bad[0]]})")
-    raise ckpt_lib.CheckpointError(f"the parameters in {where} do not fit a {method.name!r} "
-                                   f"model of the config: {what}")
+    what = (
+        f"missing {len(missing)} (e.g. {missing[0]})"
+        if missing
+        else f"{len(extra)} unknown (e.g. {extra[0]})"
+        if extra
+        else f"{len(bad)} of another shape (e.g. {bad[0]}: {found[bad[0]]} vs "
+        f"{expected[bad[0]]})"
+    )
+    raise ckpt_lib.CheckpointError(
+        f"the parameters in {where} do not fit a {method.name!r} " f"model of the config: {what}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,14 +266,19 @@ def size_report(tree, layers, fp_params: int) -> dict:
     cat = _category(key, layers)
     by[cat] = by.get(cat, 0) + n
   total = sum(by.values())
-  return dict(tensor_bytes=total, fp_f32_bytes=4 * fp_params,
-              ratio=4 * fp_params / total, by_category=dict(sorted(by.items())))
+  return dict(
+      tensor_bytes=total,
+      fp_f32_bytes=4 * fp_params,
+      ratio=4 * fp_params / total,
+      by_category=dict(sorted(by.items())),
+  )
 
 
 def _fp_param_count(model: UNet, image_shape) -> int:
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  shapes = jax.eval_shape(model.clone(method=FP).init, jax.random.key(0), x,
-                          jax.ShapeDtypeStruct((1,), jnp.int32))
+  shapes = jax.eval_shape(
+      model.clone(method=FP).init, jax.random.key(0), x, jax.ShapeDtypeStruct((1,), jnp.int32)
+  )
   return sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
 
 
@@ -273,8 +312,11 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
   header, chunks, offset = {"__metadata__": dict(metadata)}, [], 0
   for name in names:
     data = _wire_bytes(tensors[name])
-    header[name] = {"dtype": _CODES[tensors[name].dtype], "shape": list(tensors[name].shape),
-                    "data_offsets": [offset, offset + len(data)]}
+    header[name] = {
+        "dtype": _CODES[tensors[name].dtype],
+        "shape": list(tensors[name].shape),
+        "data_offsets": [offset, offset + len(data)],
+    }
     chunks.append(data)
     offset += len(data)
   head = json.dumps(header, separators=(",", ":")).encode()
@@ -284,6 +326,7 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
 
 def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """(tensors, metadata) of a safetensors file's bytes; CheckpointError on anything malformed."""
+
   def bad(why):
     return ckpt_lib.CheckpointError(f"{where} is not a readable safetensors file ({why})")
 
@@ -293,7 +336,7 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
   if 8 + n > len(data):
     raise bad(f"its {n}-byte header runs past the end of the {len(data)}-byte file")
   try:
-    header = json.loads(data[8:8 + n].decode("utf-8"))
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
   except (UnicodeDecodeError, ValueError) as e:
     raise bad(f"its header is not JSON: {type(e).__name__}") from None
   if not isinstance(header, dict):
@@ -301,7 +344,7 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
   metadata = header.pop("__metadata__", {}) or {}
   if not isinstance(metadata, dict):
     raise bad("its __metadata__ is not a JSON object")
-  buffer, tensors, end_max = memoryview(data)[8 + n:], {}, 0
+  buffer, tensors, end_max = memoryview(data)[8 + n :], {}, 0
   for name, info in header.items():
     try:
       code, shape = info["dtype"], tuple(int(s) for s in info["shape"])
@@ -310,8 +353,10 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
     except (KeyError, TypeError, ValueError):
       raise bad(f"bad entry for {name!r}") from None
     if not 0 <= begin <= end <= len(buffer) or end - begin != math.prod(shape) * wire.itemsize:
-      raise bad(f"tensor {name!r} (bytes {begin}..{end}) does not fit the {len(buffer)}-byte "
-                "data; the file is truncated or damaged")
+      raise bad(
+          f"tensor {name!r} (bytes {begin}..{end}) does not fit the {len(buffer)}-byte "
+          "data; the file is truncated or damaged"
+      )
     a = np.frombuffer(buffer[begin:end], wire).reshape(shape).astype(wire.newbyteorder("="))
     tensors[name] = a.view(_NATIVE[code]) if code == "BF16" else a.astype(_NATIVE[code])
     end_max = max(end_max, end)
@@ -326,25 +371,38 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
 
 def describe(model: UNet, image_shape, layers, fp_dtype: str) -> dict:
   """The description stored with the tensors: enough to rebuild `model` and check the file."""
-  return dict(format=FORMAT, version=VERSION,
-              model=builders.describe_unet(model),
-              method=dataclasses.asdict(model.method),
-              tbs={k: getattr(model, k) for k in TBS_KEYS},
-              image_shape=list(image_shape), fp_dtype=fp_dtype,
-              layout=("sign_bits: uint32 (Cout, ceil(K/32)), K = kh*kw*Cin flattened Cin "
-                      "fastest; bit j of word i = element 32i+j; 1 = +1 (W >= 0); tail bits 0"),
-              layers=layers)
+  return dict(
+      format=FORMAT,
+      version=VERSION,
+      model=builders.describe_unet(model),
+      method=dataclasses.asdict(model.method),
+      tbs={k: getattr(model, k) for k in TBS_KEYS},
+      image_shape=list(image_shape),
+      fp_dtype=fp_dtype,
+      layout=(
+          "sign_bits: uint32 (Cout, ceil(K/32)), K = kh*kw*Cin flattened Cin "
+          "fastest; bit j of word i = element 32i+j; 1 = +1 (W >= 0); tail bits 0"
+      ),
+      layers=layers,
+  )
 
 
 def model_from_description(desc: Mapping[str, Any], dtype=jnp.float32) -> UNet:
   """The U-Net an export describes."""
-  return builders.unet_from_description(desc["model"],
-                                       method=BinarizationMethod(**desc["method"]),
-                                       **desc["tbs"], dtype=dtype)
+  return builders.unet_from_description(
+      desc["model"], method=BinarizationMethod(**desc["method"]), **desc["tbs"], dtype=dtype
+  )
 
 
-def write_export(path, model: UNet, params, image_shape, *, fp_dtype: str = "float32",
-                 source: Mapping[str, Any] | None = None) -> dict:
+def write_export(
+    path,
+    model: UNet,
+    params,
+    image_shape,
+    *,
+    fp_dtype: str = "float32",
+    source: Mapping[str, Any] | None = None,
+) -> dict:
   """Writes the packed export of `model` with simulated parameters `params` to `path`.
 
   image_shape: (H, W, C) of the model's images. Returns the file's path and bytes, and the
@@ -358,13 +416,20 @@ def write_export(path, model: UNet, params, image_shape, *, fp_dtype: str = "flo
   _check_params_fit(params, shapes, model.method, (source or {}).get("path", "params"))
   tree = jax.jit(lambda p: export_tree(p, layers, model.method, fp_dtype))(params)
   tensors = {k: np.asarray(v) for k, v in _flat_names(tree).items()}
-  desc = dict(describe(model, image_shape, layers, fp_dtype), source=dict(source or {}),
-              checksum={k: _crc(a) for k, a in tensors.items()})
+  desc = dict(
+      describe(model, image_shape, layers, fp_dtype),
+      source=dict(source or {}),
+      checksum={k: _crc(a) for k, a in tensors.items()},
+  )
   data = safetensors_bytes(tensors, {"format": FORMAT, "description": json.dumps(desc)})
   files.write_bytes(path, data)
   report = size_report(tree, layers, _fp_param_count(model, image_shape))
-  return dict(path=os.fspath(path), file_bytes=len(data),
-              file_ratio=report["fp_f32_bytes"] / len(data), **report)
+  return dict(
+      path=os.fspath(path),
+      file_bytes=len(data),
+      file_ratio=report["fp_f32_bytes"] / len(data),
+      **report,
+  )
 
 
 def read_export(path) -> tuple[dict, dict]:
@@ -381,45 +446,57 @@ def read_export(path) -> tuple[dict, dict]:
     raise ckpt_lib.CheckpointError(f"no packed export at {where}") from None
   tensors, metadata = parse_safetensors(data, where)
   if metadata.get("format") != FORMAT:
-    raise ckpt_lib.CheckpointError(f"{where} is not a {FORMAT} export (its metadata has no "
-                                   f"'format': '{FORMAT}')")
+    raise ckpt_lib.CheckpointError(
+        f"{where} is not a {FORMAT} export (its metadata has no " f"'format': '{FORMAT}')"
+    )
   try:
     desc = json.loads(metadata["description"])
     version, checksum = desc["version"], desc["checksum"]
   except (KeyError, TypeError, ValueError):
     raise ckpt_lib.CheckpointError(f"{where} has no readable description") from None
   if version != VERSION:
-    raise ckpt_lib.CheckpointError(f"{where} is {FORMAT} version {version}; this reader "
-                                   f"reads version {VERSION}")
+    raise ckpt_lib.CheckpointError(
+        f"{where} is {FORMAT} version {version}; this reader " f"reads version {VERSION}"
+    )
   if set(checksum) != set(tensors):
     odd = sorted(set(checksum) ^ set(tensors))
-    raise ckpt_lib.CheckpointError(f"{where} is damaged: its tensors are not those its "
-                                   f"description lists ({len(odd)} differ, e.g. {odd[0]})")
+    raise ckpt_lib.CheckpointError(
+        f"{where} is damaged: its tensors are not those its "
+        f"description lists ({len(odd)} differ, e.g. {odd[0]})"
+    )
   damaged = sorted(k for k, a in tensors.items() if _crc(a) != checksum[k])
   if damaged:
-    raise ckpt_lib.CheckpointError(f"{where} is damaged: {len(damaged)} tensor(s) do not match "
-                                   f"their checksum, e.g. {damaged[0]}")
+    raise ckpt_lib.CheckpointError(
+        f"{where} is damaged: {len(damaged)} tensor(s) do not match "
+        f"their checksum, e.g. {damaged[0]}"
+    )
   try:
     model = model_from_description(desc)
     layers, shapes = trace_binary_layers(model, desc["image_shape"])
     check_supported(model.method)
-    expected = jax.eval_shape(lambda p: export_tree(p, layers, model.method, desc["fp_dtype"]),
-                              shapes)
+    expected = jax.eval_shape(
+        lambda p: export_tree(p, layers, model.method, desc["fp_dtype"]), shapes
+    )
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     why = " ".join(str(e).split())[:300]
-    raise ckpt_lib.CheckpointError(f"{where} describes no model this version can build "
-                                   f"({type(e).__name__}: {why})") from None
-  expected = {k: f"{np.dtype(s.dtype).name}{list(s.shape)}"
-              for k, s in _flat_names(expected).items()}
+    raise ckpt_lib.CheckpointError(
+        f"{where} describes no model this version can build " f"({type(e).__name__}: {why})"
+    ) from None
+  expected = {
+      k: f"{np.dtype(s.dtype).name}{list(s.shape)}" for k, s in _flat_names(expected).items()
+  }
   found = {k: f"{a.dtype.name}{list(a.shape)}" for k, a in tensors.items()}
   odd = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
   if odd:
     raise ckpt_lib.CheckpointError(
         f"{where} does not hold the tensors of the model it describes ({len(odd)} differ, e.g. "
         f"{odd[0]}: found {found.get(odd[0], 'nothing')}, expected "
-        f"{expected.get(odd[0], 'nothing')})")
-  tree = {tuple(k.split("/")): a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
-          for k, a in tensors.items()}
+        f"{expected.get(odd[0], 'nothing')})"
+    )
+  tree = {
+      tuple(k.split("/")): a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
+      for k, a in tensors.items()
+  }
   return flax.traverse_util.unflatten_dict(tree), desc
 
 
@@ -441,21 +518,32 @@ def load_export(source, config) -> tuple[dict, dict]:
   method = dataclasses.asdict(config_lib.method_from_config(config))
   for k in sorted(set(method) | set(desc["method"])):
     if desc["method"].get(k) != method.get(k):
-      diffs.append(f"binarization {k}: export {desc['method'].get(k)!r} vs config "
-                   f"{method.get(k)!r}")
+      diffs.append(
+          f"binarization {k}: export {desc['method'].get(k)!r} vs config " f"{method.get(k)!r}"
+      )
   d = config.data
-  expected = dict(tbs_connections=config.tbs.connections, tbs_buckets=config.tbs.buckets,
-                  tbs_structure=config.tbs.structure,
-                  num_timesteps=config.diffusion.num_timesteps)
-  diffs += [f"{k}: export {desc['tbs'][k]!r} vs config {v!r}" for k, v in expected.items()
-            if desc["tbs"][k] != v]
+  expected = dict(
+      tbs_connections=config.tbs.connections,
+      tbs_buckets=config.tbs.buckets,
+      tbs_structure=config.tbs.structure,
+      num_timesteps=config.diffusion.num_timesteps,
+  )
+  diffs += [
+      f"{k}: export {desc['tbs'][k]!r} vs config {v!r}"
+      for k, v in expected.items()
+      if desc["tbs"][k] != v
+  ]
   shape = [d.image_size, d.image_size, d.channels]
   if desc["image_shape"] != shape:
     diffs.append(f"image shape: export {desc['image_shape']} vs config {shape}")
   if diffs:
     raise ckpt_lib.CheckpointError(f"{where} was exported for another setting ({'; '.join(diffs)})")
-  return tree, dict(model=desc["model"], method=desc["method"], kind="packed",
-                    step=desc.get("source", {}).get("step"))
+  return tree, dict(
+      model=desc["model"],
+      method=desc["method"],
+      kind="packed",
+      step=desc.get("source", {}).get("step"),
+  )
 
 
 def _check_trained_method(meta: Mapping[str, Any], method: BinarizationMethod, where) -> None:
@@ -464,11 +552,16 @@ def _check_trained_method(meta: Mapping[str, Any], method: BinarizationMethod, w
   if not isinstance(found, dict):
     return
   want = dataclasses.asdict(method)
-  diffs = [f"{k}: checkpoint {found[k]!r} vs config {want[k]!r}"
-           for k in sorted(set(found) & set(want)) if found[k] != want[k]]
+  diffs = [
+      f"{k}: checkpoint {found[k]!r} vs config {want[k]!r}"
+      for k in sorted(set(found) & set(want))
+      if found[k] != want[k]
+  ]
   if diffs:
-    raise ckpt_lib.CheckpointError(f"{where} was trained with another method ({'; '.join(diffs)}); "
-                                   "set the config's binarization fields to match")
+    raise ckpt_lib.CheckpointError(
+        f"{where} was trained with another method ({'; '.join(diffs)}); "
+        "set the config's binarization fields to match"
+    )
 
 
 def export(config, workdir: str) -> dict:
@@ -483,12 +576,18 @@ def export(config, workdir: str) -> dict:
   source = config.sampling.checkpoint or workdir
   target = config.export.path or os.path.join(workdir, EXPORT_FILE)
   if files.exists(target):
-    raise ckpt_lib.CheckpointError(f"{target} already exists; remove it or choose another "
-                                   "--config.export.path")
+    raise ckpt_lib.CheckpointError(
+        f"{target} already exists; remove it or choose another " "--config.export.path"
+    )
   params, meta = ckpt_lib.load_params(source, builders.model_description(config))
   _check_trained_method(meta, method, source)
   model = builders.make_model(config, method)
   d = config.data
-  return write_export(target, model, params, (d.image_size, d.image_size, d.channels),
-                      fp_dtype=config.export.fp_dtype,
-                      source=dict(path=str(source), step=meta.get("step")))
+  return write_export(
+      target,
+      model,
+      params,
+      (d.image_size, d.image_size, d.channels),
+      fp_dtype=config.export.fp_dtype,
+      source=dict(path=str(source), step=meta.get("step")),
+  )

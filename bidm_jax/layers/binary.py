@@ -42,7 +42,8 @@ default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"
 
 def _conv(x: Array, kernel: Array, strides: int, padding) -> Array:
   return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, kernel, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def _pad_amounts(padding, kernel_size: tuple[int, int]):
@@ -51,11 +52,22 @@ def _pad_amounts(padding, kernel_size: tuple[int, int]):
   return tuple(tuple(p) for p in padding)
 
 
-def record_cost(module: nn.Module, *, bops: float = 0.0, flops: float = 0.0,
-                binary_params: int = 0, real_params: int = 0) -> None:
+def record_cost(
+    module: nn.Module,
+    *,
+    bops: float = 0.0,
+    flops: float = 0.0,
+    binary_params: int = 0,
+    real_params: int = 0,
+) -> None:
   """Adds one layer's operation and storage counts to the 'costs' collection."""
-  module.sow("costs", "ops", jnp.array([bops, flops, binary_params, real_params], jnp.float32),
-             reduce_fn=lambda a, b: a + b, init_fn=lambda: jnp.zeros(4, jnp.float32))
+  module.sow(
+      "costs",
+      "ops",
+      jnp.array([bops, flops, binary_params, real_params], jnp.float32),
+      reduce_fn=lambda a, b: a + b,
+      init_fn=lambda: jnp.zeros(4, jnp.float32),
+  )
 
 
 class BinaryConv(nn.Module):
@@ -69,6 +81,7 @@ class BinaryConv(nn.Module):
   by timestep-aware methods, optional otherwise (progress then 1, inference).
   x: (B, H, W, Cin) -> (B, H', W', features).
   """
+
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   strides: int = 1
@@ -83,8 +96,7 @@ class BinaryConv(nn.Module):
     cin = x.shape[-1]
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
-    bias = (self.param("bias", nn.initializers.zeros, (self.features,))
-            if self.use_bias else None)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     padding = _pad_amounts(self.padding, self.kernel_size)
     x = x.astype(self.dtype)
     method = self.method
@@ -132,8 +144,7 @@ class BinaryConv(nn.Module):
     if x.shape[-1] != out_shape[-1]:
       proj = self.param("shortcut_kernel", self.kernel_init, (1, 1, x.shape[-1], out_shape[-1]))
       x = _conv(x, proj.astype(self.dtype), 1, ((0, 0), (0, 0)))
-      record_cost(self, flops=2.0 * x.shape[1] * x.shape[2] * proj.size,
-                  real_params=proj.size)
+      record_cost(self, flops=2.0 * x.shape[1] * x.shape[2] * proj.size, real_params=proj.size)
     return x
 
   def _record(self, y: Array, cin: int, binary: bool) -> None:
@@ -170,6 +181,7 @@ class BinaryDense(nn.Module):
 
   x: (..., Cin) -> (..., features).
   """
+
   features: int
   use_bias: bool = True
   method: BinarizationMethod = FP
@@ -180,8 +192,7 @@ class BinaryDense(nn.Module):
   def __call__(self, x: Array, ctx: QuantContext | None = None) -> Array:
     cin = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (cin, self.features))
-    bias = (self.param("bias", nn.initializers.zeros, (self.features,))
-            if self.use_bias else None)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     x = x.astype(self.dtype)
     rows = float(x.size // cin // x.shape[0]) if x.ndim > 1 else 1.0  # per example
     method = self.method
@@ -192,11 +203,16 @@ class BinaryDense(nn.Module):
       # The per-output scales (alpha, E, m, Gamma, s_x[b] s_w) and DoReFa's constant column
       # sums fold into the bias pass of a dense layer: no extra FLOPs are counted.
       stored_bias = self.features if method.binary_bias else 0
-      record_cost(self, bops=rows * cin * self.features, binary_params=kernel.size,
-                  real_params=stored_bias + _scale_params(method, cin, self.features, None))
+      record_cost(
+          self,
+          bops=rows * cin * self.features,
+          binary_params=kernel.size,
+          real_params=stored_bias + _scale_params(method, cin, self.features, None),
+      )
     else:
-      record_cost(self, flops=2.0 * rows * cin * self.features,
-                  real_params=kernel.size + self.features)
+      record_cost(
+          self, flops=2.0 * rows * cin * self.features, real_params=kernel.size + self.features
+      )
     y = x @ kernel.astype(self.dtype)
     if method.binary:
       y = method.binarizers.output_scale(self, y)
@@ -215,8 +231,11 @@ def _progress(ctx: QuantContext | None) -> Array:
 
 def _sign(method: BinarizationMethod, estimator: str, ctx: QuantContext | None):
   """The sign function of `estimator`, ReSTE's with o from the method's schedule."""
-  o = (estimators.reste_schedule(_progress(ctx), method.reste_o_end) if estimator == "reste"
-       else None)
+  o = (
+      estimators.reste_schedule(_progress(ctx), method.reste_o_end)
+      if estimator == "reste"
+      else None
+  )
   return estimators.sign_with_estimator(estimator, o)
 
 
@@ -260,8 +279,7 @@ def _shortcut_scale(module: nn.Module) -> Array:
   """s: the learnable 'shortcut_scale', or the method's constant (BBCU's plain residual)."""
   method = module.method
   if method.learnable_shortcut_scale:
-    return module.param("shortcut_scale", nn.initializers.constant(method.shortcut_scale_init),
-                        ())
+    return module.param("shortcut_scale", nn.initializers.constant(method.shortcut_scale_init), ())
   return jnp.asarray(method.shortcut_scale_init, jnp.float32)
 
 

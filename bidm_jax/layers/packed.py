@@ -116,8 +116,11 @@ def _patches(x: Array, kernel_size, strides: int, padding, fill) -> Array:
   xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
   ho = (xp.shape[1] - kh) // strides + 1
   wo = (xp.shape[2] - kw) // strides + 1
-  taps = [xp[:, dy:dy + strides * (ho - 1) + 1:strides, dx:dx + strides * (wo - 1) + 1:strides]
-          for dy in range(kh) for dx in range(kw)]
+  taps = [
+      xp[:, dy : dy + strides * (ho - 1) + 1 : strides, dx : dx + strides * (wo - 1) + 1 : strides]
+      for dy in range(kh)
+      for dx in range(kw)
+  ]
   return jnp.concatenate(taps, axis=-1)
 
 
@@ -147,20 +150,29 @@ def cuda_weights(sign_bits: Array, kernel_shape) -> tuple[Array, Array]:
 
 def _cuda_conv(xwords: Array, sign_bits: Array, kernel_shape, strides: int, padding) -> Array:
   weights, tap_pop = cuda_weights(sign_bits, kernel_shape)
-  return binary_cuda.binary_conv(xwords, weights, tap_pop, kernel_size=kernel_shape[:2],
-                                 cin=kernel_shape[2], strides=strides, padding=padding)
+  return binary_cuda.binary_conv(
+      xwords,
+      weights,
+      tap_pop,
+      kernel_size=kernel_shape[:2],
+      cin=kernel_shape[2],
+      strides=strides,
+      padding=padding,
+  )
 
 
 def _cuda_matmul(xwords: Array, sign_bits: Array, cin: int) -> Array:
   """A product as the 1x1 conv of one-pixel images."""
   cout = sign_bits.shape[0]
-  y = _cuda_conv(xwords.reshape(-1, 1, 1, xwords.shape[-1]), sign_bits, (1, 1, cin, cout), 1,
-                 ((0, 0), (0, 0)))
+  y = _cuda_conv(
+      xwords.reshape(-1, 1, 1, xwords.shape[-1]), sign_bits, (1, 1, cin, cout), 1, ((0, 0), (0, 0))
+  )
   return y.reshape(xwords.shape[:-1] + (cout,))
 
 
-def sign_conv(xbits: Array, sign_bits: Array, kernel_shape, strides: int, padding,
-              impl: str = "int8") -> Array:
+def sign_conv(
+    xbits: Array, sign_bits: Array, kernel_shape, strides: int, padding, impl: str = "int8"
+) -> Array:
   """The +-1 convolution, exact: sum over the valid taps of sign(x) sign(W).
 
   xbits: (B, H, W, Cin) bool (True = +1); sign_bits: (Cout, ceil(K / 32)) uint32;
@@ -174,16 +186,21 @@ def sign_conv(xbits: Array, sign_bits: Array, kernel_shape, strides: int, paddin
   if impl == "int8":
     xs = jnp.where(xbits, 1, -1).astype(jnp.int8)
     w = unpack_kernel(sign_bits, kernel_shape, jnp.int8)
-    return jax.lax.conv_general_dilated(xs, w, (strides, strides), padding,
-                                        dimension_numbers=_DIMS,
-                                        preferred_element_type=jnp.int32)
-  a = pack_bits(_patches(xbits, (kh, kw), strides, padding, False))         # (B, H', W', Wd)
+    return jax.lax.conv_general_dilated(
+        xs,
+        w,
+        (strides, strides),
+        padding,
+        dimension_numbers=_DIMS,
+        preferred_element_type=jnp.int32,
+    )
+  a = pack_bits(_patches(xbits, (kh, kw), strides, padding, False))  # (B, H', W', Wd)
   valid = _patches(jnp.ones((1,) + xbits.shape[1:], bool), (kh, kw), strides, padding, False)
-  m = pack_bits(valid[0])                                                  # (H', W', Wd)
-  aw = _popcount(a[..., None, :] & sign_bits)                              # (B, H', W', Cout)
+  m = pack_bits(valid[0])  # (H', W', Wd)
+  aw = _popcount(a[..., None, :] & sign_bits)  # (B, H', W', Cout)
   # Over the valid taps V: sum (2a-1)(2w-1) = 4 popc(a&w) - 2 popc(a) - 2 popc(w&m) + |V|;
   # padded activation bits are 0, so only the weight count needs the mask (the border term).
-  wm = _popcount(m[..., None, :] & sign_bits)                              # (H', W', Cout)
+  wm = _popcount(m[..., None, :] & sign_bits)  # (H', W', Cout)
   return 4 * aw - 2 * _popcount(a)[..., None] - 2 * wm + _popcount(m)[..., None]
 
 
@@ -204,8 +221,9 @@ def sign_matmul(xbits: Array, sign_bits: Array, impl: str = "int8") -> Array:
 
 
 def _conv(x: Array, kernel: Array, strides: int, padding) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
-                                      dimension_numbers=_DIMS)
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), padding, dimension_numbers=_DIMS
+  )
 
 
 def _rprelu(p: Params, y: Array) -> Array:
@@ -226,9 +244,16 @@ def _shortcut(x: Array, p: Params, strides: int, out_shape) -> Array:
   return x
 
 
-def binary_conv(x: Array, p: Params, *, kernel_size=(3, 3), strides: int = 1,
-                padding: Any = "SAME", method: BinarizationMethod,
-                impl: str = "int8") -> Array:
+def binary_conv(
+    x: Array,
+    p: Params,
+    *,
+    kernel_size=(3, 3),
+    strides: int = 1,
+    padding: Any = "SAME",
+    method: BinarizationMethod,
+    impl: str = "int8",
+) -> Array:
   """A binary BinaryConv on packed parameters (`export.packed.pack_layer`).
 
   x: (B, H, W, Cin) in the compute dtype; p: sign_bits (Cout, words) uint32, alpha (Cout,)
@@ -241,19 +266,24 @@ def binary_conv(x: Array, p: Params, *, kernel_size=(3, 3), strides: int = 1,
   cin, cout = x.shape[-1], p["sign_bits"].shape[0]
   shape, impl = (kh, kw, cin, cout), resolve_impl(impl)
   if impl == "cuda":  # the fused sign-and-pack kernel feeds the conv kernel
-    dot = _cuda_conv(binary_cuda.sign_pack(x, p.get("threshold")), p["sign_bits"], shape,
-                     strides, pads)
+    dot = _cuda_conv(
+        binary_cuda.sign_pack(x, p.get("threshold")), p["sign_bits"], shape, strides, pads
+    )
   else:
-    dot = sign_conv(activation_bits(x, p.get("threshold")), p["sign_bits"], shape, strides,
-                    pads, impl)
+    dot = sign_conv(
+        activation_bits(x, p.get("threshold")), p["sign_bits"], shape, strides, pads, impl
+    )
   y = dot.astype(x.dtype)
   if method.activation_scale == "xnor":
     a = jnp.sum(jnp.abs(x), axis=-1, keepdims=True)
     y = y * _conv(a, p["scale_kernel"].astype(x.dtype), strides, pads)
   y = y * p["alpha"].astype(x.dtype)
   if method.output_scale == "factorised":
-    y = (y * p["output_scale_h"].astype(y.dtype)[:, None, None]
-         * p["output_scale_w"].astype(y.dtype)[:, None])
+    y = (
+        y
+        * p["output_scale_h"].astype(y.dtype)[:, None, None]
+        * p["output_scale_w"].astype(y.dtype)[:, None]
+    )
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
   if method.rprelu == "before_shortcut":
@@ -284,17 +314,29 @@ def _route_binary_layers(next_fun, args, kwargs, context, *, impl: str):
   """Flax interceptor: binary BinaryConv / BinaryDense calls run on their packed parameters;
   every other module (FP layers included) runs as it is."""
   module = context.module
-  if (context.method_name != "__call__" or not isinstance(module, (BinaryConv, BinaryDense))
-      or not module.method.binary):
+  if (
+      context.method_name != "__call__"
+      or not isinstance(module, (BinaryConv, BinaryDense))
+      or not module.method.binary
+  ):
     return next_fun(*args, **kwargs)
   p = module.variables.get("params", {})
   if "sign_bits" not in p:
-    raise ValueError(f"binary layer {'/'.join(module.path)} holds no packed weights "
-                     "(sign_bits): apply the packed engine to exported parameters")
+    raise ValueError(
+        f"binary layer {'/'.join(module.path)} holds no packed weights "
+        "(sign_bits): apply the packed engine to exported parameters"
+    )
   x = args[0].astype(module.dtype)
   if isinstance(module, BinaryConv):
-    return binary_conv(x, p, kernel_size=module.kernel_size, strides=module.strides,
-                       padding=module.padding, method=module.method, impl=impl)
+    return binary_conv(
+        x,
+        p,
+        kernel_size=module.kernel_size,
+        strides=module.strides,
+        padding=module.padding,
+        method=module.method,
+        impl=impl,
+    )
   return binary_dense(x, p, impl=impl)
 
 
@@ -308,4 +350,3 @@ def apply(model: nn.Module, params, x: Array, t: Array, *, cache=None, impl: str
   UNetOutput, the same as the simulated model's on the parameters it was exported from."""
   with packed_layers(impl):
     return model.apply({"params": params}, x, t, cache=cache)
-

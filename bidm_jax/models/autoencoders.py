@@ -48,6 +48,7 @@ class FirstStageConfig:
     norm_groups: GroupNorm groups (must divide every width).
     scale_factor: latents are multiplied by this in `encode`, divided in `decode`.
   """
+
   kind: str = "vq"
   in_channels: int = 3
   out_channels: int = 3
@@ -95,8 +96,9 @@ class FirstStageConfig:
 
 VQ_F4 = FirstStageConfig()
 """CompVis vq-f4 (LDM-4 on LSUN-Bedrooms and FFHQ): 64x64x3 latents of 256x256 images."""
-KL_F8 = FirstStageConfig(kind="kl", ch_mult=(1, 2, 4, 4), z_channels=4, embed_dim=4, n_embed=0,
-                         scale_factor=0.22765929)
+KL_F8 = FirstStageConfig(
+    kind="kl", ch_mult=(1, 2, 4, 4), z_channels=4, embed_dim=4, n_embed=0, scale_factor=0.22765929
+)
 """CompVis kl-f8 (LDM-8 on LSUN-Churches, whose config sets scale_factor 0.22765929)."""
 
 
@@ -107,8 +109,9 @@ def make_first_stage(config: FirstStageConfig) -> VQModel | AutoencoderKL:
 
 def _norm(config: FirstStageConfig, name: str) -> nn.GroupNorm:
   # Two-pass variance: E[x^2] - E[x]^2 loses digits that the PyTorch reference keeps.
-  return nn.GroupNorm(num_groups=config.norm_groups, epsilon=NORM_EPS, use_fast_variance=False,
-                      name=name)
+  return nn.GroupNorm(
+      num_groups=config.norm_groups, epsilon=NORM_EPS, use_fast_variance=False, name=name
+  )
 
 
 def _conv3(features: int, name: str) -> nn.Conv:
@@ -117,6 +120,7 @@ def _conv3(features: int, name: str) -> nn.Conv:
 
 class ResnetBlock(nn.Module):
   """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on x when widths differ."""
+
   config: FirstStageConfig
   features: int
 
@@ -131,6 +135,7 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all positions; q, k, v, proj_out act on channels."""
+
   config: FirstStageConfig
 
   @nn.compact
@@ -138,7 +143,7 @@ class AttnBlock(nn.Module):
     b, hgt, wid, c = x.shape
     h = _norm(self.config, "norm")(x).reshape(b, hgt * wid, c)
     q, k, v = (nn.Dense(c, name=n)(h) for n in ("q", "k", "v"))
-    attn = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c ** -0.5, axis=-1)
+    attn = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
     h = nn.Dense(c, name="proj_out")(jnp.einsum("bij,bjc->bic", attn, v))
     return x + h.reshape(b, hgt, wid, c)
 
@@ -156,6 +161,7 @@ def _out(config: FirstStageConfig, h: Array, features: int) -> Array:
 
 class Encoder(nn.Module):
   """(B, H, W, in_channels) images -> (B, H/f, W/f, z_channels [x2 if double_z]) features."""
+
   config: FirstStageConfig
   double_z: bool
 
@@ -175,6 +181,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   """(B, h, w, z_channels) -> (B, h*f, w*f, out_channels) images (not clipped)."""
+
   config: FirstStageConfig
 
   @nn.compact
@@ -192,6 +199,7 @@ class Decoder(nn.Module):
 
 class VectorQuantizer(nn.Module):
   """Nearest-code lookup in an (n_embed, embed_dim) codebook, by Euclidean distance."""
+
   n_embed: int
   embed_dim: int
 
@@ -206,7 +214,7 @@ class VectorQuantizer(nn.Module):
     limit = 1.0 / self.n_embed
     init = lambda key, shape: jax.random.uniform(key, shape, minval=-limit, maxval=limit)
     codebook = self.param("embedding", init, (self.n_embed, self.embed_dim))
-    sq = jnp.sum(codebook ** 2, axis=1)
+    sq = jnp.sum(codebook**2, axis=1)
 
     def nearest(flat):  # (h*w, D) -> (h*w,)
       cross = jnp.dot(flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
@@ -219,6 +227,7 @@ class VectorQuantizer(nn.Module):
 
 class VQModel(nn.Module):
   """VQ-regularised autoencoder (CompVis VQModelInterface, diffusers VQModel)."""
+
   config: FirstStageConfig = VQ_F4
 
   def setup(self):
@@ -249,6 +258,7 @@ class VQModel(nn.Module):
 
 class AutoencoderKL(nn.Module):
   """KL-regularised autoencoder with a diagonal Gaussian posterior (CompVis and diffusers)."""
+
   config: FirstStageConfig = KL_F8
 
   def setup(self):

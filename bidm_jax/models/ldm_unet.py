@@ -60,6 +60,7 @@ class LDMUNetConfig:
     norm_groups: GroupNorm groups (32 in CompVis; smaller for tiny test models).
     image_size: the latent side the model is built for (shapes, parameter counts).
   """
+
   in_channels: int = 3
   out_channels: int = 3
   model_channels: int = 224
@@ -76,8 +77,9 @@ class LDMUNetConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-    object.__setattr__(self, "attention_resolutions",
-                       tuple(sorted({int(f) for f in self.attention_resolutions})))
+    object.__setattr__(
+        self, "attention_resolutions", tuple(sorted({int(f) for f in self.attention_resolutions}))
+    )
     errors = []
     if not self.channel_mult:
       errors.append("channel_mult is empty")
@@ -85,8 +87,7 @@ class LDMUNetConfig:
       errors.append("set num_heads or num_head_channels")
     elif self.channel_mult:
       widths = [w for i, w in enumerate(self.widths) if self.has_attention(i)]
-      bad = [w for w in widths + [self.widths[-1]]
-             if self.heads_of(w) <= 0 or w % self.heads_of(w)]
+      bad = [w for w in widths + [self.widths[-1]] if self.heads_of(w) <= 0 or w % self.heads_of(w)]
       if bad:
         errors.append(f"the heads do not divide the attention widths {bad}")
     bad_norm = [w for w in self.widths if w % self.norm_groups]
@@ -114,25 +115,47 @@ class LDMUNetConfig:
     return self.num_heads
 
   def has_attention(self, level: int) -> bool:
-    return 2 ** level in self.attention_resolutions
+    return 2**level in self.attention_resolutions
 
 
 LDM4 = LDMUNetConfig()
 """LDM-4 (LSUN-Bedrooms, FFHQ; 64x64x3 VQ-f4 latents): CompVis configs/latent-diffusion/
 lsun_bedrooms-ldm-vq-4.yaml and ffhq-ldm-vq-4.yaml."""
-LDM8 = LDMUNetConfig(in_channels=4, out_channels=4, model_channels=192,
-                     channel_mult=(1, 2, 2, 4, 4), attention_resolutions=(1, 2, 4, 8),
-                     num_heads=8, num_head_channels=-1, use_scale_shift_norm=True,
-                     resblock_updown=True, image_size=32)
+LDM8 = LDMUNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=192,
+    channel_mult=(1, 2, 2, 4, 4),
+    attention_resolutions=(1, 2, 4, 8),
+    num_heads=8,
+    num_head_channels=-1,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    image_size=32,
+)
 """LDM-8 (LSUN-Churches; 32x32x4 KL-f8 latents): CompVis configs/latent-diffusion/
 lsun_churches-ldm-kl-8.yaml."""
-TINY_LDM4 = dataclasses.replace(LDM4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                attention_resolutions=(2,), num_head_channels=8, norm_groups=4,
-                                image_size=8)
+TINY_LDM4 = dataclasses.replace(
+    LDM4,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    num_head_channels=8,
+    norm_groups=4,
+    image_size=8,
+)
 """LDM-4's layout (conv resampling, added time projection, head channels) at test size."""
-TINY_LDM8 = dataclasses.replace(LDM8, model_channels=16, channel_mult=(1, 2, 2),
-                                num_res_blocks=1, attention_resolutions=(1, 2), num_heads=2,
-                                norm_groups=4, image_size=8)
+TINY_LDM8 = dataclasses.replace(
+    LDM8,
+    model_channels=16,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_resolutions=(1, 2),
+    num_heads=2,
+    norm_groups=4,
+    image_size=8,
+)
 """LDM-8's layout (res-block resampling, scale-shift norm, fixed heads) at test size."""
 PRESETS = {"ldm4": LDM4, "ldm8": LDM8, "tiny_ldm4": TINY_LDM4, "tiny_ldm8": TINY_LDM8}
 
@@ -152,8 +175,13 @@ def timestep_embedding(t: Array, dim: int) -> Array:
 
 def _norm(config: LDMUNetConfig, name: str, dtype) -> nn.GroupNorm:
   # Two-pass variance: E[x^2] - E[x]^2 loses digits that the PyTorch reference keeps.
-  return nn.GroupNorm(num_groups=config.norm_groups, epsilon=NORM_EPS, use_fast_variance=False,
-                      dtype=dtype, name=name)
+  return nn.GroupNorm(
+      num_groups=config.norm_groups,
+      epsilon=NORM_EPS,
+      use_fast_variance=False,
+      dtype=dtype,
+      name=name,
+  )
 
 
 def _upsample(x: Array) -> Array:
@@ -169,6 +197,7 @@ def _downsample(x: Array) -> Array:
 class ResBlock(nn.Module):
   """norm-SiLU-[resample]-conv, time projection (added or scale-shift), norm-SiLU-dropout-conv,
   plus the (resampled; 1x1-projected when widths differ) input. resample: None, 'up', 'down'."""
+
   config: LDMUNetConfig
   out_ch: int
   method: BinarizationMethod
@@ -203,6 +232,7 @@ class AttnBlock(nn.Module):
 
   Head n uses channels [n d, (n + 1) d) of q, k and v (d = C / heads). (B, H, W, C) -> same.
   """
+
   heads: int
   config: LDMUNetConfig
   method: BinarizationMethod
@@ -215,7 +245,7 @@ class AttnBlock(nn.Module):
     h = _norm(self.config, "norm", self.dtype)(x)
     conv = lambda name: BinaryConv(c, (1, 1), method=self.method, dtype=self.dtype, name=name)
     q, k, v = (conv(n)(h, ctx).reshape(b, hgt * wid, self.heads, d) for n in ("q", "k", "v"))
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) * d ** -0.5
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) * d**-0.5
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     h = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, hgt, wid, c)
     record_cost(self, flops=2 * 2.0 * (hgt * wid) ** 2 * c)  # the two FP attention products
@@ -231,8 +261,12 @@ def make_output(eps: Array, features: Sequence[Array], num_connections: int) -> 
   release's).
   """
   features = tuple(features)
-  return UNetOutput(eps.astype(jnp.float32), features,
-                    connections=features[len(features) - num_connections:], distill=features)
+  return UNetOutput(
+      eps.astype(jnp.float32),
+      features,
+      connections=features[len(features) - num_connections :],
+      distill=features,
+  )
 
 
 class LDMUNet(nn.Module):
@@ -246,6 +280,7 @@ class LDMUNet(nn.Module):
     tbs_buckets, tbs_init, num_timesteps: the learnable blend table a[bucket, point].
     dtype: compute dtype (parameters stay float32).
   """
+
   config: LDMUNetConfig = LDM4
   method: BinarizationMethod = FP
   tbs_connections: int = 0
@@ -264,8 +299,15 @@ class LDMUNet(nn.Module):
     return len(self.config.channel_mult) * (self.config.num_res_blocks + 1)
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, *, cache: tbs.TBSCache | None = None,
-               train: bool = False, progress: float | Array = 1.0) -> UNetOutput:
+  def __call__(
+      self,
+      x: Array,
+      t: Array,
+      *,
+      cache: tbs.TBSCache | None = None,
+      train: bool = False,
+      progress: float | Array = 1.0,
+  ) -> UNetOutput:
     """x: (B, H, W, in_channels) noisy latents; t: (B,) int timesteps.
 
     cache: the previous denoising step's connection features (TBS); None runs without it.
@@ -275,17 +317,24 @@ class LDMUNet(nn.Module):
     """
     cfg, method, dtype = self.config, self.method, self.dtype
     if self.num_connections > self.num_decoder_blocks:
-      raise ValueError(f"tbs_connections={self.tbs_connections} exceeds the "
-                       f"{self.num_decoder_blocks} decoder blocks of this U-Net")
+      raise ValueError(
+          f"tbs_connections={self.tbs_connections} exceeds the "
+          f"{self.num_decoder_blocks} decoder blocks of this U-Net"
+      )
     if x.shape[1] % cfg.factor or x.shape[2] % cfg.factor or x.shape[-1] != cfg.in_channels:
-      raise ValueError(f"input of shape {x.shape} must have {cfg.in_channels} channels and "
-                       f"sides divisible by {cfg.factor}")
+      raise ValueError(
+          f"input of shape {x.shape} must have {cfg.in_channels} channels and "
+          f"sides divisible by {cfg.factor}"
+      )
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
     ctx = QuantContext.create(t, progress)
     blend_weights = None
     if self.num_connections:
-      table = self.param("tbs_table", nn.initializers.constant(self.tbs_init),
-                         (self.tbs_buckets, self.num_connections))
+      table = self.param(
+          "tbs_table",
+          nn.initializers.constant(self.tbs_init),
+          (self.tbs_buckets, self.num_connections),
+      )
       if cache is not None:
         blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
 
@@ -314,8 +363,9 @@ class LDMUNet(nn.Module):
         if cfg.resblock_updown:
           h = res_block(name, width, hs[-1], "down")
         else:
-          h = BinaryConv(width, strides=2, padding=((1, 1), (1, 1)), method=method, dtype=dtype,
-                         name=name)(hs[-1], ctx)
+          h = BinaryConv(
+              width, strides=2, padding=((1, 1), (1, 1)), method=method, dtype=dtype, name=name
+          )(hs[-1], ctx)
         hs.append(h)
         features.append(h)
 

@@ -60,6 +60,7 @@ class UNetOutput(NamedTuple):
     'down_{L-1}_block_{R-1}/conv2', the middle block's conv2 'mid_block_2/conv2' and the decoder
     upsamples 'up_{i}_upsample' (after any TBS blend); None from stand-in models.
   """
+
   eps: Array
   features: tuple[Array, ...]
   connections: tuple[Array, ...] = ()
@@ -85,6 +86,7 @@ class ResBlock(nn.Module):
 
   Returns (block output, conv2's output): the second is one of the release's SPD points.
   """
+
   out_ch: int
   dropout: float
   method: BinarizationMethod
@@ -94,8 +96,12 @@ class ResBlock(nn.Module):
   def __call__(self, x, temb, ctx, train):
     h = nn.swish(_norm("norm1", self.dtype)(x))
     h = BinaryConv(self.out_ch, method=self.method, dtype=self.dtype, name="conv1")(h, ctx)
-    h = h + BinaryDense(self.out_ch, method=self.method, dtype=self.dtype,
-                        name="temb_proj")(nn.swish(temb), ctx)[:, None, None, :]
+    h = (
+        h
+        + BinaryDense(self.out_ch, method=self.method, dtype=self.dtype, name="temb_proj")(
+            nn.swish(temb), ctx
+        )[:, None, None, :]
+    )
     h = nn.swish(_norm("norm2", self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = BinaryConv(self.out_ch, method=self.method, dtype=self.dtype, name="conv2")(h, ctx)
@@ -106,6 +112,7 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head spatial self-attention; q, k, v and proj_out are (binary) 1x1 convs."""
+
   method: BinarizationMethod
   dtype: Any
 
@@ -115,7 +122,7 @@ class AttnBlock(nn.Module):
     h = _norm("norm", self.dtype)(x)
     conv = lambda name: BinaryConv(c, (1, 1), method=self.method, dtype=self.dtype, name=name)
     q, k, v = (conv(n)(h, ctx).reshape(b, hgt * wid, c) for n in ("q", "k", "v"))
-    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c ** -0.5)
+    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c**-0.5)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     h = jnp.einsum("bij,bjc->bic", attn, v).reshape(b, hgt, wid, c)
     record_cost(self, flops=2 * 2.0 * (hgt * wid) ** 2 * c)  # the two FP attention products
@@ -137,6 +144,7 @@ class UNet(nn.Module):
     distill_points: which features `UNetOutput.distill` holds, one of DISTILL_POINTS.
     dtype: compute dtype (parameters stay float32).
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
   num_res_blocks: int = 2
@@ -178,25 +186,37 @@ class UNet(nn.Module):
       return ()
     if self.tbs_structure == "release":
       return self.release_connections
-    units = tuple(f"up_{i}_block_{j}" for i in reversed(range(len(self.ch_mult)))
-                  for j in range(self.num_res_blocks + 1))
-    return units[len(units) - self.num_connections:]
+    units = tuple(
+        f"up_{i}_block_{j}"
+        for i in reversed(range(len(self.ch_mult)))
+        for j in range(self.num_res_blocks + 1)
+    )
+    return units[len(units) - self.num_connections :]
 
   @property
   def release_points(self) -> tuple[str, ...]:
     """Names of the release's distillation points (`UNetOutput.points`), in forward order."""
     levels, last = len(self.ch_mult), self.num_res_blocks - 1
-    return (tuple(f"down_{i}_downsample" for i in range(levels - 1))
-            + (f"down_{levels - 1}_block_{last}/conv2", "mid_block_2/conv2")
-            + tuple(f"up_{i}_upsample" for i in reversed(range(1, levels))))
+    return (
+        tuple(f"down_{i}_downsample" for i in range(levels - 1))
+        + (f"down_{levels - 1}_block_{last}/conv2", "mid_block_2/conv2")
+        + tuple(f"up_{i}_upsample" for i in reversed(range(1, levels)))
+    )
 
   @property
   def num_decoder_blocks(self) -> int:
     return len(self.ch_mult) * (self.num_res_blocks + 1)
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, *, cache: tbs.TBSCache | None = None,
-               train: bool = False, progress: float | Array = 1.0) -> UNetOutput:
+  def __call__(
+      self,
+      x: Array,
+      t: Array,
+      *,
+      cache: tbs.TBSCache | None = None,
+      train: bool = False,
+      progress: float | Array = 1.0,
+  ) -> UNetOutput:
     """x: (B, H, W, C) noisy images; t: (B,) int timesteps.
 
     cache: the previous denoising step's connection features (TBS); None runs without it.
@@ -204,37 +224,48 @@ class UNet(nn.Module):
     Returns the UNetOutput: eps (B, H, W, out_ch) and the named feature points.
     """
     if self.tbs_structure not in TBS_STRUCTURES:
-      raise ValueError(f"tbs_structure must be one of {TBS_STRUCTURES}, got "
-                       f"{self.tbs_structure!r}")
+      raise ValueError(
+          f"tbs_structure must be one of {TBS_STRUCTURES}, got " f"{self.tbs_structure!r}"
+      )
     if self.distill_points not in DISTILL_POINTS:
-      raise ValueError(f"distill_points must be one of {DISTILL_POINTS}, got "
-                       f"{self.distill_points!r}")
+      raise ValueError(
+          f"distill_points must be one of {DISTILL_POINTS}, got " f"{self.distill_points!r}"
+      )
     release = self.tbs_structure == "release"
     if not release and self.num_connections > self.num_decoder_blocks:
-      raise ValueError(f"tbs_connections={self.tbs_connections} exceeds the "
-                       f"{self.num_decoder_blocks} decoder blocks of this U-Net")
+      raise ValueError(
+          f"tbs_connections={self.tbs_connections} exceeds the "
+          f"{self.num_decoder_blocks} decoder blocks of this U-Net"
+      )
     if x.shape[1] != x.shape[2] or x.shape[1] % 2 ** (len(self.ch_mult) - 1):
-      raise ValueError(f"input of shape {x.shape} must be square with a side divisible by "
-                       f"{2 ** (len(self.ch_mult) - 1)}")
+      raise ValueError(
+          f"input of shape {x.shape} must be square with a side divisible by "
+          f"{2 ** (len(self.ch_mult) - 1)}"
+      )
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
     ctx = QuantContext.create(t, progress)
     method, dtype = self.method, self.dtype
     blend_weights = None
     if self.num_connections:
       if release:
-        table = self.param("tbs_release_table", nn.initializers.constant(RELEASE_TBS_INIT),
-                           (self.tbs_buckets, len(self.ch_mult)))
+        table = self.param(
+            "tbs_release_table",
+            nn.initializers.constant(RELEASE_TBS_INIT),
+            (self.tbs_buckets, len(self.ch_mult)),
+        )
       else:
-        table = self.param("tbs_table", nn.initializers.constant(self.tbs_init),
-                           (self.tbs_buckets, self.num_connections))
+        table = self.param(
+            "tbs_table",
+            nn.initializers.constant(self.tbs_init),
+            (self.tbs_buckets, self.num_connections),
+        )
       if cache is not None:
         blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
     carried = self.connection_points
 
     def release_blend(h, name, level):
       """The release's blend of h with the cached `name` at `level` (no-op elsewhere)."""
-      if (not release or blend_weights is None or name not in carried
-          or level >= RELEASE_TBS_LEVELS):
+      if not release or blend_weights is None or name not in carried or level >= RELEASE_TBS_LEVELS:
         return h
       return tbs.blend(h, cache.features[carried.index(name)], blend_weights[:, level])
 
@@ -247,39 +278,49 @@ class UNet(nn.Module):
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
         name = f"down_{i}_block_{j}"
-        h, points[f"{name}/conv2"] = ResBlock(self.ch * mult, self.dropout, method, dtype,
-                                              name=name)(hs[-1], temb, ctx, train)
+        h, points[f"{name}/conv2"] = ResBlock(
+            self.ch * mult, self.dropout, method, dtype, name=name
+        )(hs[-1], temb, ctx, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(method, dtype, name=f"down_{i}_attn_{j}")(h, ctx)
         hs.append(h)
         features.append(h)
       if i != len(self.ch_mult) - 1:
-        h = BinaryConv(h.shape[-1], strides=2, padding=((0, 1), (0, 1)), method=method,
-                       dtype=dtype, name=f"down_{i}_downsample")(hs[-1], ctx)
+        h = BinaryConv(
+            h.shape[-1],
+            strides=2,
+            padding=((0, 1), (0, 1)),
+            method=method,
+            dtype=dtype,
+            name=f"down_{i}_downsample",
+        )(hs[-1], ctx)
         points[f"down_{i}_downsample"] = h
         hs.append(h)
         features.append(h)
 
-    h, _ = ResBlock(h.shape[-1], self.dropout, method, dtype, name="mid_block_1")(h, temb, ctx,
-                                                                                 train)
+    h, _ = ResBlock(h.shape[-1], self.dropout, method, dtype, name="mid_block_1")(
+        h, temb, ctx, train
+    )
     h = AttnBlock(method, dtype, name="mid_attn_1")(h, ctx)
-    h, points["mid_block_2/conv2"] = ResBlock(h.shape[-1], self.dropout, method, dtype,
-                                              name="mid_block_2")(h, temb, ctx, train)
+    h, points["mid_block_2/conv2"] = ResBlock(
+        h.shape[-1], self.dropout, method, dtype, name="mid_block_2"
+    )(h, temb, ctx, train)
     features.append(h)
 
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
-        h, _ = ResBlock(self.ch * self.ch_mult[i], self.dropout, method, dtype,
-                        name=f"up_{i}_block_{j}")(jnp.concatenate([h, hs.pop()], -1), temb,
-                                                  ctx, train)
+        h, _ = ResBlock(
+            self.ch * self.ch_mult[i], self.dropout, method, dtype, name=f"up_{i}_block_{j}"
+        )(jnp.concatenate([h, hs.pop()], -1), temb, ctx, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(method, dtype, name=f"up_{i}_attn_{j}")(h, ctx)
           h = release_blend(h, f"up_{i + 1}_upsample", i)
         if j == self.num_res_blocks and i != 0:
           name = f"up_{i}_upsample"
           h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest 2x
-          h = release_blend(BinaryConv(h.shape[-1], method=method, dtype=dtype,
-                                       name=name)(h, ctx), name, i)
+          h = release_blend(
+              BinaryConv(h.shape[-1], method=method, dtype=dtype, name=name)(h, ctx), name, i
+          )
           points[name] = decoder[name] = h
         name = f"up_{i}_block_{j}"
         if not release and blend_weights is not None and name in carried:
@@ -293,7 +334,15 @@ class UNet(nn.Module):
     h = nn.swish(_norm("norm_out", dtype)(h))
     eps = BinaryConv(self.out_ch, dtype=dtype, name="conv_out")(h)
     points = {name: points[name] for name in self.release_points}
-    distill = (tuple(points[name] for name in self.release_points)
-               if self.distill_points == "release" else tuple(features))
-    return UNetOutput(eps.astype(jnp.float32), tuple(features),
-                      tuple(decoder[name] for name in carried), distill, points)
+    distill = (
+        tuple(points[name] for name in self.release_points)
+        if self.distill_points == "release"
+        else tuple(features)
+    )
+    return UNetOutput(
+        eps.astype(jnp.float32),
+        tuple(features),
+        tuple(decoder[name] for name in carried),
+        distill,
+        points,
+    )

@@ -62,9 +62,11 @@ class WorkdirInUse(RuntimeError):
 
 def check_model_matches(found: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
   """Raises CheckpointError naming every architecture field that differs."""
-  diffs = [f"{k}: checkpoint {found.get(k)!r} vs config {expected.get(k)!r}"
-           for k in sorted(set(found) | set(expected))
-           if _normal(found.get(k)) != _normal(expected.get(k))]
+  diffs = [
+      f"{k}: checkpoint {found.get(k)!r} vs config {expected.get(k)!r}"
+      for k in sorted(set(found) | set(expected))
+      if _normal(found.get(k)) != _normal(expected.get(k))
+  ]
   if diffs:
     raise CheckpointError(f"{where} holds a different model ({'; '.join(diffs)})")
 
@@ -81,7 +83,7 @@ KINDS = {
     "training": f"a training workdir ({CHECKPOINTS}/<step>/)",
     "checkpoints": "a training run's checkpoints folder (<step>/)",
     "both": f"both an exported parameter set ({MODEL_JSON}, params/) and training checkpoints "
-            f"({CHECKPOINTS}/)",
+    f"({CHECKPOINTS}/)",
     "missing": "nothing (no such path)",
     "file": "a file",
     "empty": "an empty folder",
@@ -120,8 +122,10 @@ def check_export_target(directory) -> None:
   if kind in ("export", "both"):
     raise CheckpointError(f"{directory} already holds exported parameters; choose a new folder")
   if kind in ("training", "checkpoints", "file"):
-    raise CheckpointError(f"{directory} holds {describe_folder(directory, kind)}; an export "
-                          f"({MODEL_JSON}, params/) goes to a new folder: choose another one")
+    raise CheckpointError(
+        f"{directory} holds {describe_folder(directory, kind)}; an export "
+        f"({MODEL_JSON}, params/) goes to a new folder: choose another one"
+    )
 
 
 def check_training_workdir(workdir) -> None:
@@ -130,7 +134,8 @@ def check_training_workdir(workdir) -> None:
   if kind in ("export", "both"):
     raise CheckpointError(
         f"workdir {workdir} holds {describe_folder(workdir, kind)}, not only a training run; "
-        "train in another --workdir (an export can be its --config.training.teacher)")
+        "train in another --workdir (an export can be its --config.training.teacher)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +159,10 @@ def _key_name(key) -> str:
 def _flat_host(tree) -> dict[str, np.ndarray]:
   """{'params/conv_in/kernel': array, ...}: the same names for a TrainState and for the nested
   dicts and lists that Orbax restores without a target."""
-  return {"/".join(_key_name(k) for k in path): _host(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      "/".join(_key_name(k) for k in path): _host(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _leaf_checksum(a: np.ndarray) -> str:
@@ -179,10 +186,14 @@ def verify_tree(tree, checksum: Mapping[str, str] | None) -> None:
       raise DamagedCheckpoint(f"its arrays are not those saved ({len(odd)} differ, e.g. {odd[0]})")
     bad = [k for k, a in flat.items() if _leaf_checksum(a) != checksum[k]]
     if bad:
-      raise DamagedCheckpoint(f"{len(bad)} array(s) do not match the checksum saved with them, "
-                              f"e.g. {bad[0]}")
-  bad = [k for k, a in flat.items()
-         if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all()]
+      raise DamagedCheckpoint(
+          f"{len(bad)} array(s) do not match the checksum saved with them, " f"e.g. {bad[0]}"
+      )
+  bad = [
+      k
+      for k, a in flat.items()
+      if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all()
+  ]
   if bad:
     raise DamagedCheckpoint(f"{len(bad)} array(s) hold non-finite values, e.g. {bad[0]}")
 
@@ -235,8 +246,10 @@ def _ignore_closed_loop_callbacks() -> None:
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    if not (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    ):
       previous(unraisable)
 
   hook._bidm_closed_loop_filter = True  # pylint: disable=protected-access
@@ -256,8 +269,14 @@ def step_dir(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
   return epath.Path(mngr.directory) / str(step)
 
 
-def read_step(mngr: ocp.CheckpointManager, step: int, *, abstract=None,
-              check_meta: Callable[[dict], None] | None = None, data_args=None):
+def read_step(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    *,
+    abstract=None,
+    check_meta: Callable[[dict], None] | None = None,
+    data_args=None,
+):
   """(meta, state) of checkpoint `step`, verified (see `verify_tree`).
 
   The state is restored as `abstract` (a TrainState of ShapeDtypeStructs) when given, else as
@@ -266,8 +285,10 @@ def read_step(mngr: ocp.CheckpointManager, step: int, *, abstract=None,
   restored too. Anything unreadable or not matching raises DamagedCheckpoint (one line).
   """
   with _quiet_orbax():
-    meta = _read("meta item", lambda: mngr.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    meta = _read(
+        "meta item",
+        lambda: mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"],
+    )
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
       raise DamagedCheckpoint("its meta item holds no model description")
     if check_meta is not None:
@@ -275,8 +296,12 @@ def read_step(mngr: ocp.CheckpointManager, step: int, *, abstract=None,
     if abstract is None:
       state = _read("state", lambda: read_host_tree(step_dir(mngr, step) / "state"))
     else:
-      state = _read("state", lambda: mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"])
+      state = _read(
+          "state",
+          lambda: mngr.restore(
+              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+          )["state"],
+      )
     verify_tree(state, meta.get(CHECKSUM))
     if data_args is not None:
       _read("data position", lambda: mngr.restore(step, args=ocp.args.Composite(data=data_args)))
@@ -328,11 +353,14 @@ def remove_old(mngr: ocp.CheckpointManager, keep: int, verified: int) -> None:
     mngr.delete(step)
 
 
-def save_state(mngr: ocp.CheckpointManager, step: int, state, meta: Mapping[str, Any],
-               data_args=None) -> None:
+def save_state(
+    mngr: ocp.CheckpointManager, step: int, state, meta: Mapping[str, Any], data_args=None
+) -> None:
   """Saves `state` (asynchronously), `meta` with the state's checksum, and the data position."""
-  items = dict(state=ocp.args.StandardSave(state),
-               meta=ocp.args.JsonSave({**meta, CHECKSUM: tree_checksum(state)}))
+  items = dict(
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave({**meta, CHECKSUM: tree_checksum(state)}),
+  )
   if data_args is not None:
     items["data"] = data_args
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
@@ -345,10 +373,12 @@ def make_manager(workdir, *, keep: int | None = None) -> ocp.CheckpointManager:
   also rotates the checkpoints itself (`remove_old`, after reading the newest one back), so
   Orbax's own keep-N (`keep`) is off unless asked for.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS, options=options,
-                               item_names=("state", "data", "meta"))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=True
+  )
+  return ocp.CheckpointManager(
+      epath.Path(workdir) / CHECKPOINTS, options=options, item_names=("state", "data", "meta")
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,30 +436,38 @@ def load_params(path, expected_model: Mapping[str, Any] | None = None, *, use_em
   if kind == "export":
     return _load_export(path, expected_model)
   if kind not in ("training", "checkpoints"):
-    hint = (": move one of them to its own folder" if kind == "both" else "")
+    hint = ": move one of them to its own folder" if kind == "both" else ""
     raise CheckpointError(
         f"no model to load at {path}: expected {KINDS['export']} or {KINDS['training']}, "
-        f"found {describe_folder(path, kind)}{hint}")
+        f"found {describe_folder(path, kind)}{hint}"
+    )
   ckpt_dir = path / CHECKPOINTS if kind == "training" else path
 
   def read(step):
     check = None
     if expected_model is not None:
-      check = lambda meta: check_model_matches(meta["model"], expected_model,
-                                               f"{ckpt_dir} step {step}")
+      check = lambda meta: check_model_matches(
+          meta["model"], expected_model, f"{ckpt_dir} step {step}"
+      )
     return read_step(mngr, step, check_meta=check)
 
-  with _quiet_orbax(), ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=("state", "meta")) as mngr:
+  with (
+      _quiet_orbax(),
+      ocp.CheckpointManager(
+          ckpt_dir,
+          options=ocp.CheckpointManagerOptions(read_only=True),
+          item_names=("state", "meta"),
+      ) as mngr,
+  ):
     step, restored, damaged = newest_good(mngr, read)
   if step is None:
     if damaged:
       raise CheckpointError(f"no readable checkpoint in {ckpt_dir} ({describe_damaged(damaged)})")
     raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
   if damaged:
-    logging.warning("damaged checkpoint(s) in %s (%s); using step %d", ckpt_dir,
-                    describe_damaged(damaged), step)
+    logging.warning(
+        "damaged checkpoint(s) in %s (%s); using step %d", ckpt_dir, describe_damaged(damaged), step
+    )
   meta, state = restored
   meta = {k: v for k, v in meta.items() if k != CHECKSUM}
   params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
@@ -457,8 +495,10 @@ def workdir_lock(workdir):
     except BlockingIOError:
       holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
       os.close(fd)
-      raise WorkdirInUse(f"workdir {workdir} is in use by another run ({holder}); wait for it "
-                         "to end or use another --workdir") from None
+      raise WorkdirInUse(
+          f"workdir {workdir} is in use by another run ({holder}); wait for it "
+          "to end or use another --workdir"
+      ) from None
     try:
       same = os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
@@ -468,8 +508,11 @@ def workdir_lock(workdir):
     os.close(fd)  # the previous holder removed the file meanwhile: lock the new one
   try:
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    os.write(
+        fd,
+        f"pid {os.getpid()} on {socket.gethostname()} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+    )
     yield
   finally:
     os.unlink(path)  # before unlocking: a run waiting on this file retries on a new one

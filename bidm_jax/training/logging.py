@@ -91,8 +91,7 @@ class MetricWriter:
       _drop_rows_after(paths[1], resume_step)
     self._remote = {}
     if files.is_remote(logdir):
-      self._remote = {p: bytearray(files.read_bytes(p) if files.exists(p) else b"")
-                      for p in paths}
+      self._remote = {p: bytearray(files.read_bytes(p) if files.exists(p) else b"") for p in paths}
       self._events, self._jsonl = (_Buffer(self._remote[p]) for p in paths)
     else:
       self._events = open(paths[0], "ab")
@@ -164,7 +163,10 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
   grid = np.full((rows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    grid[
+        pad + r * (h + pad) : pad + r * (h + pad) + h,
+        pad + col * (w + pad) : pad + col * (w + pad) + w,
+    ] = img
   return grid
 
 
@@ -176,8 +178,9 @@ def save_grid(images: np.ndarray, path: str, ncols: int = 8, scale: int = 1) -> 
   _save_image(img, path)
 
 
-def save_labelled_rows(rows: Mapping[str, np.ndarray], path: str, ncols: int = 8,
-                       scale: int = 3) -> None:
+def save_labelled_rows(
+    rows: Mapping[str, np.ndarray], path: str, ncols: int = 8, scale: int = 3
+) -> None:
   """One labelled block of [-1, 1] images per entry of `rows`, stacked vertically, as a PNG."""
   label_w = 70
   blocks = []

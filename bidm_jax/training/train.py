@@ -47,6 +47,7 @@ class TrainingDiverged(RuntimeError):
 
 class TrainState(struct.PyTreeNode):
   """step: () int32 steps done; params, ema_params: model trees; opt_state: optax state."""
+
   step: Array
   params: Any
   ema_params: Any
@@ -65,14 +66,19 @@ def overlay_params(base, update):
   if missing or bad:
     raise ckpt_lib.CheckpointError(
         f"FP parameters do not fit the student: unknown {['/'.join(k) for k in missing][:5]}, "
-        f"shape mismatch {['/'.join(k) for k in bad][:5]}")
+        f"shape mismatch {['/'.join(k) for k in bad][:5]}"
+    )
   flat_base.update({k: jnp.array(v) for k, v in flat_update.items()})  # copies: never aliased
   return flax.traverse_util.unflatten_dict(flat_base)
 
 
 def create_state(params, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree_util.tree_map(jnp.copy, params),
+      opt_state=tx.init(params),
+  )
 
 
 def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
@@ -103,13 +109,15 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
     x_t = q_sample(schedule, images, t, noise)
 
     def apply(p, x, tt, cache, r):
-      return model.apply({"params": p}, x, tt, cache=cache, train=True, progress=progress,
-                         rngs={"dropout": r})
+      return model.apply(
+          {"params": p}, x, tt, cache=cache, train=True, progress=progress, rngs={"dropout": r}
+      )
 
     if n:
       t_prev = jnp.minimum(t + 1, num_t - 1)
-      out = tbs.paired_timestep_forward(apply, params, q_sample(schedule, images, t_prev, noise),
-                                        t_prev, x_t, t, k_drop)
+      out = tbs.paired_timestep_forward(
+          apply, params, q_sample(schedule, images, t_prev, noise), t_prev, x_t, t, k_drop
+      )
     else:
       out = apply(params, x_t, t, None, k_drop)
     loss_dm = epsilon_loss(out.eps, noise, reduction)
@@ -128,8 +136,13 @@ def make_loss_fn(config, model: UNet, schedule: Schedule, teacher: UNet | None):
   return loss_fn
 
 
-def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientTransformation,
-                    teacher: UNet | None = None) -> Callable:
+def make_train_step(
+    config,
+    model: UNet,
+    schedule: Schedule,
+    tx: optax.GradientTransformation,
+    teacher: UNet | None = None,
+) -> Callable:
   """train_step(state, images, rng, teacher_params) -> (state, metrics); pure, jittable.
 
   `rng` is the run's base key: the step folds in state.step, so a resumed run draws the same
@@ -142,19 +155,21 @@ def make_train_step(config, model: UNet, schedule: Schedule, tx: optax.GradientT
   def train_step(state: TrainState, images: Array, rng: Array, teacher_params):
     progress = state.step.astype(jnp.float32) / total
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, teacher_params, images,
-                                     jax.random.fold_in(rng, state.step), progress)
+    (loss, metrics), grads = grad_fn(
+        state.params, teacher_params, images, jax.random.fold_in(rng, state.step), progress
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
-                                 params)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
     grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
-              & _all_finite(ema))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params) & _all_finite(ema)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-    state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                       ema_params=keep(ema, state.ema_params),
-                       opt_state=keep(opt_state, state.opt_state))
+    state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        ema_params=keep(ema, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+    )
     return state, dict(metrics, grad_norm=grad_norm, finite=finite)
 
   return train_step
@@ -176,8 +191,12 @@ def run_meta(config, method: BinarizationMethod, model: UNet) -> dict:
   The TBS structure is recorded only when it is not the default, so that workdirs written
   before the field existed still match.
   """
-  meta = {"model": builders.model_description(config), "method": dataclasses.asdict(method),
-          "tbs_connections": model.num_connections, "image_size": config.data.image_size}
+  meta = {
+      "model": builders.model_description(config),
+      "method": dataclasses.asdict(method),
+      "tbs_connections": model.num_connections,
+      "image_size": config.data.image_size,
+  }
   if config.tbs.structure != "blocks":
     meta["tbs_structure"] = config.tbs.structure
   return meta
@@ -185,8 +204,9 @@ def run_meta(config, method: BinarizationMethod, model: UNet) -> dict:
 
 def sample_grid(config, model: UNet, state: TrainState, mesh, workdir: str) -> None:
   """Writes 64 samples of the EMA parameters to workdir/samples_<step>.png."""
-  images, _ = sampling.generate(config, model, state.ema_params, 64, seed=config.seed,
-                                mesh=mesh, progress_bar=False)
+  images, _ = sampling.generate(
+      config, model, state.ema_params, 64, seed=config.seed, mesh=mesh, progress_bar=False
+  )
   if jax.process_index() == 0:
     save_grid(images, os.path.join(workdir, f"samples_{int(state.step)}.png"))
 
@@ -255,14 +275,18 @@ def _check_run_meta(found: dict, meta: dict, workdir: str) -> None:
   for key in sorted(set(found) | set(meta)):
     a, b = found.get(key), meta.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
-      diffs += [f"{key}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
-                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+      diffs += [
+          f"{key}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+          for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)
+      ]
     elif a != b:
       diffs.append(f"{key}: checkpoint {a!r} vs config {b!r}")
   raise ckpt_lib.CheckpointError(
       f"workdir {workdir} holds a run of method {found.get('method', {}).get('name')!r} with "
       f"other settings ({'; '.join(diffs[:5])}{'; ...' if len(diffs) > 5 else ''}); use "
-      "another --workdir")
+      "another --workdir"
+  )
 
 
 def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
@@ -273,40 +297,61 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
   mesh = builders.make_mesh(config)
   t = config.training
   if t.batch_size % mesh.devices.size:
-    raise ValueError(f"config.training.batch_size: {t.batch_size} is not divisible by the "
-                     f"{mesh.devices.size} devices of the mesh")
+    raise ValueError(
+        f"config.training.batch_size: {t.batch_size} is not divisible by the "
+        f"{mesh.devices.size} devices of the mesh"
+    )
   repl = NamedSharding(mesh, P())
   meta = run_meta(config, method, model)
   tx = builders.make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
   if data_iterator is None:
-    data_iterator = data_lib.make_train_iterator(config.data, global_batch_size=t.batch_size,
-                                                 seed=config.seed)
+    data_iterator = data_lib.make_train_iterator(
+        config.data, global_batch_size=t.batch_size, seed=config.seed
+    )
   checkpoint_data = isinstance(data_iterator, grain.DatasetIterator)
 
   with ckpt_lib.make_manager(workdir) as mngr:
     abstract = jax.eval_shape(
-        lambda: create_state(builders.init_params(model, config, jax.random.fold_in(rng, 1)), tx))
+        lambda: create_state(builders.init_params(model, config, jax.random.fold_in(rng, 1)), tx)
+    )
     data_args = data_lib.orbax_restore_args(data_iterator) if checkpoint_data else None
-    latest, restored, damaged = ckpt_lib.newest_good(mngr, lambda step: ckpt_lib.read_step(
-        mngr, step, abstract=abstract, data_args=data_args,
-        check_meta=lambda found: _check_run_meta(found, meta, workdir)))
+    latest, restored, damaged = ckpt_lib.newest_good(
+        mngr,
+        lambda step: ckpt_lib.read_step(
+            mngr,
+            step,
+            abstract=abstract,
+            data_args=data_args,
+            check_meta=lambda found: _check_run_meta(found, meta, workdir),
+        ),
+    )
     if latest is None and damaged:
       raise ckpt_lib.CheckpointError(
           f"no readable checkpoint in {mngr.directory} ({ckpt_lib.describe_damaged(damaged)}); "
-          "move that folder away to start the run over")
+          "move that folder away to start the run over"
+      )
     if latest is not None and latest > t.steps:
-      raise ValueError(f"config.training.steps: {t.steps} is below step {latest} of the run in "
-                       f"{workdir}; nothing was trained: raise it to continue that run, or "
-                       "train in another --workdir")
+      raise ValueError(
+          f"config.training.steps: {t.steps} is below step {latest} of the run in "
+          f"{workdir}; nothing was trained: raise it to continue that run, or "
+          "train in another --workdir"
+      )
     if damaged:
       moved = [str(ckpt_lib.move_aside(mngr, step)) for step, _ in damaged]
-      logging.warning("damaged checkpoint(s) in %s (%s): moved to %s; resuming from step %d",
-                      mngr.directory, ckpt_lib.describe_damaged(damaged), ", ".join(moved),
-                      latest)
+      logging.warning(
+          "damaged checkpoint(s) in %s (%s): moved to %s; resuming from step %d",
+          mngr.directory,
+          ckpt_lib.describe_damaged(damaged),
+          ", ".join(moved),
+          latest,
+      )
     if latest is not None and latest == t.steps:
-      logging.warning("the run in %s is already at step %d = config.training.steps; nothing "
-                      "to train", workdir, latest)
+      logging.warning(
+          "the run in %s is already at step %d = config.training.steps; nothing " "to train",
+          workdir,
+          latest,
+      )
 
     teacher, teacher_params = None, None
     if method.binary:
@@ -322,8 +367,11 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
 
     step_fn = jax.jit(make_train_step(config, model, schedule, tx, teacher), donate_argnums=0)
     start = int(state.step)
-    writer = (MetricWriter(os.path.join(workdir, "logs"), resume_step=start)
-              if jax.process_index() == 0 and start < t.steps else None)
+    writer = (
+        MetricWriter(os.path.join(workdir, "logs"), resume_step=start)
+        if jax.process_index() == 0 and start < t.steps
+        else None
+    )
     summary = {"preempted": False, "start_step": start}
     unverified = None  # the step saved last, not read back yet
 
@@ -339,8 +387,13 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
         ckpt_lib.read_step(mngr, step)
       except ckpt_lib.DamagedCheckpoint as e:
         where = ckpt_lib.move_aside(mngr, step)
-        logging.warning("checkpoint step %d did not read back intact (%s): moved to %s; the "
-                        "older checkpoints are kept", step, e, where)
+        logging.warning(
+            "checkpoint step %d did not read back intact (%s): moved to %s; the "
+            "older checkpoints are kept",
+            step,
+            e,
+            where,
+        )
         return step
       ckpt_lib.remove_old(mngr, t.keep_checkpoints, step)
       return None
@@ -348,8 +401,13 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
     def save(step: int) -> None:
       nonlocal unverified
       verify_last_save()
-      ckpt_lib.save_state(mngr, step, state, meta,
-                          data_lib.orbax_save_args(data_iterator) if checkpoint_data else None)
+      ckpt_lib.save_state(
+          mngr,
+          step,
+          state,
+          meta,
+          data_lib.orbax_save_args(data_iterator) if checkpoint_data else None,
+      )
       unverified = step
 
     def check(metrics, step):
@@ -359,13 +417,23 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
       if not bool(metrics["finite"]):
         verify_last_save()
         good = mngr.latest_step()
-        where = (f"the last good checkpoint is step {good} in {workdir}/checkpoints" if good
-                 is not None else "no checkpoint was written yet")
-        what = ("loss" if not np.isfinite(metrics["loss"]) else "gradient"
-                if not np.isfinite(metrics["grad_norm"]) else "parameters or EMA")
-        raise TrainingDiverged(f"non-finite {what} at step {step} "
-                               f"(loss={float(metrics['loss'])}); parameters were not updated; "
-                               f"{where}")
+        where = (
+            f"the last good checkpoint is step {good} in {workdir}/checkpoints"
+            if good is not None
+            else "no checkpoint was written yet"
+        )
+        what = (
+            "loss"
+            if not np.isfinite(metrics["loss"])
+            else "gradient"
+            if not np.isfinite(metrics["grad_norm"])
+            else "parameters or EMA"
+        )
+        raise TrainingDiverged(
+            f"non-finite {what} at step {step} "
+            f"(loss={float(metrics['loss'])}); parameters were not updated; "
+            f"{where}"
+        )
       return metrics
 
     window, last_log, pending = [], time.perf_counter(), None
@@ -376,8 +444,13 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
       if pending is not None:
         window.append(check(*pending))
         pending = None
-    with _Preemption() as preemption, tqdm(total=t.steps, initial=start, desc=method.name,
-                                           unit="step", disable=not t.progress_bar) as bar:
+
+    with (
+        _Preemption() as preemption,
+        tqdm(
+            total=t.steps, initial=start, desc=method.name, unit="step", disable=not t.progress_bar
+        ) as bar,
+    ):
       try:
         for step in range(start, t.steps):
           batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
@@ -385,16 +458,16 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
           settle()  # the previous step's metrics, fetched while this one runs
           pending = (metrics, step)
           done = step + 1
-          stop = (preemption.requested if jax.process_count() == 1
-                  else mngr.reached_preemption(done))
+          stop = preemption.requested if jax.process_count() == 1 else mngr.reached_preemption(done)
           if done % t.checkpoint_every == 0 or done == t.steps or stop:
             settle()
             save(done)
           if done % t.log_every == 0 or done == t.steps or stop:
             settle()
             now = time.perf_counter()
-            scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]
-                       if k != "finite"}
+            scalars = {
+                k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"
+            }
             scalars["steps_per_sec"] = len(window) / (now - last_log)
             window, last_log = [], now
             summary.update(scalars)
@@ -406,8 +479,11 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
             sample_grid(config, model, state, mesh, workdir)
           if stop:
             summary["preempted"] = True
-            logging.warning("%s: saved step %d, exiting; rerun the same command to resume",
-                            preemption.requested or "preemption", done)
+            logging.warning(
+                "%s: saved step %d, exiting; rerun the same command to resume",
+                preemption.requested or "preemption",
+                done,
+            )
             break
         failed = verify_last_save()
         if failed is not None and failed == int(state.step):  # the state is still here: again
@@ -415,7 +491,8 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
           if verify_last_save() is not None:
             raise ckpt_lib.CheckpointError(
                 f"checkpoint step {failed} in {mngr.directory} did not read back intact twice "
-                f"(copies in {workdir}/{ckpt_lib.DAMAGED}); the older checkpoints are kept")
+                f"(copies in {workdir}/{ckpt_lib.DAMAGED}); the older checkpoints are kept"
+            )
       finally:
         mngr.wait_until_finished()
         if writer:
