@@ -25,7 +25,7 @@ EXPORT_FP_DTYPES = ("float32", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The paper's CIFAR-10 BiDM QAT setting (spec section 1), FP teacher path left empty."""
+  """The paper's CIFAR-10 BiDM QAT setting (paper section 4), FP teacher path left empty."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.compilation_cache = "auto"  # JAX's persistent cache: 'auto' (user cache dir), a path, 'off'

@@ -1,6 +1,6 @@
 """Sign functions, their gradient estimators, the binarizers and their registry.
 
-Spec section 2: sign(0) = +1; weights alpha[o] sign(W), alpha = mean|W[..., o]| stop-gradient,
+Paper section 3.1: sign(0) = +1; weights alpha[o] sign(W), alpha = mean|W[..., o]| stop-gradient,
 clipped-identity backward (1 where |W| <= 1); activations sign(x + tau) with ApproxSign backward
 (2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere).
 """

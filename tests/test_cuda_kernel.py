@@ -23,7 +23,7 @@ from bidm_jax.export import packed as ex
 from bidm_jax.kernels import binary_cuda
 from bidm_jax.layers import packed as pk
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
-from conftest import fill_params
+from helpers import fill_params
 from test_packed import ODD_CASES, unet_layer_shapes
 
 REASON = binary_cuda.unavailable_reason()

@@ -128,7 +128,7 @@ def test_report_ratios_on_toy():
   assert 1 < report["size_ratio"] and 1 < report["ops_ratio"]
 
 
-# Layers of the U-Net that stay full precision (spec section 2): first and last conv, the
+# Layers of the U-Net that stay full precision (paper section 3.1): first and last conv, the
 # time-embedding MLP, the 1x1 nin shortcuts of res blocks (and the attention products).
 FP_LAYERS = ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")
 

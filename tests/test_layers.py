@@ -1,4 +1,4 @@
-"""BinaryConv / BinaryDense against a direct NumPy float64 implementation of spec section 2.
+"""BinaryConv / BinaryDense against a direct NumPy float64 implementation of paper section 3.1.
 
 y = conv(sign(x + tau), alpha * sign(W)) * K + b + s * shortcut(x), K = conv(mean_c |x|, k) with
 the main conv's stride and padding; shortcut: identity, 2x2 average pool when strided, plus a
@@ -47,7 +47,7 @@ def np_sign(v):
 
 
 def np_binary_conv(p, x, kernel_size, stride, padding, learnable_k):
-  """Spec section 2 in float64. p: the layer's params (NumPy); x: (B, H, W, Cin) float32."""
+  """Paper section 3.1 in float64. p: the layer's params (NumPy); x: (B, H, W, Cin) float32."""
   pad = np_pad(padding, kernel_size)
   kh, kw = kernel_size
   w = np.asarray(p["kernel"], np.float64)

@@ -224,7 +224,7 @@ def test_binary_methods_run_and_contain_the_fp_tree():
 
 
 def test_fp_layers_stay_fp():
-  """Spec section 2: conv_in, conv_out, the time MLP, the skip convs FP; the rest binary."""
+  """Paper section 3.1: conv_in, conv_out, the time MLP, the skip convs FP; the rest binary."""
   config = ldm_unet.TINY_LDM4
   model = ldm_unet.LDMUNet(config, method=get_method("bidm"), tbs_connections=2)
   modules = {}
@@ -249,7 +249,7 @@ def test_fp_layers_stay_fp():
 
 
 def test_presets_match_the_paper():
-  """LDM-4's FP parameters are Table 4's 1045.4 MB at 32 bits (spec: ~274M)."""
+  """LDM-4's FP parameters are Table 4's 1045.4 MB at 32 bits (274.1M parameters)."""
   count = lambda c: sum(int(np.prod(s)) for s in clu.target_shapes(c).values())
   assert count(ldm_unet.LDM4) == 274_056_163
   assert round(count(ldm_unet.LDM4) * 4 / 2**20, 1) == 1045.4

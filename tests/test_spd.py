@@ -1,4 +1,4 @@
-"""Space Patched Distillation (spec section 4, Eq. 13-15) against an independent NumPy version."""
+"""Space Patched Distillation (paper section 3.3, Eq. 13-15) against an independent NumPy version."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TBS cross-timestep connections (spec section 3): blend, cached forward, paired forward.
+"""TBS cross-timestep connections (paper section 3.2): blend, cached forward, paired forward.
 
 The U-Net tests use the micro BiDM U-Net of conftest (one level; its 2 decoder blocks are the 2
 connection points; a down block and the middle block precede them): the cached-forward logic

@@ -47,7 +47,7 @@ def expected_feature_shapes(cfg, x_shape):
 
 
 def test_cifar10_parameter_count():
-  """Spec section 1: ~35.7M parameters (the ddim repo's CIFAR-10 model has 35,746,307)."""
+  """Paper section 4: ~35.7M parameters (the ddim repo's CIFAR-10 model has 35,746,307)."""
   n = sum(
       int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(param_shapes(UNet(), CIFAR_SHAPE))
   )
@@ -111,7 +111,7 @@ def test_binary_tree_contains_fp_tree_cifar():
 
 
 def test_full_precision_layers_stay_full_precision():
-  """Spec section 2: first/last conv, time MLP, nin shortcuts are FP; q/k/v/proj_out binary."""
+  """Paper section 3.1: first/last conv, time MLP, nin shortcuts are FP; q/k/v/proj_out binary."""
   params = param_shapes(UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2), TINY_SHAPE)
   leaves = flat_shapes(params)
   modules = {}

@@ -1,4 +1,4 @@
-"""Space Patched Distillation (paper Eq. 13-16, spec section 4) and plain L2 distillation.
+"""Space Patched Distillation (paper section 3.3, Eq. 13-16) and plain L2 distillation.
 
 `DISTILLATION_LOSSES` registers each distillation loss by the name a method's `distillation`
 field gives ('spd', 'l2'); a `Distillation` is one of them with its weight lambda and patch

@@ -1,4 +1,4 @@
-"""Timestep-friendly Binary Structure, cross-timestep part (paper Eq. 11-12, spec section 3).
+"""Timestep-friendly Binary Structure, cross-timestep part (paper section 3.2, Eq. 11-12).
 
 At each connection point p (the output of one of the last n decoder blocks) the model blends
 its output with the same block's output from the previous denoising step:

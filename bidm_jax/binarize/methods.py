@@ -5,7 +5,7 @@ activation scaling, shortcut) and the model/training-level ones that define the 
 methods (cross-timestep connections, distillation). Models take a method and never look at
 its name, so adding a method means adding an entry to `METHODS`.
 
-The methods (BiDM Tables 1-2 and spec section 5; `METHOD_DOCS[name]` / `method.doc` give each
+The methods (BiDM Tables 1-2, paper section 4.1; `METHOD_DOCS[name]` / `method.doc` give each
 one's forward and gradient formulas, paper, and where our reading of the paper is a choice):
 fp, xnor (XNOR-Net), xnorpp (XNOR-Net++), dorefa (DoReFa-Net), reactnet (ReActNet), reste
 (ReSTE), bbcu (BBCU), efficientdm (EfficientDM), bidm (BiDM). The ablations of BiDM are

@@ -49,7 +49,7 @@ def make_schedule(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
 ) -> Schedule:
-  """The schedule of spec section 1 (CIFAR-10: linear 1e-4..0.02, T = 1000)."""
+  """The schedule of paper section 4 (CIFAR-10: linear 1e-4..0.02, T = 1000)."""
   betas = beta_schedule(kind, num_timesteps, beta_start, beta_end)
   return Schedule(
       jnp.asarray(betas, jnp.float32), jnp.asarray(np.cumprod(1.0 - betas), jnp.float32)

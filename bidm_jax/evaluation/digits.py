@@ -48,3 +48,14 @@ class DigitsJudge:
     )
     confidence = float(self.clf.predict_proba(flat).max(axis=1).mean())
     return dict(digits_fd=float(fd), classifier_confidence=confidence)
+
+  def baselines(self, n: int, seed: int = 0) -> dict:
+    """digits_fd of n real digits drawn without replacement and of n uniform-noise images, the
+    two ends of the scale at the sample count the report uses."""
+    rng = np.random.default_rng(seed)
+    real = self.real[rng.choice(len(self.real), n, replace=False)] * 2.0 - 1.0
+    noise = rng.uniform(-1.0, 1.0, (n, 8, 8))
+    return {
+        "real_digits": self.evaluate(real[..., None])["digits_fd"],
+        "uniform_noise": self.evaluate(noise[..., None])["digits_fd"],
+    }

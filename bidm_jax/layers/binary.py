@@ -1,4 +1,4 @@
-"""Binary convolution and dense layers (paper section 3.2, spec section 2), Flax Linen.
+"""Binary convolution and dense layers (paper section 3.1, Eq. 6-10), Flax Linen.
 
 One layer class serves both the full-precision model and every binary method: the method
 object decides the forward. The full-precision mode creates only `kernel` and `bias`; binary

@@ -5,7 +5,7 @@ blocks with a time projection (added, or as a scale and shift of the second norm
 self-attention at the given downsample factors, a stride-2 conv (or a res block that average-pools)
 to go down and a nearest doubling with a conv (or a res block) to go up. Arrays are NHWC.
 
-Binarization follows the CIFAR U-Net (`models/unet.py`, spec section 2): the res blocks' convs and
+Binarization follows the CIFAR U-Net (`models/unet.py`, paper section 3.1): the res blocks' convs and
 time projections, the attention's q, k, v and proj_out and the resampling convs are
 `BinaryConv` / `BinaryDense` layers given the method; the first conv, the time-embedding MLP, the
 last conv, the norms, the 1x1 skip convs and the attention products stay full precision. CompVis'

@@ -4,8 +4,8 @@ The forward returns the noise prediction and, explicitly, the output of every ti
 (encoder units, the middle block, decoder units): the features that SPD distils and whose last
 decoder entries TBS carries from one denoising step to the next. It also returns, by name, the
 feature points of the authors' release (`UNetOutput.points`) and the tensors the next denoising
-step blends with (`UNetOutput.connections`). Which layers are binarized follows spec section
-2: the first conv, the time-embedding MLP, the last conv, group norms, the 1x1 nin shortcuts of
+step blends with (`UNetOutput.connections`). Which layers are binarized follows paper section
+3.1: the first conv, the time-embedding MLP, the last conv, group norms, the 1x1 nin shortcuts of
 res blocks and the attention products stay full precision.
 
 TBS structures (`tbs_structure`, with a method that has `cross_timestep`):
