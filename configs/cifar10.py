@@ -1,4 +1,4 @@
-"""CIFAR-10 32x32, the paper's pixel-space setting (spec section 1, paper appendix A).
+"""CIFAR-10 32x32, the paper's pixel-space setting (paper section 4 and appendix A).
 
   --config=configs/cifar10.py      BiDM W1A1 QAT: lr 6e-5, batch 64, 100k steps, Adam, clip 1,
                                    EMA 0.9999, 2 TBS connections, SPD lambda 3e-2, DDIM 100.
