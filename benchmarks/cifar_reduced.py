@@ -261,7 +261,7 @@ def main():
   parser.add_argument(
       "--teacher",
       default="",
-      help="an FP workdir or exported folder; " "empty: train configs/cifar10.py:small_fp here",
+      help="an FP workdir or exported folder; empty: train configs/cifar10.py:small_fp here",
   )
   parser.add_argument("--runs", nargs="+", default=["xnor", "bidm"], choices=list(RUNS))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -108,7 +108,7 @@ def make_mesh(config) -> jax.sharding.Mesh:
   n = len(devices) if config.mesh.data == -1 else config.mesh.data
   if not 1 <= n <= len(devices):
     raise ValueError(
-        f"config.mesh.data: {config.mesh.data} devices requested, " f"{len(devices)} available"
+        f"config.mesh.data: {config.mesh.data} devices requested, {len(devices)} available"
     )
   return jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:n])
 

@@ -133,7 +133,7 @@ def validate(config) -> None:
   need(
       m.ch > 0 and m.ch % 32 == 0,
       "model.ch",
-      f"must be a positive multiple of 32 (GroupNorm " f"groups), got {m.ch}",
+      f"must be a positive multiple of 32 (GroupNorm groups), got {m.ch}",
   )
   need(
       len(m.ch_mult) >= 1 and all(k > 0 for k in m.ch_mult),

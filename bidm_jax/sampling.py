@@ -48,7 +48,7 @@ def load_model(config, source) -> tuple[UNet, Any, dict]:
   found = meta.get("method", {}).get("name", method.name)
   if found != method.name:
     raise ckpt_lib.CheckpointError(
-        f"{source} holds a {found!r} model; set " f"--config.binarization.method={found}"
+        f"{source} holds a {found!r} model; set --config.binarization.method={found}"
     )
   return builders.make_model(config, method), params, meta
 

@@ -313,7 +313,7 @@ def test_tpu_convert_teacher():
 def test_tpu_status_logs_stop_delete():
   describe, ssh = tpu_ok("status", **BASE)
   assert describe == (
-      "gcloud compute tpus tpu-vm describe bidm-test --zone=us-central2-b " "--project=proj"
+      "gcloud compute tpus tpu-vm describe bidm-test --zone=us-central2-b --project=proj"
   )
   assert "--worker=all" in ssh
   assert_bash_syntax(remote_script(ssh))
@@ -328,7 +328,7 @@ def test_tpu_status_logs_stop_delete():
   assert "kill -KILL" in remote_script(kill)
   (delete,) = tpu_ok("delete", **BASE)
   assert delete == (
-      "gcloud compute tpus tpu-vm delete bidm-test --zone=us-central2-b " "--project=proj"
+      "gcloud compute tpus tpu-vm delete bidm-test --zone=us-central2-b --project=proj"
   )
   (delete,) = tpu_ok("delete", YES=1, **BASE)
   assert delete.endswith(" --quiet")

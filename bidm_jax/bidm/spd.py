@@ -30,7 +30,7 @@ def patch_attention_maps(feature: Array, patches: int) -> Array:
   b, hgt, wid, c = feature.shape
   if hgt % patches or wid % patches:
     raise ValueError(
-        f"feature of spatial size {hgt}x{wid} cannot be split into " f"{patches}x{patches} patches"
+        f"feature of spatial size {hgt}x{wid} cannot be split into {patches}x{patches} patches"
     )
   h, w = hgt // patches, wid // patches
   x = feature.astype(jnp.float32).reshape(b, patches, h, patches, w, c)
@@ -142,7 +142,7 @@ def _fit_patches(feature: Array, patches: int) -> int:
 def _check_pairs(student_features, teacher_features) -> None:
   if len(student_features) != len(teacher_features):
     raise ValueError(
-        f"{len(student_features)} student features vs " f"{len(teacher_features)} teacher features"
+        f"{len(student_features)} student features vs {len(teacher_features)} teacher features"
     )
   for i, (s, t) in enumerate(zip(student_features, teacher_features)):
     if s.shape != t.shape:

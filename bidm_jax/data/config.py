@@ -73,7 +73,7 @@ def validate(data) -> None:
     )
   if not data.cache_budget_mb >= 0:
     raise ValueError(
-        f"data.cache_budget_mb={data.cache_budget_mb!r} is invalid; valid values: " "a number >= 0"
+        f"data.cache_budget_mb={data.cache_budget_mb!r} is invalid; valid values: a number >= 0"
     )
   if data.source == "tfds" and not data.name:
     raise ValueError(

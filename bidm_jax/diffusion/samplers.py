@@ -115,7 +115,7 @@ def _run(apply_fn, x, ts, rng, update):
 def _check_x0_options(dynamic_threshold: float) -> None:
   if not 0 <= dynamic_threshold <= 100:
     raise ValueError(
-        f"dynamic_threshold is a percentile in (0, 100] (0 = off), got " f"{dynamic_threshold}"
+        f"dynamic_threshold is a percentile in (0, 100] (0 = off), got {dynamic_threshold}"
     )
 
 

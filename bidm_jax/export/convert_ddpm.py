@@ -495,7 +495,7 @@ def _resolve_source(source) -> tuple[epath.Path, dict | None]:
     if weights is None:
       listing = sorted(p.name for p in folder.iterdir())[:10]
       raise FileNotFoundError(
-          f"{path}: a folder must hold one of {list(DIFFUSERS_WEIGHTS)} " f"(found {listing})"
+          f"{path}: a folder must hold one of {list(DIFFUSERS_WEIGHTS)} (found {listing})"
       )
     path, config_path = weights, folder / "config.json"
   else:

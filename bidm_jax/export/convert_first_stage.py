@@ -157,7 +157,7 @@ def _find_prefix(keys) -> str:
         "'encoder.conv_in.weight' and 'decoder.conv_in.weight'"
     )
   raise ValueError(
-      f"the checkpoint holds several autoencoders (prefixes {found}); choose one " "with prefix=..."
+      f"the checkpoint holds several autoencoders (prefixes {found}); choose one with prefix=..."
   )
 
 
@@ -212,9 +212,7 @@ def map_tensors(
     arr = np.asarray(sources[key])
     value = transform(arr, path, shape) if "float" in arr.dtype.name else None
     if value is None or value.shape != shape:
-      mismatched.append(
-          f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} " f"{arr.dtype}"
-      )
+      mismatched.append(f"{'/'.join(path)} expects {shape} <- {key} {tuple(arr.shape)} {arr.dtype}")
       continue
     node = params
     for p in path[:-1]:
@@ -337,7 +335,7 @@ def config_from_diffusers(
   kind = _DIFFUSERS_CLASSES.get(config.get("_class_name"))
   if kind is None:
     problems.append(
-        f"_class_name {config.get('_class_name')!r} is not one of " f"{sorted(_DIFFUSERS_CLASSES)}"
+        f"_class_name {config.get('_class_name')!r} is not one of {sorted(_DIFFUSERS_CLASSES)}"
     )
   widths = [int(w) for w in config.get("block_out_channels", (64,))]
   for field, block in (
@@ -436,7 +434,7 @@ def load_first_stage(
     found = config_from_diffusers(diffusers_config, scale_factor)
     if config is not None and dataclasses.replace(config, scale_factor=found.scale_factor) != found:
       raise ValueError(
-          f"{weights.parent}: its config.json describes {found}, not the given " f"{config}"
+          f"{weights.parent}: its config.json describes {found}, not the given {config}"
       )
     config = found
     state_dict = _read_state_dict(weights)

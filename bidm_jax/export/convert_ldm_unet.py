@@ -314,7 +314,7 @@ def config_from_diffusers(config: Mapping[str, Any]) -> ldm_unet.LDMUNetConfig:
   updown = config.get("downsample_type", "conv")
   if config.get("upsample_type", "conv") != updown:
     problems.append(
-        f"upsample_type {config.get('upsample_type')!r} differs from " f"downsample_type {updown!r}"
+        f"upsample_type {config.get('upsample_type')!r} differs from downsample_type {updown!r}"
     )
   plain = {
       "conv": ("DownBlock2D", "UpBlock2D"),
@@ -389,7 +389,7 @@ def load_ldm_unet(
     found = config_from_diffusers(diffusers_config)
     if config is not None and config != found:
       raise ValueError(
-          f"{weights.parent}: its config.json describes {found}, not the given " f"{config}"
+          f"{weights.parent}: its config.json describes {found}, not the given {config}"
       )
     config, layout = found, layout or "diffusers"
   elif config is None:

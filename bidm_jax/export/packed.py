@@ -68,7 +68,7 @@ def unsupported_reason(method: BinarizationMethod) -> str | None:
     return "it is full precision: there are no binary layers to pack"
   parts = method.binarizers
   if not parts.activation.packed:
-    return f"its activations are {method.activation_binarizer!r}, not a sign (+-1) " "binarizer"
+    return f"its activations are {method.activation_binarizer!r}, not a sign (+-1) binarizer"
   if not parts.weight.packed:
     return f"its weights are {method.weight_binarizer!r}, not a scaled sign"
   if not parts.output_scale.packed:
@@ -229,7 +229,7 @@ def _check_params_fit(params, shapes, method: BinarizationMethod, where: str) ->
         f"{expected[bad[0]]})"
     )
     raise ckpt_lib.CheckpointError(
-        f"the parameters in {where} do not fit a {method.name!r} " f"model of the config: {what}"
+        f"the parameters in {where} do not fit a {method.name!r} model of the config: {what}"
     )
 
 
@@ -447,7 +447,7 @@ def read_export(path) -> tuple[dict, dict]:
   tensors, metadata = parse_safetensors(data, where)
   if metadata.get("format") != FORMAT:
     raise ckpt_lib.CheckpointError(
-        f"{where} is not a {FORMAT} export (its metadata has no " f"'format': '{FORMAT}')"
+        f"{where} is not a {FORMAT} export (its metadata has no 'format': '{FORMAT}')"
     )
   try:
     desc = json.loads(metadata["description"])
@@ -456,7 +456,7 @@ def read_export(path) -> tuple[dict, dict]:
     raise ckpt_lib.CheckpointError(f"{where} has no readable description") from None
   if version != VERSION:
     raise ckpt_lib.CheckpointError(
-        f"{where} is {FORMAT} version {version}; this reader " f"reads version {VERSION}"
+        f"{where} is {FORMAT} version {version}; this reader reads version {VERSION}"
     )
   if set(checksum) != set(tensors):
     odd = sorted(set(checksum) ^ set(tensors))
@@ -480,7 +480,7 @@ def read_export(path) -> tuple[dict, dict]:
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     why = " ".join(str(e).split())[:300]
     raise ckpt_lib.CheckpointError(
-        f"{where} describes no model this version can build " f"({type(e).__name__}: {why})"
+        f"{where} describes no model this version can build ({type(e).__name__}: {why})"
     ) from None
   expected = {
       k: f"{np.dtype(s.dtype).name}{list(s.shape)}" for k, s in _flat_names(expected).items()
@@ -519,7 +519,7 @@ def load_export(source, config) -> tuple[dict, dict]:
   for k in sorted(set(method) | set(desc["method"])):
     if desc["method"].get(k) != method.get(k):
       diffs.append(
-          f"binarization {k}: export {desc['method'].get(k)!r} vs config " f"{method.get(k)!r}"
+          f"binarization {k}: export {desc['method'].get(k)!r} vs config {method.get(k)!r}"
       )
   d = config.data
   expected = dict(
@@ -577,7 +577,7 @@ def export(config, workdir: str) -> dict:
   target = config.export.path or os.path.join(workdir, EXPORT_FILE)
   if files.exists(target):
     raise ckpt_lib.CheckpointError(
-        f"{target} already exists; remove it or choose another " "--config.export.path"
+        f"{target} already exists; remove it or choose another --config.export.path"
     )
   params, meta = ckpt_lib.load_params(source, builders.model_description(config))
   _check_trained_method(meta, method, source)

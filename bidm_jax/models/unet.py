@@ -224,12 +224,10 @@ class UNet(nn.Module):
     Returns the UNetOutput: eps (B, H, W, out_ch) and the named feature points.
     """
     if self.tbs_structure not in TBS_STRUCTURES:
-      raise ValueError(
-          f"tbs_structure must be one of {TBS_STRUCTURES}, got " f"{self.tbs_structure!r}"
-      )
+      raise ValueError(f"tbs_structure must be one of {TBS_STRUCTURES}, got {self.tbs_structure!r}")
     if self.distill_points not in DISTILL_POINTS:
       raise ValueError(
-          f"distill_points must be one of {DISTILL_POINTS}, got " f"{self.distill_points!r}"
+          f"distill_points must be one of {DISTILL_POINTS}, got {self.distill_points!r}"
       )
     release = self.tbs_structure == "release"
     if not release and self.num_connections > self.num_decoder_blocks:

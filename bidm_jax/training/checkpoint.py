@@ -187,7 +187,7 @@ def verify_tree(tree, checksum: Mapping[str, str] | None) -> None:
     bad = [k for k, a in flat.items() if _leaf_checksum(a) != checksum[k]]
     if bad:
       raise DamagedCheckpoint(
-          f"{len(bad)} array(s) do not match the checksum saved with them, " f"e.g. {bad[0]}"
+          f"{len(bad)} array(s) do not match the checksum saved with them, e.g. {bad[0]}"
       )
   bad = [
       k

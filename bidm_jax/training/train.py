@@ -348,7 +348,7 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
       )
     if latest is not None and latest == t.steps:
       logging.warning(
-          "the run in %s is already at step %d = config.training.steps; nothing " "to train",
+          "the run in %s is already at step %d = config.training.steps; nothing to train",
           workdir,
           latest,
       )
