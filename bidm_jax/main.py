@@ -86,7 +86,7 @@ def convert(config, workdir: str) -> dict:
 
 
 def report(config, workdir: str) -> dict:
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape = builders.image_shape(config, 1)[1:]
   result = efficiency_report(
       builders.make_model(config, FP),
       builders.make_model(config, config_lib.method_from_config(config)),

@@ -1,0 +1,92 @@
+"""The latent-diffusion U-Net from the command line: configs, FP training, BiDM QAT from it and
+sampling on a tiny LDM-4 model over a generated image folder, and one-line config errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bidm_jax import builders
+from bidm_jax import config as config_lib
+from bidm_jax import main
+from bidm_jax.models.ldm_unet import LDMUNet
+
+CONFIGS = ("configs/lsun_bedrooms_ldm4.py", "configs/ffhq_ldm4.py", "configs/lsun_churches_ldm8.py")
+
+
+def _images(root, n=8, size=8):
+  """n random RGB PNGs of size x size under root/train/a."""
+  folder = root / "train" / "a"
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(folder / f"{i}.png")
+  return str(root)
+
+
+def _tiny(spec, data_dir):
+  """The :tiny variant of `spec` on the image folder data_dir, one device."""
+  config = config_lib.load_config_file(spec + ":tiny")
+  config.data.update(source="folder", data_dir=data_dir, name="", image_size=8)
+  config.data.channels = config.model.ldm.in_channels
+  config.mesh.data = 1
+  return config
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_configs_build_the_ldm_unet(spec):
+  for variant in ("", ":tiny"):
+    config = config_lib.load_config_file(spec + variant)
+    config.data.update(image_size=config.model.ldm.image_size)
+    config.data.channels = config.model.ldm.in_channels
+    config_lib.validate(config)
+    model = builders.make_model(config, config_lib.method_from_config(config))
+    assert isinstance(model, LDMUNet)
+    assert builders.describe_unet(model) == builders.model_description(config)
+    rebuilt = builders.unet_from_description(builders.model_description(config))
+    assert rebuilt.config == model.config
+  assert (config.training.learning_rate, config.training.batch_size) == (2e-5, 4)
+
+
+def test_ddpm_description_unchanged():
+  config = config_lib.default_config()
+  assert builders.model_description(config) == dict(
+      ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, out_ch=3
+  )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("family", "vit", "config.model.family: 'vit' is not one of"),
+        ("ldm.norm_groups", 5, "config.model.ldm: LDMUNetConfig: norm_groups=5"),
+        ("ldm.out_channels", 4, "config.model.ldm.out_channels:"),
+        ("ldm.image_size", 16, "config.data.image_size: the LDM U-Net diffuses 16x16x3"),
+    ],
+)
+def test_bad_ldm_fields_are_one_line_errors(tmp_path, field, value, message):
+  config = _tiny(CONFIGS[0], str(tmp_path))
+  group, _, name = field.rpartition(".")
+  (config.model[group] if group else config.model)[name] = value
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config)
+  assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
+  data_dir = _images(tmp_path / "images")
+  fp = _tiny(CONFIGS[0], data_dir)
+  fp.binarization.method = "fp"
+  main.run(fp, str(tmp_path / "fp"), "train")
+  qat = _tiny(CONFIGS[0], data_dir)
+  qat.training.teacher = str(tmp_path / "fp")
+  main.run(qat, str(tmp_path / "qat"), "train")
+  stats = main.run(qat, str(tmp_path / "qat"), "sample")
+  assert stats["num_samples"] == qat.sampling.num_samples
+  with np.load(os.path.join(tmp_path, "qat", "samples.npz")) as f:
+    assert f["images"].shape == (4, 8, 8, 3)
+  main.run(qat, str(tmp_path / "qat"), "report")
+  with open(tmp_path / "qat" / "efficiency.json") as f:
+    assert json.load(f)
