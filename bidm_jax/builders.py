@@ -2,7 +2,8 @@
 
 `make_model` (the U-Net of `config.model` binarized by a method), `make_schedule`,
 `make_mesh`, `make_optimizer`, `make_distillation` (SPD / L2 with its weight and patches) and
-`load_teacher` (the frozen FP teacher) serve training, sampling, evaluation, the export, the
+`load_teacher` (the frozen FP teacher) and `load_first_stage` (an LDM's frozen autoencoder,
+`latent_encoder` / `latent_decoder`) serve training, sampling, evaluation, the export, the
 conversion, the demo and the benchmarks. The architecture a checkpoint must agree with is
 `model_description(config)`, and `describe_unet` / `unet_from_description` turn a U-Net into
 that description and back. `config.model.family` picks the U-Net: 'ddpm' (`models.unet.UNet`,
@@ -13,10 +14,12 @@ CompVis' unet_config, described with `family: 'ldm'`). Sampling, and `load_model
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -24,6 +27,8 @@ from bidm_jax.bidm import spd
 from bidm_jax.binarize.methods import FP, BinarizationMethod
 from bidm_jax.diffusion.schedules import Schedule
 from bidm_jax.diffusion.schedules import make_schedule as _beta_schedule
+from bidm_jax.export import convert_first_stage
+from bidm_jax.models import autoencoders
 from bidm_jax.models.ldm_unet import LDMUNet, LDMUNetConfig
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
@@ -184,3 +189,75 @@ def load_teacher(config, mesh) -> tuple[UNet | LDMUNet, Any]:
         f"({meta['method']['name']}), not a full-precision one"
     )
   return make_model(config, FP), jax.device_put(params, NamedSharding(mesh, P()))
+
+
+class FirstStage(NamedTuple):
+  """A frozen first stage: its config, module and params (replicated over the mesh)."""
+
+  config: autoencoders.FirstStageConfig
+  module: autoencoders.VQModel | autoencoders.AutoencoderKL
+  params: Any
+
+
+@functools.lru_cache(maxsize=2)
+def _read_first_stage(source: str, preset: str, scale_factor: float | None):
+  """`convert_first_stage.load_first_stage` of the config's fields, read once per process."""
+  return convert_first_stage.load_first_stage(
+      source, autoencoders.PRESETS.get(preset), scale_factor=scale_factor
+  )
+
+
+def load_first_stage(config, mesh) -> FirstStage | None:
+  """The first stage of config.first_stage (None without source and preset), checked to
+  encode config.data's images to the LDM U-Net's input shape."""
+  f = config.first_stage
+  if not f.source and not f.preset:
+    return None
+  if not f.source:
+    raise ValueError(
+        f"config.first_stage.source: the model diffuses {f.preset!r} latents; give a converted "
+        "first stage (--mode=convert), a diffusers folder or a CompVis .ckpt"
+    )
+  try:
+    fs_config, params = _read_first_stage(f.source, f.preset, f.scale_factor)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"config.first_stage.source: {e}") from None
+  latent = image_shape(config, 1)[1:]
+  if (
+      config.data.image_size % fs_config.factor
+      or fs_config.latent_shape(config.data.image_size) != latent
+  ):
+    raise ValueError(
+        f"config.first_stage.source: {f.source} (factor {fs_config.factor}, "
+        f"{fs_config.embed_dim} channels) does not encode data.image_size "
+        f"{config.data.image_size} to the model's {latent} latents"
+    )
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  return FirstStage(fs_config, autoencoders.make_first_stage(fs_config), params)
+
+
+def latent_encoder(config, first_stage: FirstStage) -> Callable[[np.ndarray, int], np.ndarray]:
+  """encode(images, index): images (B, H, W, C) float32 in [-1, 1] -> latents (B, h, w, c)
+  float32 on the host; the KL posterior mean, or with first_stage.sample_posterior a sample
+  keyed by fold_in(PRNGKey(seed), index)."""
+  sample = config.first_stage.sample_posterior and first_stage.config.kind == "kl"
+
+  @jax.jit
+  def encode(params, x, key):
+    rng = {"rng": key} if sample else {}
+    return first_stage.module.apply({"params": params}, x, method="encode", **rng)
+
+  key = jax.random.PRNGKey(config.seed)
+  return lambda images, index: np.asarray(
+      encode(first_stage.params, images, jax.random.fold_in(key, index))
+  )
+
+
+def latent_decoder(first_stage: FirstStage) -> Callable[[Array], Array]:
+  """decode(latents (B, h, w, c)) -> images (B, H, W, C) clipped to [-1, 1] (jitted)."""
+  decode = jax.jit(
+      lambda params, z: jnp.clip(
+          first_stage.module.apply({"params": params}, z, method="decode"), -1.0, 1.0
+      )
+  )
+  return lambda z: decode(first_stage.params, z)

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 from bidm_jax.binarize.methods import METHODS, BinarizationMethod, get_method
 from bidm_jax.data import default_data_config
 from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS
+from bidm_jax.models.autoencoders import PRESETS as FIRST_STAGE_PRESETS
 from bidm_jax.models.ldm_unet import LDM4, LDMUNetConfig
 from bidm_jax.models.unet import DISTILL_POINTS, TBS_STRUCTURES
 
@@ -97,26 +98,37 @@ def default_config() -> ml_collections.ConfigDict:
       pr_reference=50_000,
       progress_bar=True,
   )
+  c.first_stage = dict(
+      source="",  # '' (none) or a converted folder, a diffusers folder, a CompVis .ckpt
+      preset="",  # models.autoencoders.PRESETS name: the architecture of a CompVis .ckpt
+      scale_factor=config_dict.placeholder(float),  # overrides the source's latent scale
+      sample_posterior=False,  # KL: a posterior sample per image instead of its mean
+  )
   c.convert = dict(source="", layout="", use_ema=True)
   c.export = dict(path="", fp_dtype="float32")  # --mode=export: file, dtype of the FP layers
   c.mesh = dict(data=-1)
   return c
 
 
-def latent_diffusion_config(unet: LDMUNetConfig, beta_end: float, variant: str):
-  """The paper's LDM setting (paper section 4 and appendix A) on the U-Net `unet`: the LDM
-  'ldm_linear' betas 0.0015 .. `beta_end`, BiDM W1A1 QAT with AdamW lr 2e-5, batch 4, 200k
-  iterations, 8 TBS connections, SPD lambda 1e-2 on a mean loss, DDIM 200 steps.
+def latent_diffusion_config(unet: LDMUNetConfig, first_stage: str, beta_end: float, variant: str):
+  """The paper's LDM setting (paper section 4 and appendix A) on the U-Net `unet` and the first
+  stage preset `first_stage` (256x256 images): the LDM 'ldm_linear' betas 0.0015 .. `beta_end`,
+  BiDM W1A1 QAT with AdamW lr 2e-5, batch 4, 200k iterations, 8 TBS connections, SPD lambda
+  1e-2 on a mean loss, DDIM 200 steps.
 
-  variant: '' (that setting) or 'tiny' (the same layout at test size, `unet`'s channels and
-  8x8 latents, a few steps and samples).
+  variant: '' (that setting) or 'tiny' (the 'tiny_' first stage on 32x32 images, `unet` with
+  the latent side they give, 2 TBS connections, a few steps and samples).
   """
   if variant not in ("", "tiny"):
     raise ValueError(f"unknown LDM variant {variant!r}; valid: '' or 'tiny'")
   c = default_config()
+  preset = ("tiny_" if variant else "") + first_stage
+  size = 32 if variant else 256
+  c.first_stage.preset = preset
   c.model.family = "ldm"
   c.model.ldm = dataclasses.asdict(unet)
-  c.data.update(name="", image_size=256, random_flip=True)
+  c.model.ldm.image_size = size // FIRST_STAGE_PRESETS[preset].factor
+  c.data.update(name="", image_size=size, random_flip=False)
   c.diffusion.update(beta_schedule="ldm_linear", beta_start=0.0015, beta_end=beta_end)
   c.tbs.connections = 8
   c.distill.update(weight=1e-2, reduction="mean")
@@ -162,6 +174,11 @@ def validate(config) -> None:
       f"{config.binarization.method!r} is not one of {', '.join(METHODS)}",
   )
   need(m.family in FAMILIES, "model.family", f"{m.family!r} is not one of {FAMILIES}")
+  need(
+      m.family == "ldm" or not (config.first_stage.source or config.first_stage.preset),
+      "first_stage.source",
+      "a first stage feeds the LDM U-Net: set model.family 'ldm'",
+  )
   if m.family == "ldm":
     _validate_ldm(config, need)
   else:
@@ -308,12 +325,31 @@ def _validate_ldm(config, need) -> None:
       f"the eps prediction has the input's {cfg.in_channels} channels, got {cfg.out_channels}",
   )
   need(0.0 <= cfg.dropout < 1.0, "model.ldm.dropout", f"must be in [0, 1), got {cfg.dropout}")
-  data = (config.data.image_size, config.data.channels)
+  latent = (cfg.image_size, cfg.image_size, cfg.in_channels)
+  f, size = config.first_stage, config.data.image_size
   need(
-      data == (cfg.image_size, cfg.in_channels),
+      f.preset in ("", *FIRST_STAGE_PRESETS),
+      "first_stage.preset",
+      f"{f.preset!r} is not one of {sorted(FIRST_STAGE_PRESETS)} or ''",
+  )
+  if f.preset:
+    preset = FIRST_STAGE_PRESETS[f.preset]
+    found = preset.latent_shape(size) if size % preset.factor == 0 else f"{size}/{preset.factor}"
+    what = f"first stage {f.preset!r} encodes data.image_size {size} to"
+  elif f.source:
+    found, what = latent, ""  # a diffusers folder's shape is checked when it is read
+  else:
+    found = (size, size, config.data.channels)
+    what = "without a first stage (first_stage.source, preset) the data are"
+  need(
+      found == latent,
       "data.image_size",
-      f"the LDM U-Net diffuses {cfg.image_size}x{cfg.image_size}x{cfg.in_channels} inputs "
-      f"(model.ldm.image_size, in_channels), the data are {data[0]}x{data[0]}x{data[1]}",
+      f"the LDM U-Net diffuses {latent} inputs (model.ldm.image_size, in_channels), {what} {found}",
+  )
+  need(
+      not ((f.source or f.preset) and config.data.random_flip),
+      "data.random_flip",
+      "images are encoded once into latents (first_stage.source): set it False",
   )
   _need_connections(config, need, len(cfg.channel_mult) * (cfg.num_res_blocks + 1))
   for field, value in (

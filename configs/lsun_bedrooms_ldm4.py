@@ -1,6 +1,7 @@
 """LSUN-Bedrooms 256x256 on LDM-4 (VQ-f4 latents 64x64x3), the paper's latent setting.
 
-  --config=configs/lsun_bedrooms_ldm4.py        BiDM W1A1 QAT (`config.latent_diffusion_config`).
+  --config=configs/lsun_bedrooms_ldm4.py        BiDM W1A1 QAT (`config.latent_diffusion_config`);
+                                                needs --config.first_stage.source.
   --config=configs/lsun_bedrooms_ldm4.py:tiny   the same layout at test size (TINY_LDM4).
 The data are TFDS 'lsun/bedroom' (docs/ldm.md, 'Preparing the data'); QAT needs
 --config.training.teacher=DIR (a --mode=convert of the CompVis LDM checkpoint).
@@ -12,6 +13,6 @@ from bidm_jax.models import ldm_unet
 
 def get_config(variant: str = ""):
   unet = ldm_unet.TINY_LDM4 if variant == "tiny" else ldm_unet.LDM4
-  config = latent_diffusion_config(unet, 0.0195, variant)
+  config = latent_diffusion_config(unet, "vq_f4", 0.0195, variant)
   config.data.update(source="tfds", name="lsun/bedroom")
   return config

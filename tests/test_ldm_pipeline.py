@@ -1,9 +1,12 @@
-"""The latent-diffusion U-Net from the command line: configs, FP training, BiDM QAT from it and
-sampling on a tiny LDM-4 model over a generated image folder, and one-line config errors."""
+"""Latent diffusion from the command line: configs, FP training on latents a random-weight
+first stage encodes, BiDM QAT from it and sampling to decoded images on a tiny LDM-4 model over a
+generated 32x32 image folder, and one-line config errors."""
 
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,12 +14,14 @@ from PIL import Image
 from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import main
+from bidm_jax.export import convert_first_stage as cfs
+from bidm_jax.models import autoencoders as ae
 from bidm_jax.models.ldm_unet import LDMUNet
 
 CONFIGS = ("configs/lsun_bedrooms_ldm4.py", "configs/ffhq_ldm4.py", "configs/lsun_churches_ldm8.py")
 
 
-def _images(root, n=8, size=8):
+def _images(root, n=8, size=32):
   """n random RGB PNGs of size x size under root/train/a."""
   folder = root / "train" / "a"
   folder.mkdir(parents=True)
@@ -26,11 +31,20 @@ def _images(root, n=8, size=8):
   return str(root)
 
 
-def _tiny(spec, data_dir):
+def _first_stage(folder, preset):
+  """A random-weight first stage of `preset`, written as --mode=convert writes one."""
+  config = ae.PRESETS[preset]
+  x = jnp.zeros((1, config.factor, config.factor, 3))
+  params = ae.make_first_stage(config).init(jax.random.PRNGKey(1), x)["params"]
+  cfs.write_converted(folder, config, params)
+  return str(folder)
+
+
+def _tiny(spec, data_dir, first_stage=""):
   """The :tiny variant of `spec` on the image folder data_dir, one device."""
   config = config_lib.load_config_file(spec + ":tiny")
-  config.data.update(source="folder", data_dir=data_dir, name="", image_size=8)
-  config.data.channels = config.model.ldm.in_channels
+  config.data.update(source="folder", data_dir=data_dir, name="")
+  config.first_stage.source = first_stage
   config.mesh.data = 1
   return config
 
@@ -39,8 +53,6 @@ def _tiny(spec, data_dir):
 def test_configs_build_the_ldm_unet(spec):
   for variant in ("", ":tiny"):
     config = config_lib.load_config_file(spec + variant)
-    config.data.update(image_size=config.model.ldm.image_size)
-    config.data.channels = config.model.ldm.in_channels
     config_lib.validate(config)
     model = builders.make_model(config, config_lib.method_from_config(config))
     assert isinstance(model, LDMUNet)
@@ -60,33 +72,52 @@ def test_ddpm_description_unchanged():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("family", "vit", "config.model.family: 'vit' is not one of"),
-        ("ldm.norm_groups", 5, "config.model.ldm: LDMUNetConfig: norm_groups=5"),
-        ("ldm.out_channels", 4, "config.model.ldm.out_channels:"),
-        ("ldm.image_size", 16, "config.data.image_size: the LDM U-Net diffuses 16x16x3"),
+        ("model.family", "vit", "config.model.family: 'vit' is not one of"),
+        ("model.ldm.norm_groups", 5, "config.model.ldm: LDMUNetConfig: norm_groups=5"),
+        ("model.ldm.out_channels", 4, "config.model.ldm.out_channels:"),
+        ("model.ldm.image_size", 16, "config.data.image_size: the LDM U-Net diffuses (16, 16, 3)"),
+        ("first_stage.preset", "vq_f9", "config.first_stage.preset: 'vq_f9' is not one of"),
+        ("data.random_flip", True, "config.data.random_flip: images are encoded once"),
+        ("model.family", "ddpm", "config.first_stage.source: a first stage feeds the LDM"),
     ],
 )
 def test_bad_ldm_fields_are_one_line_errors(tmp_path, field, value, message):
   config = _tiny(CONFIGS[0], str(tmp_path))
   group, _, name = field.rpartition(".")
-  (config.model[group] if group else config.model)[name] = value
+  config[group][name] = value
   with pytest.raises(ValueError) as e:
     config_lib.validate(config)
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_bad_first_stage_sources_are_one_line_errors(tmp_path):
+  data_dir = _images(tmp_path / "images")
+  cases = [
+      ("", "config.first_stage.source: the model diffuses 'tiny_vq_f4' latents"),
+      (str(tmp_path / "none"), "config.first_stage.source: "),
+      (_first_stage(tmp_path / "kl", "tiny_kl_f8"), "config.first_stage.source: "),
+  ]
+  for source, message in cases:
+    config = _tiny(CONFIGS[0], data_dir, source)
+    config.binarization.method = "fp"
+    with pytest.raises(ValueError) as e:
+      main.run(config, str(tmp_path / "run"), "train")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
 def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
   data_dir = _images(tmp_path / "images")
-  fp = _tiny(CONFIGS[0], data_dir)
+  first_stage = _first_stage(tmp_path / "vq", "tiny_vq_f4")
+  fp = _tiny(CONFIGS[0], data_dir, first_stage)
   fp.binarization.method = "fp"
   main.run(fp, str(tmp_path / "fp"), "train")
-  qat = _tiny(CONFIGS[0], data_dir)
+  qat = _tiny(CONFIGS[0], data_dir, first_stage)
   qat.training.teacher = str(tmp_path / "fp")
   main.run(qat, str(tmp_path / "qat"), "train")
   stats = main.run(qat, str(tmp_path / "qat"), "sample")
   assert stats["num_samples"] == qat.sampling.num_samples
   with np.load(os.path.join(tmp_path, "qat", "samples.npz")) as f:
-    assert f["images"].shape == (4, 8, 8, 3)
+    assert f["images"].shape == (4, 32, 32, 3)
   main.run(qat, str(tmp_path / "qat"), "report")
   with open(tmp_path / "qat" / "efficiency.json") as f:
     assert json.load(f)
