@@ -2,7 +2,6 @@
 first stage encodes, BiDM QAT from it and sampling to decoded images on a tiny LDM-4 model over a
 generated 32x32 image folder, and one-line config errors."""
 
-import json
 import os
 
 import jax
@@ -15,8 +14,10 @@ from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import main
 from bidm_jax.export import convert_first_stage as cfs
+from bidm_jax.export import convert_ldm_unet as clu
 from bidm_jax.models import autoencoders as ae
 from bidm_jax.models.ldm_unet import LDMUNet
+from bidm_jax.training import checkpoint as ckpt_lib
 
 CONFIGS = ("configs/lsun_bedrooms_ldm4.py", "configs/ffhq_ldm4.py", "configs/lsun_churches_ldm8.py")
 
@@ -110,6 +111,7 @@ def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
   first_stage = _first_stage(tmp_path / "vq", "tiny_vq_f4")
   fp = _tiny(CONFIGS[0], data_dir, first_stage)
   fp.binarization.method = "fp"
+  fp.training.update(steps=2, log_every=1)
   main.run(fp, str(tmp_path / "fp"), "train")
   qat = _tiny(CONFIGS[0], data_dir, first_stage)
   qat.training.teacher = str(tmp_path / "fp")
@@ -118,6 +120,46 @@ def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
   assert stats["num_samples"] == qat.sampling.num_samples
   with np.load(os.path.join(tmp_path, "qat", "samples.npz")) as f:
     assert f["images"].shape == (4, 32, 32, 3)
-  main.run(qat, str(tmp_path / "qat"), "report")
-  with open(tmp_path / "qat" / "efficiency.json") as f:
-    assert json.load(f)
+
+
+def test_convert_a_diffusers_pipeline_to_a_teacher_and_first_stage(tmp_path):
+  diffusers = pytest.importorskip("diffusers")
+  from test_autoencoders import _diffusers_model  # pylint: disable=import-outside-toplevel
+  from test_ldm_unet import _diffusers_unet  # pylint: disable=import-outside-toplevel
+
+  pipe = tmp_path / "pipe"
+  _diffusers_unet(
+      in_channels=3,
+      out_channels=3,
+      block_out_channels=(16, 32),
+      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+      attention_head_dim=8,
+  ).save_pretrained(pipe / "unet")
+  _diffusers_model(
+      diffusers.VQModel,
+      block_out_channels=(8, 16, 32),
+      layers_per_block=1,
+      latent_channels=3,
+      num_vq_embeddings=16,
+  ).save_pretrained(pipe / "vqvae")
+  config = _tiny(CONFIGS[0], _images(tmp_path / "images"))
+  config.convert.source = str(pipe)
+  out = main.run(config, str(tmp_path / "teacher"), "convert")
+  config.training.teacher = out["to"]
+  config.first_stage.source = out["first_stage"]
+  mesh = builders.make_mesh(config)
+  _, teacher = builders.load_teacher(config, mesh)
+  expected = clu.load_ldm_unet(pipe)[1]
+  assert jax.tree_util.tree_all(
+      jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), teacher, expected)
+  )
+  first_stage = builders.load_first_stage(config, mesh)
+  assert first_stage.config == cfs.load_first_stage(pipe)[0]
+  with pytest.raises(ckpt_lib.CheckpointError):  # never over an existing teacher
+    main.run(config, str(tmp_path / "teacher"), "convert")
+  config.model.ldm.model_channels = 8
+  config.model.ldm.norm_groups = 4
+  with pytest.raises(ValueError) as e:
+    main.run(config, str(tmp_path / "other"), "convert")
+  assert "\n" not in str(e.value) and not (tmp_path / "other").exists()
