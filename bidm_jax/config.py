@@ -18,6 +18,7 @@ from bidm_jax.data import default_data_config
 from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS
 from bidm_jax.models.autoencoders import PRESETS as FIRST_STAGE_PRESETS
 from bidm_jax.models.ldm_unet import LDM4, LDMUNetConfig
+from bidm_jax.models.ldm_unet import PRESETS as LDM_PRESETS
 from bidm_jax.models.unet import DISTILL_POINTS, TBS_STRUCTURES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -110,25 +111,33 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def latent_diffusion_config(unet: LDMUNetConfig, first_stage: str, beta_end: float, variant: str):
-  """The paper's LDM setting (paper section 4 and appendix A) on the U-Net `unet` and the first
-  stage preset `first_stage` (256x256 images): the LDM 'ldm_linear' betas 0.0015 .. `beta_end`,
-  BiDM W1A1 QAT with AdamW lr 2e-5, batch 4, 200k iterations, 8 TBS connections, SPD lambda
-  1e-2 on a mean loss, DDIM 200 steps.
+LDM_DATASETS = {
+    "lsun_bedrooms": ("ldm4", "vq_f4", 0.0195, dict(source="tfds", name="lsun/bedroom")),
+    "ffhq": ("ldm4", "vq_f4", 0.0195, dict(source="folder", name="", data_dir="ffhq")),
+    "lsun_churches": ("ldm8", "kl_f8", 0.0155, dict(source="tfds", name="lsun/church_outdoor")),
+}
+"""The paper's latent settings: U-Net and first stage presets, the betas' end, the data."""
 
-  variant: '' (that setting) or 'tiny' (the 'tiny_' first stage on 32x32 images, `unet` with
-  the latent side they give, 2 TBS connections, a few steps and samples).
+
+def latent_diffusion_config(dataset: str, variant: str = ""):
+  """The paper's LDM setting (paper section 4 and appendix A) for an `LDM_DATASETS` entry
+  (256x256 images): the LDM 'ldm_linear' betas 0.0015 .. beta_end, BiDM W1A1 QAT with AdamW lr
+  2e-5, batch 4, 200k iterations, 8 TBS connections, SPD lambda 1e-2 on a mean loss, DDIM 200.
+
+  variant: '' (that setting) or 'tiny' (the 'tiny_' U-Net and first stage on 32x32 images, 2
+  TBS connections, a few steps and samples).
   """
   if variant not in ("", "tiny"):
-    raise ValueError(f"unknown LDM variant {variant!r}; valid: '' or 'tiny'")
-  c = default_config()
-  preset = ("tiny_" if variant else "") + first_stage
+    raise ValueError(f"unknown {dataset} variant {variant!r}; valid: '' or 'tiny'")
+  unet, first_stage, beta_end, data = LDM_DATASETS[dataset]
+  prefix = "tiny_" if variant else ""
   size = 32 if variant else 256
-  c.first_stage.preset = preset
+  c = default_config()
+  c.first_stage.preset = prefix + first_stage
   c.model.family = "ldm"
-  c.model.ldm = dataclasses.asdict(unet)
-  c.model.ldm.image_size = size // FIRST_STAGE_PRESETS[preset].factor
-  c.data.update(name="", image_size=size, random_flip=False)
+  c.model.ldm = dataclasses.asdict(LDM_PRESETS[prefix + unet])
+  c.model.ldm.image_size = size // FIRST_STAGE_PRESETS[prefix + first_stage].factor
+  c.data.update(image_size=size, random_flip=False, **data)
   c.diffusion.update(beta_schedule="ldm_linear", beta_start=0.0015, beta_end=beta_end)
   c.tbs.connections = 8
   c.distill.update(weight=1e-2, reduction="mean")

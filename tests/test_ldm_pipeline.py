@@ -115,6 +115,7 @@ def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
   main.run(fp, str(tmp_path / "fp"), "train")
   qat = _tiny(CONFIGS[0], data_dir, first_stage)
   qat.training.teacher = str(tmp_path / "fp")
+  qat.training.update(steps=2, log_every=1)
   main.run(qat, str(tmp_path / "qat"), "train")
   stats = main.run(qat, str(tmp_path / "qat"), "sample")
   assert stats["num_samples"] == qat.sampling.num_samples
@@ -125,17 +126,10 @@ def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
 def test_convert_a_diffusers_pipeline_to_a_teacher_and_first_stage(tmp_path):
   diffusers = pytest.importorskip("diffusers")
   from test_autoencoders import _diffusers_model  # pylint: disable=import-outside-toplevel
-  from test_ldm_unet import _diffusers_unet  # pylint: disable=import-outside-toplevel
+  from test_ldm_unet import TINY_LDM4_DIFFUSERS, _diffusers_unet  # pylint: disable=import-outside-toplevel
 
   pipe = tmp_path / "pipe"
-  _diffusers_unet(
-      in_channels=3,
-      out_channels=3,
-      block_out_channels=(16, 32),
-      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-      attention_head_dim=8,
-  ).save_pretrained(pipe / "unet")
+  _diffusers_unet(**TINY_LDM4_DIFFUSERS).save_pretrained(pipe / "unet")
   _diffusers_model(
       diffusers.VQModel,
       block_out_channels=(8, 16, 32),
