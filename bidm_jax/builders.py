@@ -8,7 +8,8 @@ conversion, the demo and the benchmarks. The architecture a checkpoint must agre
 `model_description(config)`, and `describe_unet` / `unet_from_description` turn a U-Net into
 that description and back. `config.model.family` picks the U-Net: 'ddpm' (`models.unet.UNet`,
 fields `ARCHITECTURE`) or 'ldm' (`models.ldm_unet.LDMUNet`, the `config.model.ldm` fields of
-CompVis' unet_config, described with `family: 'ldm'`). Sampling, and `load_model`, live in `bidm_jax.sampling`.
+CompVis' unet_config, described with `family: 'ldm'`). Sampling, and `load_model`, live in
+`bidm_jax.sampling`.
 """
 
 from __future__ import annotations
@@ -244,8 +245,8 @@ def latent_encoder(config, first_stage: FirstStage) -> Callable[[np.ndarray, int
 
   @jax.jit
   def encode(params, x, key):
-    rng = {"rng": key} if sample else {}
-    return first_stage.module.apply({"params": params}, x, method="encode", **rng)
+    posterior_sample = {"rng": key} if sample else {}
+    return first_stage.module.apply({"params": params}, x, method="encode", **posterior_sample)
 
   key = jax.random.PRNGKey(config.seed)
   return lambda images, index: np.asarray(
