@@ -7,6 +7,7 @@ the embedded demo.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import ml_collections
@@ -15,6 +16,9 @@ from ml_collections import config_dict
 from bidm_jax.binarize.methods import METHODS, BinarizationMethod, get_method
 from bidm_jax.data import default_data_config
 from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS
+from bidm_jax.models.autoencoders import PRESETS as FIRST_STAGE_PRESETS
+from bidm_jax.models.ldm_unet import LDM4, LDMUNetConfig
+from bidm_jax.models.ldm_unet import PRESETS as LDM_PRESETS
 from bidm_jax.models.unet import DISTILL_POINTS, TBS_STRUCTURES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -22,6 +26,7 @@ OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
 ENGINES = ("simulated", "packed")
 EXPORT_FP_DTYPES = ("float32", "bfloat16")
+FAMILIES = ("ddpm", "ldm")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,12 +35,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.compilation_cache = "auto"  # JAX's persistent cache: 'auto' (user cache dir), a path, 'off'
   c.model = dict(
+      family="ddpm",  # 'ddpm': the fields below; 'ldm': the latent-diffusion U-Net of `ldm`
       ch=128,
       ch_mult=(1, 2, 2, 2),
       num_res_blocks=2,
       attn_resolutions=(16,),
       dropout=0.1,
       compute_dtype="float32",
+      ldm=dataclasses.asdict(LDM4),  # CompVis' unet_config names (models.ldm_unet.LDMUNetConfig)
   )
   c.data = default_data_config()
   c.data.source = "tfds"
@@ -92,9 +99,54 @@ def default_config() -> ml_collections.ConfigDict:
       pr_reference=50_000,
       progress_bar=True,
   )
+  c.first_stage = dict(
+      source="",  # '' (none) or a converted folder, a diffusers folder, a CompVis .ckpt
+      preset="",  # models.autoencoders.PRESETS name: the architecture of a CompVis .ckpt
+      scale_factor=config_dict.placeholder(float),  # overrides the source's latent scale
+      sample_posterior=False,  # KL: a posterior sample per image instead of its mean
+  )
   c.convert = dict(source="", layout="", use_ema=True)
   c.export = dict(path="", fp_dtype="float32")  # --mode=export: file, dtype of the FP layers
   c.mesh = dict(data=-1)
+  return c
+
+
+LDM_DATASETS = {
+    "lsun_bedrooms": ("ldm4", "vq_f4", 0.0195, dict(source="tfds", name="lsun/bedroom")),
+    "ffhq": ("ldm4", "vq_f4", 0.0195, dict(source="folder", name="", data_dir="ffhq")),
+    "lsun_churches": ("ldm8", "kl_f8", 0.0155, dict(source="tfds", name="lsun/church_outdoor")),
+}
+"""The paper's latent settings: U-Net and first stage presets, the betas' end, the data."""
+
+
+def latent_diffusion_config(dataset: str, variant: str = ""):
+  """The paper's LDM setting (paper section 4 and appendix A) for an `LDM_DATASETS` entry
+  (256x256 images): the LDM 'ldm_linear' betas 0.0015 .. beta_end, BiDM W1A1 QAT with AdamW lr
+  2e-5, batch 4, 200k iterations, 8 TBS connections, SPD lambda 1e-2 on a mean loss, DDIM 200.
+
+  variant: '' (that setting) or 'tiny' (the 'tiny_' U-Net and first stage on 32x32 images, 2
+  TBS connections, a few steps and samples).
+  """
+  if variant not in ("", "tiny"):
+    raise ValueError(f"unknown {dataset} variant {variant!r}; valid: '' or 'tiny'")
+  unet, first_stage, beta_end, data = LDM_DATASETS[dataset]
+  prefix = "tiny_" if variant else ""
+  size = 32 if variant else 256
+  c = default_config()
+  c.first_stage.preset = prefix + first_stage
+  c.model.family = "ldm"
+  c.model.ldm = dataclasses.asdict(LDM_PRESETS[prefix + unet])
+  c.model.ldm.image_size = size // FIRST_STAGE_PRESETS[prefix + first_stage].factor
+  c.data.update(image_size=size, random_flip=False, **data)
+  c.diffusion.update(beta_schedule="ldm_linear", beta_start=0.0015, beta_end=beta_end)
+  c.tbs.connections = 8
+  c.distill.update(weight=1e-2, reduction="mean")
+  c.training.update(steps=200_000, batch_size=4, optimizer="adamw", learning_rate=2e-5)
+  c.sampling.update(steps=200, num_samples=64, batch_size=16)
+  if variant == "tiny":
+    c.training.update(steps=4, log_every=2, checkpoint_every=2, progress_bar=False)
+    c.sampling.update(steps=4, num_samples=4, batch_size=4)
+    c.tbs.connections = 2
   return c
 
 
@@ -130,29 +182,16 @@ def validate(config) -> None:
       "binarization.method",
       f"{config.binarization.method!r} is not one of {', '.join(METHODS)}",
   )
+  need(m.family in FAMILIES, "model.family", f"{m.family!r} is not one of {FAMILIES}")
   need(
-      m.ch > 0 and m.ch % 32 == 0,
-      "model.ch",
-      f"must be a positive multiple of 32 (GroupNorm groups), got {m.ch}",
+      m.family == "ldm" or not (config.first_stage.source or config.first_stage.preset),
+      "first_stage.source",
+      "a first stage feeds the LDM U-Net: set model.family 'ldm'",
   )
-  need(
-      len(m.ch_mult) >= 1 and all(k > 0 for k in m.ch_mult),
-      "model.ch_mult",
-      f"must be positive integers, got {tuple(m.ch_mult)}",
-  )
-  need(m.num_res_blocks >= 1, "model.num_res_blocks", f"must be >= 1, got {m.num_res_blocks}")
-  need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-  need(
-      m.compute_dtype in COMPUTE_DTYPES,
-      "model.compute_dtype",
-      f"{m.compute_dtype!r} is not one of {COMPUTE_DTYPES}",
-  )
-  size = config.data.image_size
-  need(
-      size > 0 and size % 2 ** (len(m.ch_mult) - 1) == 0,
-      "data.image_size",
-      f"{size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(m.ch_mult) - 1)}",
-  )
+  if m.family == "ldm":
+    _validate_ldm(config, need)
+  else:
+    _validate_ddpm(config, need)
   need(
       d.beta_schedule in BETA_SCHEDULES,
       "diffusion.beta_schedule",
@@ -164,22 +203,11 @@ def validate(config) -> None:
       "diffusion.beta_start",
       f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}",
   )
-  blocks = len(m.ch_mult) * (m.num_res_blocks + 1)
-  need(
-      0 <= config.tbs.connections <= blocks,
-      "tbs.connections",
-      f"must be in [0, {blocks}] (decoder blocks), got {config.tbs.connections}",
-  )
   need(config.tbs.buckets >= 1, "tbs.buckets", f"must be >= 1, got {config.tbs.buckets}")
   need(
       config.tbs.structure in TBS_STRUCTURES,
       "tbs.structure",
       f"{config.tbs.structure!r} is not one of {TBS_STRUCTURES}",
-  )
-  need(
-      config.tbs.structure != "release" or len(m.ch_mult) >= 2,
-      "tbs.structure",
-      "'release' blends upsample outputs: model.ch_mult needs at least 2 levels",
   )
   need(config.distill.weight >= 0, "distill.weight", f"must be >= 0, got {config.distill.weight}")
   need(
@@ -194,6 +222,11 @@ def validate(config) -> None:
       config.distill.points in DISTILL_POINTS,
       "distill.points",
       f"{config.distill.points!r} is not one of {DISTILL_POINTS}",
+  )
+  need(
+      m.compute_dtype in COMPUTE_DTYPES,
+      "model.compute_dtype",
+      f"{m.compute_dtype!r} is not one of {COMPUTE_DTYPES}",
   )
   need(t.steps >= 1, "training.steps", f"must be >= 1, got {t.steps}")
   need(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -254,3 +287,95 @@ def validate(config) -> None:
       f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.pr_reference}",
   )
   method_from_config(config)
+
+
+def _validate_ddpm(config, need) -> None:
+  """The DDPM U-Net's fields (config.model) and the image side they need."""
+  m = config.model
+  need(
+      m.ch > 0 and m.ch % 32 == 0,
+      "model.ch",
+      f"must be a positive multiple of 32 (GroupNorm groups), got {m.ch}",
+  )
+  need(
+      len(m.ch_mult) >= 1 and all(k > 0 for k in m.ch_mult),
+      "model.ch_mult",
+      f"must be positive integers, got {tuple(m.ch_mult)}",
+  )
+  need(m.num_res_blocks >= 1, "model.num_res_blocks", f"must be >= 1, got {m.num_res_blocks}")
+  need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+  size = config.data.image_size
+  need(
+      size > 0 and size % 2 ** (len(m.ch_mult) - 1) == 0,
+      "data.image_size",
+      f"{size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(m.ch_mult) - 1)}",
+  )
+  _need_connections(config, need, len(m.ch_mult) * (m.num_res_blocks + 1))
+  need(
+      config.tbs.structure != "release" or len(m.ch_mult) >= 2,
+      "tbs.structure",
+      "'release' blends upsample outputs: model.ch_mult needs at least 2 levels",
+  )
+
+
+def _validate_ldm(config, need) -> None:
+  """The latent-diffusion U-Net's fields (config.model.ldm): an LDMUNetConfig, eps of the input
+  shape, only the paper's 'blocks' TBS and distillation points."""
+  ldm = config.model.ldm
+  unknown = sorted(set(ldm) - {f.name for f in dataclasses.fields(LDMUNetConfig)})
+  need(not unknown, "model.ldm", f"unknown fields {unknown}")
+  try:
+    cfg = LDMUNetConfig(**ldm.to_dict())
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.model.ldm: {e}") from None
+  need(
+      cfg.in_channels == cfg.out_channels,
+      "model.ldm.out_channels",
+      f"the eps prediction has the input's {cfg.in_channels} channels, got {cfg.out_channels}",
+  )
+  need(0.0 <= cfg.dropout < 1.0, "model.ldm.dropout", f"must be in [0, 1), got {cfg.dropout}")
+  latent = (cfg.image_size, cfg.image_size, cfg.in_channels)
+  f, size = config.first_stage, config.data.image_size
+  need(
+      f.preset in ("", *FIRST_STAGE_PRESETS),
+      "first_stage.preset",
+      f"{f.preset!r} is not one of {sorted(FIRST_STAGE_PRESETS)} or ''",
+  )
+  if f.preset:
+    preset = FIRST_STAGE_PRESETS[f.preset]
+    found = preset.latent_shape(size) if size % preset.factor == 0 else f"{size}/{preset.factor}"
+    what = f"first stage {f.preset!r} encodes data.image_size {size} to"
+  elif f.source:
+    found, what = latent, ""  # a diffusers folder's shape is checked when it is read
+  else:
+    found = (size, size, config.data.channels)
+    what = "without a first stage (first_stage.source, preset) the data are"
+  need(
+      found == latent,
+      "data.image_size",
+      f"the LDM U-Net diffuses {latent} inputs (model.ldm.image_size, in_channels), {what} {found}",
+  )
+  need(
+      not ((f.source or f.preset) and config.data.random_flip),
+      "data.random_flip",
+      "images are encoded once into latents (first_stage.source): set it False",
+  )
+  _need_connections(config, need, len(cfg.channel_mult) * (cfg.num_res_blocks + 1))
+  for field, value in (
+      ("tbs.structure", config.tbs.structure),
+      ("distill.points", config.distill.points),
+  ):
+    need(value == "blocks", field, f"the LDM U-Net has only 'blocks', got {value!r}")
+  need(
+      config.sampling.engine == "simulated",
+      "sampling.engine",
+      "the packed engine covers the DDPM U-Net only; use 'simulated' for model.family 'ldm'",
+  )
+
+
+def _need_connections(config, need, blocks: int) -> None:
+  need(
+      0 <= config.tbs.connections <= blocks,
+      "tbs.connections",
+      f"must be in [0, {blocks}] (decoder blocks), got {config.tbs.connections}",
+  )

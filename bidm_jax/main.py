@@ -6,7 +6,9 @@ Modes:
   sample    config.sampling.num_samples images from DIR (or config.sampling.checkpoint) to
             DIR/samples.png and DIR/samples.npz (config.sampling.engine=packed: from an export)
   pipeline  the demo: FP training, BiDM QAT, sampling, report.json and samples.png
-  convert   a public PyTorch DDPM checkpoint (config.convert.source) to an Orbax folder DIR
+  convert   a public PyTorch DDPM checkpoint (config.convert.source) to an Orbax folder DIR;
+            with model.family 'ldm', an LDM checkpoint (CompVis .ckpt or diffusers pipeline
+            folder) to the teacher DIR and its first stage DIR/first_stage
   report    size / BOPs / FLOPs / OPs of the config's FP and binary models to DIR/efficiency.json
   evaluate  config.eval.num_samples samples from DIR: FID, sFID, IS, precision/recall to
             DIR/metrics.json against the reference statistics config.eval.reference
@@ -37,8 +39,10 @@ from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.efficiency import efficiency_report
 from bidm_jax.export import convert_ddpm
+from bidm_jax.export import convert_ldm_unet
 from bidm_jax.export import packed as packed_export
 from bidm_jax.io import files
+from bidm_jax.models import autoencoders
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_grid
@@ -73,6 +77,19 @@ def sample(config, workdir: str) -> dict:
 def convert(config, workdir: str) -> dict:
   if not config.convert.source:
     raise ValueError("config.convert.source: give the PyTorch checkpoint to convert")
+  if config.model.family == "ldm":
+    preset = config.first_stage.preset
+    convert_ldm_unet.convert_checkpoint(
+        config.convert.source,
+        workdir,
+        builders.model_description(config),
+        builders.ldm_config(config),
+        autoencoders.PRESETS[preset] if preset else None,
+        use_ema=config.convert.use_ema,
+        scale_factor=config.first_stage.scale_factor,
+    )
+    first_stage = os.path.join(workdir, convert_ldm_unet.FIRST_STAGE_FOLDER)
+    return {"converted": config.convert.source, "to": workdir, "first_stage": first_stage}
   convert_ddpm.convert_checkpoint(
       config.convert.source,
       workdir,
@@ -86,7 +103,7 @@ def convert(config, workdir: str) -> dict:
 
 
 def report(config, workdir: str) -> dict:
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape = builders.image_shape(config, 1)[1:]
   result = efficiency_report(
       builders.make_model(config, FP),
       builders.make_model(config, config_lib.method_from_config(config)),

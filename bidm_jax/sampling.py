@@ -107,10 +107,13 @@ def sample_batches(
 
   Batches of `batch_size` (rounded up to the mesh size) run sharded over all devices; batch i
   draws with key fold_in(PRNGKey(seed), i), so the samples depend on the seed and batch size
-  only. The progress bar (images) shows on process 0.
+  only. An LDM's latents are decoded by config.first_stage (`builders.latent_decoder`, images
+  clipped to [-1, 1]). The progress bar (images) shows on process 0.
   """
   mesh = mesh or builders.make_mesh(config)
   sample = make_sampler(config, model, builders.make_schedule(config), mesh)
+  first_stage = builders.load_first_stage(config, mesh)
+  decode = builders.latent_decoder(first_stage) if first_stage else lambda z: z
   devices = mesh.devices.size
   batch = -(-min(batch_size, num) // devices) * devices
   params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -121,7 +124,7 @@ def sample_batches(
   ) as bar:
     for i in range(-(-num // batch)):
       start = time.perf_counter()
-      images = jax.block_until_ready(sample(params, jax.random.fold_in(key, i), batch))
+      images = jax.block_until_ready(decode(sample(params, jax.random.fold_in(key, i), batch)))
       if i:
         timed, elapsed = timed + batch, elapsed + time.perf_counter() - start
       images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[: num - done]

@@ -173,7 +173,7 @@ def test_convert_to_gs_exports_in_place(fake_gcs, monkeypatch):
   on gs:// needs tensorstore's GCS driver, so export_params is stubbed here)."""
   calls = []
   monkeypatch.setattr(ckpt_lib, "export_params", lambda *args: calls.append(args))
-  convert_ddpm._export_atomically(epath.Path("gs://bucket/teacher"), {"w": 1}, {"ch": 32})
+  convert_ddpm.export_atomically(epath.Path("gs://bucket/teacher"), {"w": 1}, {"ch": 32})
   assert [(str(a[0]), a[1], a[2]) for a in calls] == [("gs://bucket/teacher", {"w": 1}, {"ch": 32})]
 
 

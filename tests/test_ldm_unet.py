@@ -49,17 +49,20 @@ def _diffusers_unet(**kwargs):
   return model
 
 
+TINY_LDM4_DIFFUSERS = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+)
+"""`_diffusers_unet` arguments of LDM-4's layout; the model equals `ldm_unet.TINY_LDM4`."""
+
+
 @pytest.fixture(scope="module")
 def ldm4():
-  """LDM-4's layout; equals `ldm_unet.TINY_LDM4`."""
-  return _diffusers_unet(
-      in_channels=3,
-      out_channels=3,
-      block_out_channels=(16, 32),
-      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-      attention_head_dim=8,
-  )
+  return _diffusers_unet(**TINY_LDM4_DIFFUSERS)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import flags
 import grain
@@ -33,6 +33,9 @@ import numpy as np
 from bidm_jax.data import config as config_lib
 from bidm_jax.data import preprocess
 from bidm_jax.data import sources
+
+ENCODE_BATCH = 32
+"""Images per first-stage call when a training split is encoded into latents."""
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,7 @@ def make_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    encode: Callable[[np.ndarray, int], np.ndarray] | None = None,
 ) -> TrainIterator:
   """Endless, shuffled training batches for this host.
 
@@ -185,6 +189,10 @@ def make_train_iterator(
   in [-1, 1][, 'label': int32 (B,)]}`. Order and flips are a function of `seed` (not of
   `num_workers`). Checkpoint it with `orbax_save_args` / `orbax_restore_args` (or
   `iterator_state` / `restore_iterator_state`).
+
+  With `encode` (`builders.latent_encoder`: (B, H, W, C) in [-1, 1] and a batch index ->
+  (B, h, w, c) latents), the host's images are encoded once, ENCODE_BATCH at a time, into
+  float32 latents in host memory, and `'image'` holds latents (never flipped).
   """
   config_lib.validate(data)
   process_index, process_count = _host(process_index, process_count)
@@ -203,8 +211,18 @@ def make_train_iterator(
       skip_bad=data.on_bad_file == "skip",
   )
   examples = preprocess.HostShard(loaded, process_index, process_count)
-  cached = _cache_shard(data, len(examples))
-  if cached:
+  cached = encode is not None or _cache_shard(data, len(examples))
+  if encode is not None:
+    start = time.perf_counter()
+    examples = preprocess.encode_all(examples, encode, ENCODE_BATCH)
+    log.info(
+        "encoded %d examples of %r into latents %s in host memory in %.1f s",
+        len(examples),
+        source,
+        examples.images.shape[1:],
+        time.perf_counter() - start,
+    )
+  elif cached:
     start = time.perf_counter()
     examples = preprocess.decode_all(examples, threads=max(data.num_workers, os.cpu_count() or 1))
     log.info(
@@ -216,8 +234,10 @@ def make_train_iterator(
   shuffle_seed, flip_seed = _seeds(seed)
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(preprocess.EpochBatches(len(examples), local_batch, shuffle_seed))
-  ds = ds.map(preprocess.BatchLoader(examples, flip_seed if data.random_flip else None))
-  ds = ds.map(preprocess.scale_batch)
+  flips = data.random_flip and encode is None
+  ds = ds.map(preprocess.BatchLoader(examples, flip_seed if flips else None))
+  if encode is None:
+    ds = ds.map(preprocess.scale_batch)
   # Decoded batches need no worker processes: threads in this process assemble them.
   return TrainIterator(
       _iterate(ds, 0 if cached else data.num_workers, batched=True, decoded=cached), local_batch

@@ -117,7 +117,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class DecodedArraySource:
-  """Examples decoded once into host memory: uint8 images (N, H, W, C), labels and skip counts.
+  """Examples decoded once into host memory: uint8 images (N, H, W, C) (or float32 latents,
+  `encode_all`), labels and skip counts.
 
   Indexing returns the same records as the `LoadedSource` (or its shard) it was decoded from,
   so a pipeline over it yields the same batches as the streaming one, without decoding again.
@@ -167,6 +168,26 @@ def decode_all(examples, *, threads: int) -> DecodedArraySource:
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     list(pool.map(fill, range(0, n, 256)))
   return DecodedArraySource(images, labels, skipped)
+
+
+def encode_all(examples, encode, batch_size: int) -> DecodedArraySource:
+  """Every example of `examples` (len() and [i] -> `LoadedSource` records) loaded and encoded
+  once, `batch_size` at a time (the last batch padded): `encode(images (B, H, W, C) float32 in
+  [-1, 1], batch index) -> (B, h, w, c)` latents, kept as float32 in host memory."""
+  n = len(examples)
+  latents, labels, skipped = None, None, np.empty((n,), np.int32)
+  for b, start in enumerate(range(0, n, batch_size)):
+    rows = [examples[i] for i in range(start, min(start + batch_size, n))]
+    images = np.stack([r["image"] for r in rows] + [rows[-1]["image"]] * (batch_size - len(rows)))
+    z = np.asarray(encode(scale_batch({"image": images})["image"], b), np.float32)[: len(rows)]
+    if latents is None:
+      latents = np.empty((n, *z.shape[1:]), np.float32)
+      labels = np.empty((n,), np.int32) if "label" in rows[0] else None
+    latents[start : start + len(rows)] = z
+    skipped[start : start + len(rows)] = [r["skipped"] for r in rows]
+    if labels is not None:
+      labels[start : start + len(rows)] = [r["label"] for r in rows]
+  return DecodedArraySource(latents, labels, skipped)
 
 
 class HostShard:

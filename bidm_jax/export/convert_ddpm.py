@@ -567,12 +567,12 @@ def convert_checkpoint(
     )
   except ValueError as e:
     raise ValueError(f"{weights}: {e}") from None
-  _export_atomically(out, params, desc)
+  export_atomically(out, params, desc)
   logging.info("wrote the converted %s to %s", weights, out)
   return out
 
 
-def _export_atomically(out: epath.Path, params, desc: Mapping[str, Any]) -> None:
+def export_atomically(out: epath.Path, params, desc: Mapping[str, Any]) -> None:
   """export_params into a temporary sibling folder, then move it (or its entries) to `out`.
 
   A URI (gs://...) has no atomic folder rename: there export_params writes `out` directly;

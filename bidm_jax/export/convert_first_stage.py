@@ -29,23 +29,31 @@ diffusers issue 6725); for a CompVis checkpoint its ``scale_factor`` buffer when
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import logging
+import os
 import re
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import flax
 import numpy as np
 from etils import epath
 
+from bidm_jax.io import files
 from bidm_jax.io.torch_files import load_torch_state_dict
 from bidm_jax.models import autoencoders as ae
 
 LAYOUTS = ("compvis", "diffusers")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PIPELINE_FOLDERS = ("vqvae", "vae")
+CONVERTED_CONFIG = "first_stage.json"
+CONVERTED_PARAMS = "first_stage.npz"
+"""A converted first stage on disk: its FirstStageConfig fields (JSON) and its Flax params
+(npz, one array per parameter, keys the '/'-joined paths)."""
 _MAX_LISTED = 25
 
 __all__ = [
@@ -57,6 +65,8 @@ __all__ = [
     "map_tensors",
     "resolve_source",
     "target_shapes",
+    "write_converted",
+    "read_converted",
 ]
 
 
@@ -419,8 +429,9 @@ def load_first_stage(
   """Reads and converts a first stage: returns (its config, its params).
 
   Args:
-    source: a diffusers folder (or a pipeline folder with vqvae/ or vae/, or the weights file
-      next to its config.json), or a CompVis ``.ckpt`` / torch / safetensors file.
+    source: a folder `write_converted` wrote, a diffusers folder (or a pipeline folder with
+      vqvae/ or vae/, or the weights file next to its config.json), or a CompVis ``.ckpt`` /
+      torch / safetensors file.
     config: the architecture. Required for a CompVis file (e.g. `ae.VQ_F4`, `ae.KL_F8`); for a
       diffusers folder it is read from config.json, and a given one must agree with it.
     layout, prefix: see `convert_state_dict`.
@@ -429,6 +440,8 @@ def load_first_stage(
     FileNotFoundError: nothing at `source`, or a folder without weights.
     ValueError: an unreadable file, a config that does not fit, a conversion mismatch.
   """
+  if (epath.Path(source) / CONVERTED_CONFIG).exists():
+    return read_converted(source, scale_factor)
   weights, diffusers_config = resolve_source(source)
   if diffusers_config is not None:
     found = config_from_diffusers(diffusers_config, scale_factor)
@@ -458,3 +471,30 @@ def load_first_stage(
   except ValueError as e:
     raise ValueError(f"{weights}: {e}") from None
   return config, params
+
+
+def write_converted(folder, config: ae.FirstStageConfig, params) -> None:
+  """Writes a first stage as `folder`/CONVERTED_CONFIG and CONVERTED_PARAMS."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  files.makedirs(folder)
+  files.write_json(os.path.join(folder, CONVERTED_CONFIG), dataclasses.asdict(config))
+  files.write_npz(
+      os.path.join(folder, CONVERTED_PARAMS), **{k: np.asarray(v) for k, v in flat.items()}
+  )
+
+
+def read_converted(folder, scale_factor: float | None = None) -> tuple[ae.FirstStageConfig, dict]:
+  """(config, params) of a `write_converted` folder, checked against the config's shapes."""
+  path = epath.Path(folder)
+  try:
+    config = ae.FirstStageConfig(**json.loads((path / CONVERTED_CONFIG).read_text()))
+    with np.load(io.BytesIO((path / CONVERTED_PARAMS).read_bytes())) as f:
+      flat = {tuple(k.split("/")): f[k] for k in f.files}
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"{folder}: not a readable converted first stage ({e})") from None
+  found = {k: tuple(v.shape) for k, v in flat.items()}
+  if found != target_shapes(config):
+    raise ValueError(f"{folder}: its {CONVERTED_PARAMS} does not fit its {CONVERTED_CONFIG}")
+  if scale_factor is not None:
+    config = dataclasses.replace(config, scale_factor=float(scale_factor))
+  return config, flax.traverse_util.unflatten_dict(flat)

@@ -32,9 +32,13 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from bidm_jax.export import convert_ddpm
 from bidm_jax.export import convert_first_stage as cfs
+from bidm_jax.models import autoencoders as ae
 from bidm_jax.models import ldm_unet
+from bidm_jax.training import checkpoint as ckpt_lib
 
 LAYOUTS = ("compvis", "diffusers")
 WEIGHT_FILES = cfs.WEIGHT_FILES
@@ -403,3 +407,33 @@ def load_ldm_unet(
   except ValueError as e:
     raise ValueError(f"{weights}: {e}") from None
   return config, params
+
+
+FIRST_STAGE_FOLDER = "first_stage"
+"""Where `convert_checkpoint` writes the first stage, inside the teacher folder."""
+
+
+def convert_checkpoint(
+    source,
+    out_dir,
+    desc: Mapping[str, Any],
+    unet: ldm_unet.LDMUNetConfig,
+    first_stage: ae.FirstStageConfig | None,
+    *,
+    use_ema: bool = True,
+    scale_factor: float | None = None,
+) -> epath.Path:
+  """An LDM checkpoint (CompVis .ckpt, or a diffusers pipeline folder with unet/ and vqvae/ or
+  vae/) to a teacher folder `out_dir` (`convert_ddpm.export_atomically` of the U-Net's params,
+  described by `desc`) holding the first stage in FIRST_STAGE_FOLDER
+  (`convert_first_stage.write_converted`). Both convert before anything is written.
+
+  unet, first_stage: the architectures (a diffusers config.json must agree with them).
+  """
+  out = epath.Path(out_dir)
+  ckpt_lib.check_export_target(out)
+  _, params = load_ldm_unet(source, unet, use_ema=use_ema)
+  fs_config, fs_params = cfs.load_first_stage(source, first_stage, scale_factor=scale_factor)
+  convert_ddpm.export_atomically(out, params, desc)
+  cfs.write_converted(out / FIRST_STAGE_FOLDER, fs_config, fs_params)
+  return out

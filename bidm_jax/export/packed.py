@@ -521,7 +521,6 @@ def load_export(source, config) -> tuple[dict, dict]:
       diffs.append(
           f"binarization {k}: export {desc['method'].get(k)!r} vs config {method.get(k)!r}"
       )
-  d = config.data
   expected = dict(
       tbs_connections=config.tbs.connections,
       tbs_buckets=config.tbs.buckets,
@@ -533,7 +532,7 @@ def load_export(source, config) -> tuple[dict, dict]:
       for k, v in expected.items()
       if desc["tbs"][k] != v
   ]
-  shape = [d.image_size, d.image_size, d.channels]
+  shape = list(builders.image_shape(config, 1)[1:])
   if desc["image_shape"] != shape:
     diffs.append(f"image shape: export {desc['image_shape']} vs config {shape}")
   if diffs:
@@ -571,6 +570,8 @@ def export(config, workdir: str) -> dict:
   Never overwrites a file. Returns the path, file bytes, the FP float32 checkpoint's bytes and
   the size by category (`size_report`).
   """
+  if config.model.family == "ldm":
+    raise ValueError("config.model.family: the packed export covers the DDPM U-Net only, not 'ldm'")
   method = config_lib.method_from_config(config)
   check_supported(method)
   source = config.sampling.checkpoint or workdir
@@ -582,12 +583,11 @@ def export(config, workdir: str) -> dict:
   params, meta = ckpt_lib.load_params(source, builders.model_description(config))
   _check_trained_method(meta, method, source)
   model = builders.make_model(config, method)
-  d = config.data
   return write_export(
       target,
       model,
       params,
-      (d.image_size, d.image_size, d.channels),
+      builders.image_shape(config, 1)[1:],
       fp_dtype=config.export.fp_dtype,
       source=dict(path=str(source), step=meta.get("step")),
   )

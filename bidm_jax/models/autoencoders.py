@@ -100,6 +100,11 @@ KL_F8 = FirstStageConfig(
     kind="kl", ch_mult=(1, 2, 4, 4), z_channels=4, embed_dim=4, n_embed=0, scale_factor=0.22765929
 )
 """CompVis kl-f8 (LDM-8 on LSUN-Churches, whose config sets scale_factor 0.22765929)."""
+TINY_VQ_F4 = dataclasses.replace(VQ_F4, ch=8, n_embed=16, norm_groups=4, num_res_blocks=1)
+"""vq-f4's layout at test size."""
+TINY_KL_F8 = dataclasses.replace(KL_F8, ch=8, norm_groups=4, num_res_blocks=1)
+"""kl-f8's layout at test size."""
+PRESETS = {"vq_f4": VQ_F4, "kl_f8": KL_F8, "tiny_vq_f4": TINY_VQ_F4, "tiny_kl_f8": TINY_KL_F8}
 
 
 def make_first_stage(config: FirstStageConfig) -> VQModel | AutoencoderKL:

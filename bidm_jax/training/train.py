@@ -306,8 +306,12 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
   tx = builders.make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
   if data_iterator is None:
+    first_stage = builders.load_first_stage(config, mesh)
     data_iterator = data_lib.make_train_iterator(
-        config.data, global_batch_size=t.batch_size, seed=config.seed
+        config.data,
+        global_batch_size=t.batch_size,
+        seed=config.seed,
+        encode=first_stage and builders.latent_encoder(config, first_stage),
     )
   checkpoint_data = isinstance(data_iterator, grain.DatasetIterator)
 

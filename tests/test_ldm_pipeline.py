@@ -1,0 +1,159 @@
+"""Latent diffusion from the command line: configs, FP training on latents a random-weight
+first stage encodes, BiDM QAT from it and sampling to decoded images on a tiny LDM-4 model over a
+generated 32x32 image folder, and one-line config errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from bidm_jax import builders
+from bidm_jax import config as config_lib
+from bidm_jax import main
+from bidm_jax.export import convert_first_stage as cfs
+from bidm_jax.export import convert_ldm_unet as clu
+from bidm_jax.models import autoencoders as ae
+from bidm_jax.models.ldm_unet import LDMUNet
+from bidm_jax.training import checkpoint as ckpt_lib
+
+CONFIGS = ("configs/lsun_bedrooms_ldm4.py", "configs/ffhq_ldm4.py", "configs/lsun_churches_ldm8.py")
+
+
+def _images(root, n=8, size=32):
+  """n random RGB PNGs of size x size under root/train/a."""
+  folder = root / "train" / "a"
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(folder / f"{i}.png")
+  return str(root)
+
+
+def _first_stage(folder, preset):
+  """A random-weight first stage of `preset`, written as --mode=convert writes one."""
+  config = ae.PRESETS[preset]
+  x = jnp.zeros((1, config.factor, config.factor, 3))
+  params = ae.make_first_stage(config).init(jax.random.PRNGKey(1), x)["params"]
+  cfs.write_converted(folder, config, params)
+  return str(folder)
+
+
+def _tiny(spec, data_dir, first_stage=""):
+  """The :tiny variant of `spec` on the image folder data_dir, one device."""
+  config = config_lib.load_config_file(spec + ":tiny")
+  config.data.update(source="folder", data_dir=data_dir, name="")
+  config.first_stage.source = first_stage
+  config.mesh.data = 1
+  return config
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_configs_build_the_ldm_unet(spec):
+  for variant in ("", ":tiny"):
+    config = config_lib.load_config_file(spec + variant)
+    config_lib.validate(config)
+    model = builders.make_model(config, config_lib.method_from_config(config))
+    assert isinstance(model, LDMUNet)
+    assert builders.describe_unet(model) == builders.model_description(config)
+    rebuilt = builders.unet_from_description(builders.model_description(config))
+    assert rebuilt.config == model.config
+  assert (config.training.learning_rate, config.training.batch_size) == (2e-5, 4)
+
+
+def test_ddpm_description_unchanged():
+  config = config_lib.default_config()
+  assert builders.model_description(config) == dict(
+      ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, out_ch=3
+  )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.family", "vit", "config.model.family: 'vit' is not one of"),
+        ("model.ldm.norm_groups", 5, "config.model.ldm: LDMUNetConfig: norm_groups=5"),
+        ("model.ldm.out_channels", 4, "config.model.ldm.out_channels:"),
+        ("model.ldm.image_size", 16, "config.data.image_size: the LDM U-Net diffuses (16, 16, 3)"),
+        ("first_stage.preset", "vq_f9", "config.first_stage.preset: 'vq_f9' is not one of"),
+        ("data.random_flip", True, "config.data.random_flip: images are encoded once"),
+        ("model.family", "ddpm", "config.first_stage.source: a first stage feeds the LDM"),
+    ],
+)
+def test_bad_ldm_fields_are_one_line_errors(tmp_path, field, value, message):
+  config = _tiny(CONFIGS[0], str(tmp_path))
+  group, _, name = field.rpartition(".")
+  config[group][name] = value
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config)
+  assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_bad_first_stage_sources_are_one_line_errors(tmp_path):
+  data_dir = _images(tmp_path / "images")
+  cases = [
+      ("", "config.first_stage.source: the model diffuses 'tiny_vq_f4' latents"),
+      (str(tmp_path / "none"), "config.first_stage.source: "),
+      (_first_stage(tmp_path / "kl", "tiny_kl_f8"), "config.first_stage.source: "),
+  ]
+  for source, message in cases:
+    config = _tiny(CONFIGS[0], data_dir, source)
+    config.binarization.method = "fp"
+    with pytest.raises(ValueError) as e:
+      main.run(config, str(tmp_path / "run"), "train")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
+  data_dir = _images(tmp_path / "images")
+  first_stage = _first_stage(tmp_path / "vq", "tiny_vq_f4")
+  fp = _tiny(CONFIGS[0], data_dir, first_stage)
+  fp.binarization.method = "fp"
+  fp.training.update(steps=2, log_every=1)
+  main.run(fp, str(tmp_path / "fp"), "train")
+  qat = _tiny(CONFIGS[0], data_dir, first_stage)
+  qat.training.teacher = str(tmp_path / "fp")
+  qat.training.update(steps=2, log_every=1)
+  main.run(qat, str(tmp_path / "qat"), "train")
+  stats = main.run(qat, str(tmp_path / "qat"), "sample")
+  assert stats["num_samples"] == qat.sampling.num_samples
+  with np.load(os.path.join(tmp_path, "qat", "samples.npz")) as f:
+    assert f["images"].shape == (4, 32, 32, 3)
+
+
+def test_convert_a_diffusers_pipeline_to_a_teacher_and_first_stage(tmp_path):
+  diffusers = pytest.importorskip("diffusers")
+  from test_autoencoders import _diffusers_model  # pylint: disable=import-outside-toplevel
+  from test_ldm_unet import TINY_LDM4_DIFFUSERS, _diffusers_unet  # pylint: disable=import-outside-toplevel
+
+  pipe = tmp_path / "pipe"
+  _diffusers_unet(**TINY_LDM4_DIFFUSERS).save_pretrained(pipe / "unet")
+  _diffusers_model(
+      diffusers.VQModel,
+      block_out_channels=(8, 16, 32),
+      layers_per_block=1,
+      latent_channels=3,
+      num_vq_embeddings=16,
+  ).save_pretrained(pipe / "vqvae")
+  config = _tiny(CONFIGS[0], _images(tmp_path / "images"))
+  config.convert.source = str(pipe)
+  out = main.run(config, str(tmp_path / "teacher"), "convert")
+  config.training.teacher = out["to"]
+  config.first_stage.source = out["first_stage"]
+  mesh = builders.make_mesh(config)
+  _, teacher = builders.load_teacher(config, mesh)
+  expected = clu.load_ldm_unet(pipe)[1]
+  assert jax.tree_util.tree_all(
+      jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), teacher, expected)
+  )
+  first_stage = builders.load_first_stage(config, mesh)
+  assert first_stage.config == cfs.load_first_stage(pipe)[0]
+  with pytest.raises(ckpt_lib.CheckpointError):  # never over an existing teacher
+    main.run(config, str(tmp_path / "teacher"), "convert")
+  config.model.ldm.model_channels = 8
+  config.model.ldm.norm_groups = 4
+  with pytest.raises(ValueError) as e:
+    main.run(config, str(tmp_path / "other"), "convert")
+  assert "\n" not in str(e.value) and not (tmp_path / "other").exists()
