@@ -48,6 +48,21 @@ def blend_weights(table: Array, t: Array, valid: Array, num_timesteps: int) -> A
   return jnp.where(jnp.reshape(valid, (-1, 1)), a, jnp.zeros_like(a))
 
 
+def table_blend_weights(
+    module,
+    name: str,
+    init: float,
+    shape: tuple[int, int],
+    t: Array,
+    cache: "TBSCache | None",
+    num_timesteps: int,
+) -> Array | None:
+  """Creates the learnable blend table `name` (buckets, points) on the Flax `module` and returns
+  its (B, points) weights for `t` (`blend_weights`), or None without a cache."""
+  table = module.param(name, lambda _, shp: jnp.full(shp, init, jnp.float32), shape)
+  return None if cache is None else blend_weights(table, t, cache.valid, num_timesteps)
+
+
 def blend(h: Array, cached: Array, a: Array) -> Array:
   """(1 - a) * h + a * stop_gradient(cached); h, cached: (B, H, W, C), a: (B,)."""
   a = a.astype(h.dtype)[:, None, None, None]

@@ -330,13 +330,15 @@ class LDMUNet(nn.Module):
     ctx = QuantContext.create(t, progress)
     blend_weights = None
     if self.num_connections:
-      table = self.param(
+      blend_weights = tbs.table_blend_weights(
+          self,
           "tbs_table",
-          nn.initializers.constant(self.tbs_init),
+          self.tbs_init,
           (self.tbs_buckets, self.num_connections),
+          t,
+          cache,
+          self.num_timesteps,
       )
-      if cache is not None:
-        blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
 
     temb = timestep_embedding(t, cfg.model_channels)
     temb = BinaryDense(4 * cfg.model_channels, name="temb_dense0")(temb)

@@ -245,20 +245,14 @@ class UNet(nn.Module):
     method, dtype = self.method, self.dtype
     blend_weights = None
     if self.num_connections:
-      if release:
-        table = self.param(
-            "tbs_release_table",
-            nn.initializers.constant(RELEASE_TBS_INIT),
-            (self.tbs_buckets, len(self.ch_mult)),
-        )
-      else:
-        table = self.param(
-            "tbs_table",
-            nn.initializers.constant(self.tbs_init),
-            (self.tbs_buckets, self.num_connections),
-        )
-      if cache is not None:
-        blend_weights = tbs.blend_weights(table, t, cache.valid, self.num_timesteps)
+      name, init, points = (
+          ("tbs_release_table", RELEASE_TBS_INIT, len(self.ch_mult))
+          if release
+          else ("tbs_table", self.tbs_init, self.num_connections)
+      )
+      blend_weights = tbs.table_blend_weights(
+          self, name, init, (self.tbs_buckets, points), t, cache, self.num_timesteps
+      )
     carried = self.connection_points
 
     def release_blend(h, name, level):
