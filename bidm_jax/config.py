@@ -84,6 +84,8 @@ def default_config() -> ml_collections.ConfigDict:
       num_samples=64,
       batch_size=64,
       checkpoint="",
+      checkpoint_step=0,  # 0: the newest intact step of a training workdir; else exactly that
+      use_ema=True,  # False: the raw parameters of a training workdir
       save_npz=True,
       clip_x0=False,
       dynamic_threshold=0.0,
@@ -254,6 +256,11 @@ def validate(config) -> None:
   )
   need(s.eta >= 0, "sampling.eta", f"must be >= 0, got {s.eta}")
   need(
+      s.checkpoint_step >= 0,
+      "sampling.checkpoint_step",
+      f"must be >= 0 (0: the newest), got {s.checkpoint_step}",
+  )
+  need(
       0 <= s.dynamic_threshold <= 100,
       "sampling.dynamic_threshold",
       f"must be a percentile in (0, 100] or 0 (off), got {s.dynamic_threshold}",
@@ -264,6 +271,12 @@ def validate(config) -> None:
       "num_samples and batch_size must be >= 1",
   )
   need(s.engine in ENGINES, "sampling.engine", f"{s.engine!r} is not one of {ENGINES}")
+  need(
+      s.engine != "packed" or (s.checkpoint_step == 0 and s.use_ema),
+      "sampling.checkpoint_step",
+      "the packed engine runs an export, which has one set of parameters: leave "
+      "checkpoint_step at 0 and use_ema True",
+  )
   need(
       config.export.fp_dtype in EXPORT_FP_DTYPES,
       "export.fp_dtype",

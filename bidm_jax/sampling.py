@@ -34,7 +34,8 @@ Array = jax.Array
 def load_model(config, source) -> tuple[UNet, Any, dict]:
   """(model, params, meta) of the trained model at `source`, checked against the config.
 
-  source: a training workdir (its EMA parameters), an exported folder, or with
+  source: a training workdir (its EMA parameters unless config.sampling.use_ema is False; its
+  newest step unless config.sampling.checkpoint_step names one), an exported folder, or with
   config.sampling.engine 'packed' a --mode=export file or a folder holding it (`params` is then
   the packed tree). meta is the checkpoint's (`load_params` / `load_export`): 'model',
   'method', and 'step' (the verified step; None for an export). Raises CheckpointError when
@@ -44,7 +45,12 @@ def load_model(config, source) -> tuple[UNet, Any, dict]:
   if config.sampling.engine == "packed":
     params, meta = packed_export.load_export(source, config)
   else:
-    params, meta = ckpt_lib.load_params(source, builders.model_description(config))
+    params, meta = ckpt_lib.load_params(
+        source,
+        builders.model_description(config),
+        use_ema=config.sampling.use_ema,
+        step=config.sampling.checkpoint_step or None,
+    )
   found = meta.get("method", {}).get("name", method.name)
   if found != method.name:
     raise ckpt_lib.CheckpointError(

@@ -433,6 +433,32 @@ def test_rotation_keeps_the_last_good_checkpoint(tmp_path, env):
   assert all(np.isfinite(v).all() for v in H.flat(H.read_state(tmp_path / "run", 4)).values())
 
 
+def test_load_params_at_a_step_and_raw(fp_run, tmp_path):
+  """load_params reads exactly the step asked for (EMA or raw parameters, as saved), refuses a
+  step the workdir lacks naming the steps it has, and refuses a step or raw parameters from an
+  export, which holds one set."""
+  model = builders.model_description(H.tiny_config("fp"))
+  saved = {step: H.read_state(fp_run, step) for step in (4, 6)}
+  params, meta = ckpt_lib.load_params(fp_run, model, step=4)
+  assert meta["step"] == 4
+  H.assert_trees_equal(params, saved[4]["ema_params"], "step 4, EMA")
+  raw, _ = ckpt_lib.load_params(fp_run, model, step=4, use_ema=False)
+  H.assert_trees_equal(raw, saved[4]["params"], "step 4, raw")
+  newest, meta = ckpt_lib.load_params(fp_run, model, use_ema=False)
+  assert meta["step"] == 6
+  H.assert_trees_equal(newest, saved[6]["params"], "newest, raw")
+  assert not np.array_equal(
+      H.flat(raw)["['conv_in']['kernel']"], H.flat(newest)["['conv_in']['kernel']"]
+  )
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint step 5 in .*\[2, 4, 6\]"):
+    ckpt_lib.load_params(fp_run, model, step=5)
+  export = tmp_path / "export"
+  H.export_teacher(H.tiny_config("fp"), export)
+  for kwargs in (dict(step=4), dict(use_ema=False)):
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"is an export, which holds one set"):
+      ckpt_lib.load_params(export, model, **kwargs)
+
+
 @pytest.mark.parametrize("steps", [4, 6])
 def test_rerun_with_fewer_or_equal_steps(fp_run, tmp_path, env, steps):
   """Rerunning on a checkpoint at step 6 with training.steps=4: exit 1, one error line naming

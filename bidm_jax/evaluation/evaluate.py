@@ -147,6 +147,7 @@ def evaluate(config, workdir: str) -> dict:
       method=model.method.name,
       checkpoint=str(source),
       checkpoint_step=step,
+      use_ema=bool(s.use_ema),
       reference=reference.path,
       reference_description=reference.description,
       reference_count=reference.count,

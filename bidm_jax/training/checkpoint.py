@@ -418,14 +418,21 @@ def _load_export(path: epath.Path, expected_model):
   return params, {"model": model, "kind": "export"}
 
 
-def load_params(path, expected_model: Mapping[str, Any] | None = None, *, use_ema: bool = True):
+def load_params(
+    path,
+    expected_model: Mapping[str, Any] | None = None,
+    *,
+    use_ema: bool = True,
+    step: int | None = None,
+):
   """Reads parameters (NumPy, on the host) from an exported folder or a training workdir.
 
   Which kind `path` holds decides (`folder_kind`): an export (model.json, params/), a training
   workdir (checkpoints/<step>/) or a run's checkpoints folder itself; a folder with both an export
   and checkpoints, or with neither, is a CheckpointError saying what it found. From a workdir,
   the newest step that reads back intact is used (one warning line names any newer damaged
-  step), and its EMA parameters when `use_ema` (the model the paper evaluates and distils from).
+  step), or exactly `step` when given, and its EMA parameters when `use_ema` (the model the
+  paper evaluates and distils from), else the raw ones.
   Returns (params, meta): meta['model'] is the architecture description, meta['kind'] 'export'
   or 'training', and for a workdir meta['step'] and meta['method'] (the binarization method it
   was trained with). With `expected_model`, a different architecture is a CheckpointError listing
@@ -434,6 +441,11 @@ def load_params(path, expected_model: Mapping[str, Any] | None = None, *, use_em
   path = epath.Path(path)
   kind = folder_kind(path)
   if kind == "export":
+    if step is not None or not use_ema:
+      raise CheckpointError(
+          f"{path} is an export, which holds one set of parameters: a checkpoint step or the "
+          "raw (non-EMA) parameters need a training workdir"
+      )
     return _load_export(path, expected_model)
   if kind not in ("training", "checkpoints"):
     hint = ": move one of them to its own folder" if kind == "both" else ""
@@ -459,7 +471,16 @@ def load_params(path, expected_model: Mapping[str, Any] | None = None, *, use_em
           item_names=("state", "meta"),
       ) as mngr,
   ):
-    step, restored, damaged = newest_good(mngr, read)
+    if step is not None:
+      if step not in mngr.all_steps():
+        raise CheckpointError(
+            f"no checkpoint step {step} in {ckpt_dir} (steps there: "
+            f"{sorted(mngr.all_steps()) or 'none'})"
+        )
+      damaged = []
+      restored = read(step)
+    else:
+      step, restored, damaged = newest_good(mngr, read)
   if step is None:
     if damaged:
       raise CheckpointError(f"no readable checkpoint in {ckpt_dir} ({describe_damaged(damaged)})")
