@@ -40,20 +40,26 @@ def test_frechet_closed_form_diagonal():
   assert frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0, abs=1e-10)
 
 
-def test_frechet_singular_product_falls_back(monkeypatch):
-  """A non-finite square root triggers the eps offset on both diagonals (TTUR behaviour)."""
-  calls, real_sqrtm = [], linalg.sqrtm
-
-  def flaky_sqrtm(a):
-    calls.append(a)
-    return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
-
-  monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
+def test_frechet_singular_covariances_need_no_offset(recwarn):
+  """Rank-deficient covariances (fewer samples than dimensions) give the exact distance with
+  no diagonal offset and no warning: here tr(s1 + s2 - 2 (s1 s2)^(1/2)) = 0 and |dmu|^2 = 3."""
   sigma = np.diag([1.0, 0.0, 0.0])
-  with pytest.warns(UserWarning, match="singular product"):
-    got = frechet_distance(np.zeros(3), sigma, np.ones(3), sigma, eps=1e-6)
-  np.testing.assert_allclose(calls[1], (sigma + 1e-6 * np.eye(3)) @ (sigma + 1e-6 * np.eye(3)))
-  assert got == pytest.approx(3.0, abs=1e-5)
+  assert frechet_distance(np.zeros(3), sigma, np.ones(3), sigma) == pytest.approx(3.0, abs=1e-12)
+  assert not recwarn.list
+
+
+def test_frechet_matches_sqrtm_at_inception_size():
+  """At D = 2048, covariances of 3,000 and of 1,500 correlated features (the second
+  rank-deficient): the eigen form equals TTUR's scipy.linalg.sqrtm to 1e-7 relative (they
+  differ by 3e-8, the rounding of a square root of a singular product)."""
+  rng = np.random.default_rng(3)
+  d = 2048
+  mix = rng.standard_normal((d, d)) * 0.05
+  x = rng.standard_normal((3000, d)) @ mix
+  y = x[:1500] * 1.1 + rng.standard_normal((1500, d)) * 0.3
+  assert frechet_distance(
+      x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+  ) == pytest.approx(_reference_fd(x, y), rel=1e-7)
 
 
 def test_fid_matches_numpy_reference_and_streaming():
@@ -193,17 +199,17 @@ def test_image_health_exact():
     metrics.image_health(images[:0])
 
 
-def test_small_sample_frechet_distance_matches_sqrtm(monkeypatch):
+def test_small_sample_frechet_distance_matches_the_full_form(monkeypatch):
   rng = np.random.default_rng(0)
   ref = FeatureStats.from_features(np.abs(rng.standard_normal((200, 64))))
   feats = np.abs(rng.standard_normal((20, 64))) * 1.5
   samples = FeatureStats.from_features(feats)
   exact = frechet_distance(ref.mean, ref.cov, samples.mean, samples.cov)
 
-  def no_sqrtm(a):
-    raise AssertionError("the small-sample path needs no (D, D) square root")
+  def no_eigh(a):
+    raise AssertionError("the small-sample path needs no (D, D) eigendecomposition")
 
-  monkeypatch.setattr(metrics.linalg, "sqrtm", no_sqrtm)
+  monkeypatch.setattr(metrics.np.linalg, "eigh", no_eigh)
   fast = frechet_distance(ref.mean, ref.cov, samples.mean, samples.cov, features2=feats)
   assert fast == pytest.approx(exact, rel=1e-6)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -255,6 +256,46 @@ def test_zero_padding_border_is_exact(impl):
       np.asarray(strided)[0, :, :, 0],  # the downsample's border
       -cin * np.array([[9, 9, 6], [9, 9, 6], [6, 6, 4]]),
   )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in ODD_CASES if not isinstance(c[6], str)],
+    ids=lambda c: "x".join(map(str, c[:4])),
+)
+def test_int8_product_in_f32_is_the_same_integer(case, monkeypatch):
+  """The f32-output form that 'int8' takes on CUDA GPUs (cuDNN takes no s32 conv output) gives
+  the int32 form's integers, conv and matmul, borders included."""
+  h, w, cin, cout, kernel, stride, padding = case
+  rng = np.random.default_rng(cin)
+  xbits = jnp.asarray(rng.random((2, h, w, cin)) < 0.5)
+  sign_bits = pk.pack_kernel(jnp.asarray(rng.standard_normal((*kernel, cin, cout))))
+  dense_bits = pk.pack_kernel(jnp.asarray(rng.standard_normal((cin, cout))))
+  forms = {}
+  for f32 in (False, True):
+    monkeypatch.setattr(pk, "_int8_product", functools.partial(pk._int8_product, f32=f32))
+    conv = pk.sign_conv(xbits, sign_bits, (*kernel, cin, cout), stride, padding, "int8")
+    dense = pk.sign_matmul(xbits[:, 0], dense_bits, "int8")
+    forms[f32] = (np.asarray(conv), np.asarray(dense))
+    assert conv.dtype == dense.dtype == jnp.int32
+  for a, b in zip(forms[False], forms[True]):
+    np.testing.assert_array_equal(a, b)
+  ref = pk.sign_conv(xbits, sign_bits, (*kernel, cin, cout), stride, padding, "popcount")
+  np.testing.assert_array_equal(forms[True][0], np.asarray(ref))
+
+
+def test_int8_conv_lowers_to_f32_output_for_cuda():
+  """For CUDA the 'int8' conv asks for an f32 output (the form cuDNN runs); for CPU, int32."""
+  conv = jax.jit(lambda x, s: pk.sign_conv(x, s, (3, 3, 32, 8), 1, ((1, 1), (1, 1)), "int8"))
+  args = (jnp.zeros((1, 6, 6, 32), bool), pk.pack_kernel(jnp.ones((3, 3, 32, 8))))
+  outputs = {
+      platform: re.findall(
+          r"stablehlo.convolution.*?-> (tensor<[^>]*>)",
+          conv.trace(*args).lower(lowering_platforms=(platform,)).as_text(),
+      )
+      for platform in ("cuda", "cpu")
+  }
+  assert outputs == {"cuda": ["tensor<1x6x6x8xf32>"], "cpu": ["tensor<1x6x6x8xi32>"]}
 
 
 METHOD_CASES = {

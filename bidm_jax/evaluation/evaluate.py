@@ -65,10 +65,11 @@ def evaluate(config, workdir: str) -> dict:
   Returns the metrics dict written to metrics.json: fid, sfid, inception_score(_std) (None
   without the classifier), precision, recall, saturated_fraction, mean_image_std (of the uint8
   samples, `metrics.image_health`), pr_k, num_samples, sampler, steps, eta, clip_x0,
-  dynamic_threshold, seed, method, checkpoint, checkpoint_step, reference,
+  dynamic_threshold, seed, method, checkpoint, checkpoint_step, use_ema, reference,
   reference_description, reference_count, reference_pr_features,
   reference_saturated_fraction, reference_mean_image_std (None, with a note, for a reference
-  file without them), inception_weights, images_per_s, seconds, samples_file, notes.
+  file without them), inception_weights, images_per_s, seconds (seconds_sampling: sampling
+  and featurising; seconds_metrics: the statistics after it), samples_file, notes.
   """
   config_lib.validate(config)
   start = time.perf_counter()
@@ -111,6 +112,7 @@ def evaluate(config, workdir: str) -> dict:
     if e.keep_samples:
       kept.append(images)
 
+  sampled = time.perf_counter()
   pool = np.concatenate(pool_parts)
   logits = np.concatenate(logit_parts) if logit_parts else None
   values, notes = compute_metrics(
@@ -121,6 +123,7 @@ def evaluate(config, workdir: str) -> dict:
       np.concatenate(spatial_parts) if keep_spatial else None,
       weights.name,
   )
+  metrics_done = time.perf_counter()
   if reference.description is None:
     notes.append(f"reference {reference.path} has no data description (external file)")
   values.update({k: health.result()[k] for k in HEALTH_KEYS})
@@ -155,6 +158,8 @@ def evaluate(config, workdir: str) -> dict:
       inception_weights=str(weights),
       images_per_s=rate if math.isfinite(rate) else None,
       seconds=time.perf_counter() - start,
+      seconds_sampling=sampled - start,
+      seconds_metrics=metrics_done - sampled,
       samples_file=samples_file,
       notes=notes,
   )

@@ -20,7 +20,6 @@ standard deviation, which expose saturated or flat samples that FID alone only h
 from __future__ import annotations
 
 import functools
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from scipy import linalg
 
 from bidm_jax.evaluation.inception import POOL_DIM
 
@@ -52,22 +50,22 @@ IS_SPLITS = 10
 HEALTH_KEYS = ("saturated_fraction", "mean_image_std")  # the values of ImageHealth.result()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, *, features2=None, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, features2=None) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64: FID and sFID.
 
-  ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``. The trace of the square
-  root comes from ``scipy.linalg.sqrtm`` of the (D, D) product; when that is numerically
-  singular, ``eps`` is added to both diagonals (as TTUR and guided-diffusion). Given the
-  features behind (mu2, sigma2) and fewer of them than D (smoke tests), it comes instead from
-  the (n, n) matrix X sigma1 X^T / (n - 1), X the centred features: its non-zero eigenvalues
-  are those of sigma1 sigma2, so the value is the same up to rounding, at O(n D^2) instead of
-  O(D^3).
+  ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``. The covariances are
+  symmetric positive semi-definite, so sigma1 sigma2 is similar to the symmetric
+  S = sigma1^(1/2) sigma2 sigma1^(1/2), and the trace of its square root is the sum of the
+  square roots of S's eigenvalues: two symmetric eigendecompositions, about 4x faster than
+  TTUR's general ``scipy.linalg.sqrtm`` at D = 2048 and equal to it to rounding, with no
+  singular case (eigenvalues below 0 by rounding count as 0). Given the features behind
+  (mu2, sigma2) and fewer of them than D (smoke tests), the eigenvalues come instead from the
+  (n, n) matrix X sigma1 X^T / (n - 1), X the centred features, at O(n D^2).
 
   Args:
     mu1, mu2: (D,) means.
     sigma1, sigma2: (D, D) covariances.
     features2: optional (n, D) features whose mean and covariance are mu2 and sigma2.
-    eps: the diagonal offset of the singular fallback.
   Returns:
     the distance as a Python float.
   """
@@ -83,25 +81,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, features2=None, eps: float = 1
   if features2 is not None and 2 <= len(features2) <= mu1.shape[0]:
     x = np.asarray(features2, np.float64)
     x = x - x.mean(axis=0)
-    small = (x @ sigma1 @ x.T) / (len(x) - 1)
-    eig = np.linalg.eigvalsh((small + small.T) / 2)
-    trace_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
+    product = (x @ sigma1 @ x.T) / (len(x) - 1)
   else:
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-      warnings.warn(
-          f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
-          stacklevel=2,
-      )
-      offset = np.eye(sigma1.shape[0]) * eps
-      covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-      if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-        raise ValueError(
-            f"matrix square root has an imaginary component {np.max(np.abs(covmean.imag))}"
-        )
-      covmean = covmean.real
-    trace_sqrt = np.trace(covmean)
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    half = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    product = half @ sigma2 @ half
+  eig = np.linalg.eigvalsh((product + product.T) / 2)
+  trace_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 

@@ -11,8 +11,9 @@ product exactly, as an integer, then applies the real epilogue of paper appendix
 forms compute it, equal as integers to each other and to the float simulation (whose +-1 sums
 are exact in float32 below 2^24 terms):
   'int8'      unpack the weight bits to +-1 int8, convolve with int32 accumulation (GPU int8
-              tensor cores, the TPU MXU); the zero padding of lax.conv is exactly the 0 of a
-              padded activation.
+              tensor cores, the TPU MXU; on CUDA GPUs with cuDNN's f32 output, exact for the
+              same reason); the zero padding of lax.conv is exactly the 0 of a padded
+              activation.
   'popcount'  im2col of the activation sign bits into uint32 words, then AND-popcount with
               the operand popcounts and a border correction (docs/packed.md): the arithmetic a
               1-bit tensor-core kernel (mma .b1 .and.popc) performs, kept as its reference
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -170,6 +171,24 @@ def _cuda_matmul(xwords: Array, sign_bits: Array, cin: int) -> Array:
   return y.reshape(xwords.shape[:-1] + (cout,))
 
 
+def _int8_product(product: Callable[[Any], Array], terms: int, *, f32: bool | None = None) -> Array:
+  """An int8 +-1 product as int32: `product(dtype)` computes it with that output type.
+
+  CUDA GPUs take an int8 convolution only in cuDNN's form (s8 operands, f32 output; XLA
+  refuses an s32 output), so there the product is asked for in f32 and converted: exact,
+  since each of its `terms` products is +-1 and a sum of fewer than 2^24 of them is an integer
+  that f32 holds exactly. Other backends accumulate in int32 directly. `f32` forces one form
+  (tests); None picks by platform at lowering.
+  """
+  as_f32 = lambda: product(jnp.float32).astype(jnp.int32)
+  as_s32 = lambda: product(jnp.int32)
+  if f32 is not None:
+    return as_f32() if f32 else as_s32()
+  if terms >= 2**24:
+    return as_s32()
+  return jax.lax.platform_dependent(cuda=as_f32, rocm=as_f32, default=as_s32)
+
+
 def sign_conv(
     xbits: Array, sign_bits: Array, kernel_shape, strides: int, padding, impl: str = "int8"
 ) -> Array:
@@ -186,14 +205,15 @@ def sign_conv(
   if impl == "int8":
     xs = jnp.where(xbits, 1, -1).astype(jnp.int8)
     w = unpack_kernel(sign_bits, kernel_shape, jnp.int8)
-    return jax.lax.conv_general_dilated(
+    conv = lambda out_dtype: jax.lax.conv_general_dilated(
         xs,
         w,
         (strides, strides),
         padding,
         dimension_numbers=_DIMS,
-        preferred_element_type=jnp.int32,
+        preferred_element_type=out_dtype,
     )
+    return _int8_product(conv, kh * kw * cin)
   a = pack_bits(_patches(xbits, (kh, kw), strides, padding, False))  # (B, H', W', Wd)
   valid = _patches(jnp.ones((1,) + xbits.shape[1:], bool), (kh, kw), strides, padding, False)
   m = pack_bits(valid[0])  # (H', W', Wd)
@@ -214,7 +234,7 @@ def sign_matmul(xbits: Array, sign_bits: Array, impl: str = "int8") -> Array:
   if impl == "int8":
     xs = jnp.where(xbits, 1, -1).astype(jnp.int8)
     w = unpack_kernel(sign_bits, (cin, sign_bits.shape[0]), jnp.int8)
-    return jnp.matmul(xs, w, preferred_element_type=jnp.int32)
+    return _int8_product(lambda out_dtype: jnp.matmul(xs, w, preferred_element_type=out_dtype), cin)
   a = pack_bits(xbits)
   aw = _popcount(a[..., None, :] & sign_bits)
   return 4 * aw - 2 * _popcount(a)[..., None] - 2 * _popcount(sign_bits) + cin
