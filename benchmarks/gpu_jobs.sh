@@ -9,6 +9,10 @@
 #                                                    SECONDS pass; prints each job's last log line
 #   benchmarks/gpu_jobs.sh stop NAME...              SIGTERM and wait until the job has saved
 #   benchmarks/gpu_jobs.sh status                    the last metrics row of every job
+#   benchmarks/gpu_jobs.sh mps                       start CUDA MPS (as root), so that the jobs'
+#                                                    kernels share the GPU side by side rather
+#                                                    than in time slices; quit it again when a
+#                                                    first CUDA program fails under it
 set -euo pipefail
 JOBS=${JOBS:-/tmp/jobs}
 mkdir -p "$JOBS"
@@ -49,6 +53,18 @@ case "$cmd" in
     ;;
   status)
     for n in $(names); do echo "$n: $(last_row "$n")"; done
+    ;;
+  mps)
+    command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control here" >&2; exit 1; }
+    nvidia-cuda-mps-control -d
+    if XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 timeout 60 "${PYTHON:-python3}" -c \
+        "import jax, jax.numpy as jnp; print(jax.devices(), float(jnp.ones((256, 256)).sum()))"; then
+      echo "MPS on"
+    else
+      echo quit | nvidia-cuda-mps-control
+      echo "MPS failed its first program and is off again" >&2
+      exit 1
+    fi
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac
