@@ -159,3 +159,36 @@ def test_unet_binary_params_are_the_binarized_kernels():
   for costs in (fp, binary):
     assert costs["ops"] == pytest.approx(costs["bops"] / 64 + costs["flops"])
   assert report["size_ratio"] > 1 and report["ops_ratio"] > 1
+
+
+def test_costs_by_kind_on_the_unet():
+  """The per-kind costs add up to the totals: 'attention_products' is 4 (HW)^2 C per
+  attention block (all at 8x8 with 64 channels here), 'shortcut' holds exactly the binary
+  convs' real 1x1 shortcut kernels, and flops_as_table4 is half the FLOPs without the
+  attention products."""
+  shape = (16, 16, 3)
+  binary_model = UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2)
+  report = efficiency_report(UNet(**TINY_UNET), binary_model, shape)
+  x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  tree = jax.eval_shape(binary_model.init, jax.random.key(0), x, t)["params"]
+  paths = [
+      (path_str(p), int(np.prod(s.shape))) for p, s in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+  attention_blocks = {p.rsplit("/q/", 1)[0] for p, _ in paths if "/q/kernel" in p}
+  shortcut = sum(n for p, n in paths if p.endswith("shortcut_kernel"))
+  assert attention_blocks and shortcut
+  for side in ("fp", "binary"):
+    costs = report[side]
+    kinds = costs["by_kind"]
+    assert set(kinds) == {"layer", "shortcut", "attention_products"}
+    for key in ("bops", "flops", "binary_params"):
+      assert sum(k[key] for k in kinds.values()) == pytest.approx(costs[key], rel=1e-6)
+    assert kinds["attention_products"]["flops"] == len(attention_blocks) * 4 * 64**2 * 64
+    assert kinds["attention_products"]["bops"] == 0
+    assert costs["flops_as_table4"] == pytest.approx(
+        (costs["flops"] - kinds["attention_products"]["flops"]) / 2
+    )
+  assert report["fp"]["by_kind"]["shortcut"]["real_params"] == 0
+  assert report["binary"]["by_kind"]["shortcut"]["real_params"] == shortcut
+  assert report["binary"]["by_kind"]["shortcut"]["flops"] > 0

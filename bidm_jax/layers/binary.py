@@ -59,11 +59,15 @@ def record_cost(
     flops: float = 0.0,
     binary_params: int = 0,
     real_params: int = 0,
+    kind: str = "layer",
 ) -> None:
-  """Adds one layer's operation and storage counts to the 'costs' collection."""
+  """Adds one layer's operation and storage counts to the 'costs' collection, under `kind`:
+  'layer' (the layer's own weights and epilogue), 'shortcut' (a binary conv's real 1x1
+  shortcut where it changes width) or 'attention_products' (the two real products of an
+  attention block); `evaluation.efficiency` totals them and per kind."""
   module.sow(
       "costs",
-      "ops",
+      kind,
       jnp.array([bops, flops, binary_params, real_params], jnp.float32),
       reduce_fn=lambda a, b: a + b,
       init_fn=lambda: jnp.zeros(4, jnp.float32),
@@ -144,7 +148,12 @@ class BinaryConv(nn.Module):
     if x.shape[-1] != out_shape[-1]:
       proj = self.param("shortcut_kernel", self.kernel_init, (1, 1, x.shape[-1], out_shape[-1]))
       x = _conv(x, proj.astype(self.dtype), 1, ((0, 0), (0, 0)))
-      record_cost(self, flops=2.0 * x.shape[1] * x.shape[2] * proj.size, real_params=proj.size)
+      record_cost(
+          self,
+          flops=2.0 * x.shape[1] * x.shape[2] * proj.size,
+          real_params=proj.size,
+          kind="shortcut",
+      )
     return x
 
   def _record(self, y: Array, cin: int, binary: bool) -> None:

@@ -248,7 +248,7 @@ class AttnBlock(nn.Module):
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) * d**-0.5
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     h = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, hgt, wid, c)
-    record_cost(self, flops=2 * 2.0 * (hgt * wid) ** 2 * c)  # the two FP attention products
+    record_cost(self, flops=2 * 2.0 * (hgt * wid) ** 2 * c, kind="attention_products")
     return x + conv("proj_out")(h, ctx)
 
 
