@@ -57,6 +57,13 @@ flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM)."
 )
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "With --distributed where the cluster is not detected: host:port of process 0's coordinator.",
+)
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: how many processes.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -159,8 +166,18 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   runtime.enable_compilation_cache(FLAGS.config.compilation_cache)
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit) and not (
+      FLAGS.distributed and all(v is not None for v in explicit)
+  ):
+    print(
+        "bidm_jax: error: --coordinator_address, --num_processes and --process_id go together, "
+        "with --distributed",
+        file=sys.stderr,
+    )
+    sys.exit(1)
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(*explicit)
   logging.info("devices: %s", jax.devices())
   try:
     config_file = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]

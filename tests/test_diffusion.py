@@ -453,3 +453,18 @@ def test_make_sampler_passes_x0_options():
   config.sampling.dynamic_threshold = 150.0
   with pytest.raises(ValueError, match="sampling.dynamic_threshold"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(checkpoint_step=-1), r"sampling.checkpoint_step: must be >= 0"),
+        (dict(engine="packed", checkpoint_step=5), r"packed engine runs an export"),
+        (dict(engine="packed", use_ema=False), r"packed engine runs an export"),
+    ],
+)
+def test_checkpoint_step_and_raw_parameters_are_validated(fields, message):
+  config = H.tiny_config("bidm")
+  config.sampling.update(**fields)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)

@@ -50,6 +50,9 @@ METRIC_KEYS = {
     "inception_weights",
     "images_per_s",
     "seconds",
+    "seconds_sampling",
+    "seconds_metrics",
+    "use_ema",
     "samples_file",
     "notes",
     "clip_x0",
@@ -153,6 +156,9 @@ def test_metrics_json_has_every_key_and_finite_values(run):
   assert written["inception_weights"] == str(run["weights"])
   assert written["samples_file"] is None
   assert written["clip_x0"] is False and written["dynamic_threshold"] == 0.0
+  assert written["use_ema"] is True
+  assert 0 < written["seconds_sampling"] and 0 < written["seconds_metrics"]
+  assert written["seconds_sampling"] + written["seconds_metrics"] <= written["seconds"]
   for key in ("saturated_fraction", "reference_saturated_fraction"):
     assert 0.0 <= written[key] <= 1.0, key
   for key in ("mean_image_std", "reference_mean_image_std"):
