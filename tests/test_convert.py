@@ -18,7 +18,6 @@ import pytest
 
 from bidm_jax import builders
 from bidm_jax.export import convert_ddpm
-from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 
 torch = pytest.importorskip("torch")
@@ -95,14 +94,7 @@ _APPLY = {}
 def _our_eps(params, kwargs, x, t):
   key = json.dumps(kwargs, sort_keys=True)
   if key not in _APPLY:
-    model = UNet(
-        ch=kwargs["ch"],
-        ch_mult=tuple(kwargs["ch_mult"]),
-        num_res_blocks=kwargs["num_res_blocks"],
-        attn_resolutions=tuple(kwargs["attn_resolutions"]),
-        dropout=kwargs["dropout"],
-        out_ch=kwargs["out_ch"],
-    )
+    model = builders.unet_from_description(kwargs)
     _APPLY[key] = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t).eps)
   eps = _APPLY[key](params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32))
   return np.asarray(eps).transpose(0, 3, 1, 2)

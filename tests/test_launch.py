@@ -77,16 +77,20 @@ def _env(**overrides) -> dict:
   return env
 
 
-def tpu(*args, **env) -> subprocess.CompletedProcess:
-  env.setdefault("DRY_RUN", "1")
+def _script(path, *args, **env) -> subprocess.CompletedProcess:
   return subprocess.run(
-      ["bash", str(TPU), *args],
+      ["bash", str(path), *args],
       env=_env(**env),
       capture_output=True,
       text=True,
       timeout=30,
       check=False,
   )
+
+
+def tpu(*args, **env) -> subprocess.CompletedProcess:
+  env.setdefault("DRY_RUN", "1")
+  return _script(TPU, *args, **env)
 
 
 def tpu_ok(*args, **env) -> list[str]:
@@ -99,14 +103,7 @@ def tpu_ok(*args, **env) -> list[str]:
 
 
 def slurm(*args, **env) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      ["bash", str(SLURM), *args],
-      env=_env(**env),
-      capture_output=True,
-      text=True,
-      timeout=30,
-      check=False,
-  )
+  return _script(SLURM, *args, **env)
 
 
 def remote_script(line: str) -> str:

@@ -45,6 +45,7 @@ import numpy as np
 from etils import epath
 
 from bidm_jax import builders
+from bidm_jax.export import param_shapes
 from bidm_jax.io import files
 from bidm_jax.io.torch_files import load_torch_state_dict
 from bidm_jax.models.unet import UNet
@@ -87,14 +88,9 @@ def model_description(model_kwargs: Mapping[str, Any] | None = None) -> dict:
 
 def _target_shapes(desc: Mapping[str, Any], image_size: int, in_channels: int) -> dict:
   """{(module, [sub,] leaf): shape} of the FP U-Net's parameters, from jax.eval_shape (no FLOPs)."""
-  model = builders.unet_from_description(desc)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  variables = jax.eval_shape(lambda x, t: model.init(jax.random.PRNGKey(0), x, t), x, t)
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
-    out[tuple(p.key for p in path)] = tuple(leaf.shape)
-  return out
+  return param_shapes(builders.unet_from_description(desc), x, t)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import flax
 import numpy as np
 from etils import epath
 
+from bidm_jax.export import param_shapes
 from bidm_jax.io import files
 from bidm_jax.io.torch_files import load_torch_state_dict
 from bidm_jax.models import autoencoders as ae
@@ -76,13 +77,8 @@ __all__ = [
 
 def target_shapes(config: ae.FirstStageConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{parameter path: shape} of the model of `config` (jax.eval_shape: nothing is computed)."""
-  model = ae.make_first_stage(config)
   x = jax.ShapeDtypeStruct((1, config.factor, config.factor, config.in_channels), jnp.float32)
-  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
-  return {
-      tuple(p.key for p in path): tuple(leaf.shape)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  return param_shapes(ae.make_first_stage(config), x)
 
 
 # Our module name -> (CompVis name, diffusers names in order of preference).

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from bidm_jax.export import convert_ddpm
+from bidm_jax.export import convert_ddpm, param_shapes
 from bidm_jax.export import convert_first_stage as cfs
 from bidm_jax.models import autoencoders as ae
 from bidm_jax.models import ldm_unet
@@ -58,16 +58,11 @@ __all__ = [
 
 def target_shapes(config: ldm_unet.LDMUNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{parameter path: shape} of the FP `LDMUNet(config)` (jax.eval_shape: nothing is computed)."""
-  model = ldm_unet.LDMUNet(config)
   x = jax.ShapeDtypeStruct(
       (1, config.image_size, config.image_size, config.in_channels), jnp.float32
   )
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)["params"]
-  return {
-      tuple(p.key for p in path): tuple(leaf.shape)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  return param_shapes(ldm_unet.LDMUNet(config), x, t)
 
 
 # ---------------------------------------------------------------------------------------------
