@@ -56,6 +56,22 @@ def time_calls(fn, warmup: int, iters: int) -> float:
   return statistics.median(times)
 
 
+def compiled_peak_gib(compiled) -> float | None:
+  """The compiled program's peak device memory as XLA plans it (arguments, outputs and
+  temporaries of this one program), in GiB; None on CPU, whose plan leaves temporaries out."""
+  if jax.default_backend() == "cpu":
+    return None
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  peak = getattr(stats, "peak_memory_in_bytes", None)
+  if not peak:
+    args = stats.argument_size_in_bytes + stats.output_size_in_bytes
+    peak = args - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+  return peak / 2**30
+
+
 def matmul_rate(dtype, n: int, warmup: int, iters: int) -> float:
   """Measured FLOP/s of an n x n x n matrix product in `dtype` on random data."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
@@ -137,6 +153,7 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
       passes=passes,
       floor_ms=flops / rate * 1e3,
       fraction_of_floor=(flops / rate) / sec,
+      peak_memory_gib=compiled_peak_gib(compiled),
   )
   if method_name == "bidm":
     stats = jax.devices()[0].memory_stats() or {}
@@ -172,6 +189,7 @@ def bench_sampling(config, batch: int, args, rate: float) -> None:
       compile_s=compile_s,
       flops=flops,
       fraction_of_floor=(flops / rate) / sec,
+      peak_memory_gib=compiled_peak_gib(compiled),
   )
 
 

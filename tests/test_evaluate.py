@@ -11,7 +11,9 @@ FIDs are smoke values: finite, not meaningful.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,3 +301,14 @@ def test_reference_without_health_still_loads(run, tmp_path):
   assert m["reference_saturated_fraction"] is None and m["reference_mean_image_std"] is None
   assert m["saturated_fraction"] is not None
   assert any("no image health" in n for n in m["notes"])
+
+
+def test_study_tools_compare_a_reference_with_itself(run, capsys):
+  sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+  import study_tools
+
+  study_tools.compare(str(run["reference"]), str(run["reference"]))
+  result = json.loads(capsys.readouterr().out)
+  assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3  # rank-deficient: 24 images
+  assert result["precision"] == result["recall"] == 1.0
+  assert result["a"] == result["b"] and result["a"]["count"] == NUM_REFERENCE
