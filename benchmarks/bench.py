@@ -3,6 +3,8 @@
   python benchmarks/bench.py                       # CIFAR-10 configuration, float32
   python benchmarks/bench.py --dtype=bfloat16      # bf16 compute, f32 master weights
   python benchmarks/bench.py --preset=tiny         # small figures on any backend (CPU)
+  python benchmarks/bench.py --dtype=bfloat16 --only packed --sample-batches 512 [--packed-impl cuda]
+                                                   # FP against packed W1A1 DDIM (issue 15)
 
 Each timing is the median of --iters calls after --warmup calls, with the device synchronised
 (`block_until_ready`) around every call. The floor of a step is its arithmetic (the model's own
@@ -25,6 +27,7 @@ from bidm_jax import config as config_lib
 from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
 from bidm_jax.evaluation.efficiency import count_costs
+from bidm_jax.export import packed as packed_export
 from bidm_jax.training import train as train_lib
 
 
@@ -162,15 +165,25 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
   return sec
 
 
-def bench_sampling(config, batch: int, args, rate: float) -> None:
-  """DDIM (config.sampling.steps) with the TBS cache of the BiDM model, images/s."""
+def bench_sampling(
+    config, batch: int, args, rate: float, method_name: str = "", engine: str = "simulated"
+) -> float:
+  """DDIM (config.sampling.steps) images/s of the config's method (or `method_name`), with the
+  TBS cache where the model has connections; engine 'packed' runs the binary layers on packed
+  sign bits (`export.packed.export_tree` of the same random parameters) with
+  `args.packed_impl`. Returns images/s."""
   c = config.copy_and_resolve_references()
+  if method_name:
+    c.binarization.method = method_name
+  c.sampling.update(engine=engine, packed_impl=args.packed_impl)
   method = config_lib.method_from_config(c)
   model = builders.make_model(c, method)
   mesh = builders.make_mesh(c)
-  params = jax.device_put(
-      builders.init_params(model, c, jax.random.PRNGKey(0)), NamedSharding(mesh, P())
-  )
+  params = builders.init_params(model, c, jax.random.PRNGKey(0))
+  if engine == "packed":
+    layers, _ = packed_export.trace_binary_layers(model, builders.image_shape(c, 1)[1:])
+    params = packed_export.export_tree(params, layers, method, c.model.compute_dtype)
+  params = jax.device_put(params, NamedSharding(mesh, P()))
   sample = sampling.make_sampler(c, model, builders.make_schedule(c), mesh)
   key = jax.random.PRNGKey(1)
   start = time.perf_counter()
@@ -178,19 +191,31 @@ def bench_sampling(config, batch: int, args, rate: float) -> None:
   compile_s = time.perf_counter() - start
   flops = c.sampling.steps * batch * forward_flops(model, c)
   sec = time_calls(lambda: compiled(params, key).block_until_ready(), 1, max(3, args.iters // 4))
+  name = {"simulated": "ddim_sampling_throughput", "packed": "packed_ddim_sampling_throughput"}
   emit(
-      "ddim_sampling_throughput",
+      name[engine],
       batch / sec,
       "images/s",
+      method=method.name,
       batch=batch,
       steps=c.sampling.steps,
       tbs_connections=model.num_connections,
       dtype=c.model.compute_dtype,
+      impl=args.packed_impl if engine == "packed" else None,
       compile_s=compile_s,
       flops=flops,
       fraction_of_floor=(flops / rate) / sec,
       peak_memory_gib=compiled_peak_gib(compiled),
   )
+  return batch / sec
+
+
+def bench_packed_sampling(config, batch: int, args, rate: float) -> None:
+  """Issue 15's end-to-end figures: the FP model's DDIM and the config's binary model's DDIM on
+  packed bits, at one batch, and their ratio."""
+  fp = bench_sampling(config, batch, args, rate, method_name="fp")
+  packed = bench_sampling(config, batch, args, rate, engine="packed")
+  emit("packed_over_fp_sampling", packed / fp, "ratio", batch=batch, impl=args.packed_impl)
 
 
 def bench_inception(args) -> None:
@@ -217,7 +242,14 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument(
-      "--only", nargs="+", default=None, help="subset of: floor fp xnor bidm sampling inception"
+      "--only",
+      nargs="+",
+      default=None,
+      help="subset of: floor fp xnor bidm sampling packed inception (packed: FP and packed "
+      "W1A1 DDIM at each sample batch; not in the default set)",
+  )
+  parser.add_argument(
+      "--packed-impl", choices=config_lib.PACKED_IMPLS, default="int8", help="for --only packed"
   )
   args = parser.parse_args()
   only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))
@@ -235,6 +267,9 @@ def main():
   if "sampling" in only:
     for batch in args.sample_batches:
       bench_sampling(config, batch, args, rate)
+  if "packed" in only:
+    for batch in args.sample_batches:
+      bench_packed_sampling(config, batch, args, rate)
   if "inception" in only:
     bench_inception(args)
 

@@ -9,7 +9,7 @@ One protocol for every run (docs/results.md states it with the figures):
      the script's own settings);
   3. FID, sFID, precision, recall and the image-health figures of `--eval_samples` DDIM
      samples of each model against the training images, with x0 clipping off, on, or both
-     (`--clip`).
+     (`--clip`), from its EMA parameters, its raw ones, or both (`--params`).
 
   python benchmarks/cifar_reduced.py --data_dir=CIFAR_JPEG --workdir=/tmp/cr \
       --inception_weights=fid-inception-2015-12-05-fp16.npz --teacher=TEACHER \
@@ -135,13 +135,23 @@ def stage(name: str, record: str, fn) -> dict:
     return json.load(f)
 
 
-def evaluations(args, config, model: str, records: str) -> None:
-  """Evaluates the model in `model` once per clip setting, keeping the records (and a few
-  samples for the grid) in the folder `records`."""
-  for clip in CLIP[args.clip]:
-    name = "evaluate_clip" if clip else "evaluate"
+def eval_names(args, raw: bool) -> list[tuple[str, bool, bool]]:
+  """(record name, clip_x0, use_ema) of every evaluation of one model; raw parameters only
+  where `raw` (QAT workdirs; a teacher folder holds one set of parameters)."""
+  params = [True, False] if raw and args.params == "both" else [args.params != "raw" or not raw]
+  return [
+      ("evaluate" + ("_clip" if clip else "") + ("" if ema else "_raw"), clip, ema)
+      for ema in params
+      for clip in CLIP[args.clip]
+  ]
+
+
+def evaluations(args, config, model: str, records: str, raw: bool) -> None:
+  """Evaluates the model in `model` once per clip setting (and parameter set, `eval_names`),
+  keeping the records (and a few samples for the grid) in the folder `records`."""
+  for name, clip, ema in eval_names(args, raw):
     c = config.copy_and_resolve_references()
-    c.sampling.update(clip_x0=clip, checkpoint=model)
+    c.sampling.update(clip_x0=clip, use_ema=ema, checkpoint=model)
     eval_dir = os.path.join(records, name)
     stage(
         f"{records}/{name}",
@@ -170,7 +180,7 @@ def run_job(args, job: str) -> None:
         lambda: cli.run(fp_config(args), os.path.join(w, "fp"), "train"),
     )
   elif job == "fp-eval":
-    evaluations(args, fp_config(args), teacher_path(args), os.path.join(w, "fp-eval"))
+    evaluations(args, fp_config(args), teacher_path(args), os.path.join(w, "fp-eval"), raw=False)
   else:
     run, _, seed = job.rpartition("-s")
     config = qat_config(args, run, int(seed))
@@ -180,7 +190,7 @@ def run_job(args, job: str) -> None:
         os.path.join(workdir, "train.json"),
         lambda: cli.run(config, workdir, "train"),
     )
-    evaluations(args, config, workdir, workdir)
+    evaluations(args, config, workdir, workdir, raw=True)
 
 
 def launch(argv: list[str], job: str, workdir: str, parallel: int) -> None:
@@ -221,10 +231,9 @@ def summarize(args, jobs: list[str], wall_s: float) -> dict:
     d = os.path.join(args.workdir, "fp-eval" if job == "fp" else job)
     train_file = os.path.join(args.workdir, job, "train.json")
     train = load(train_file) if os.path.exists(train_file) else {}
-    for clip in CLIP[args.clip]:
-      name = "evaluate_clip" if clip else "evaluate"
+    for name, clip, ema in eval_names(args, raw=job != "fp"):
       metrics = load(os.path.join(d, f"{name}.json"))
-      key = f"{job}{' clip' if clip else ''}"
+      key = f"{job}{' clip' if clip else ''}{'' if ema else ' raw'}"
       runs[key] = dict(
           loss=train.get("loss"),
           steps=train.get("step"),
@@ -289,6 +298,12 @@ def main():
       default="both",
       choices=list(CLIP),
       help="evaluate with the x0 prediction clipped to [-1, 1], not, or both",
+  )
+  parser.add_argument(
+      "--params",
+      default="ema",
+      choices=("ema", "raw", "both"),
+      help="evaluate each QAT model's EMA parameters, its raw ones, or both",
   )
   parser.add_argument("--ddim_steps", type=int, default=100)
   parser.add_argument("--eval_samples", type=int, default=10_000)

@@ -3,19 +3,22 @@
 `make_model` (the U-Net of `config.model` binarized by a method), `make_schedule`,
 `make_mesh`, `make_optimizer`, `make_distillation` (SPD / L2 with its weight and patches) and
 `load_teacher` (the frozen FP teacher) and `load_first_stage` (an LDM's frozen autoencoder,
-`latent_encoder` / `latent_decoder`) serve training, sampling, evaluation, the export, the
-conversion, the demo and the benchmarks. The architecture a checkpoint must agree with is
-`model_description(config)`, and `describe_unet` / `unet_from_description` turn a U-Net into
-that description and back. `config.model.family` picks the U-Net: 'ddpm' (`models.unet.UNet`,
-fields `ARCHITECTURE`) or 'ldm' (`models.ldm_unet.LDMUNet`, the `config.model.ldm` fields of
-CompVis' unet_config, described with `family: 'ldm'`). Sampling, and `load_model`, live in
-`bidm_jax.sampling`.
+`latent_encoder` / `latent_decoder`, `first_stage_description` for the latent cache) serve
+training, sampling, evaluation, the export, the conversion, the demo and the benchmarks. The
+architecture a checkpoint must agree with is `model_description(config)`, and `describe_unet` /
+`unet_from_description` turn a U-Net into that description and back. `config.model.family`
+picks the U-Net: 'ddpm' (`models.unet.UNet`, fields `ARCHITECTURE`) or 'ldm'
+(`models.ldm_unet.LDMUNet`, the `config.model.ldm` fields of CompVis' unet_config, described with
+`family: 'ldm'`). Sampling, and `load_model`, live in `bidm_jax.sampling`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -29,6 +32,7 @@ from bidm_jax.binarize.methods import FP, BinarizationMethod
 from bidm_jax.diffusion.schedules import Schedule
 from bidm_jax.diffusion.schedules import make_schedule as _beta_schedule
 from bidm_jax.export import convert_first_stage
+from bidm_jax.io import files
 from bidm_jax.models import autoencoders
 from bidm_jax.models.ldm_unet import LDMUNet, LDMUNetConfig
 from bidm_jax.models.unet import UNet
@@ -251,6 +255,24 @@ def latent_encoder(config, first_stage: FirstStage) -> Callable[[np.ndarray, int
   key = jax.random.PRNGKey(config.seed)
   return lambda images, index: np.asarray(
       encode(first_stage.params, images, jax.random.fold_in(key, index))
+  )
+
+
+def first_stage_description(config, first_stage: FirstStage) -> dict:
+  """What decides the latents `latent_encoder` makes, for data.latent_cache's description: the
+  source (absolute when local), preset, FirstStageConfig (scale_factor included), posterior
+  ('mean', or the seed of its samples), latent shape, and a SHA-256 of the parameters' checksums
+  (so another autoencoder at the same path is never taken for this one)."""
+  f = config.first_stage
+  sample = f.sample_posterior and first_stage.config.kind == "kl"
+  checksums = json.dumps(ckpt_lib.tree_checksum(first_stage.params), sort_keys=True)
+  return dict(
+      source=f.source if files.is_remote(f.source) else os.path.abspath(f.source),
+      preset=f.preset,
+      config=dataclasses.asdict(first_stage.config),
+      posterior=f"sample, seed {config.seed}" if sample else "mean",
+      latent_shape=list(first_stage.config.latent_shape(config.data.image_size)),
+      params=hashlib.sha256(checksums.encode()).hexdigest(),
   )
 
 

@@ -25,6 +25,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
 ENGINES = ("simulated", "packed")
+PACKED_IMPLS = ("int8", "popcount", "cuda")  # layers.packed.ALL_IMPLS
 EXPORT_FP_DTYPES = ("float32", "bfloat16")
 FAMILIES = ("ddpm", "ldm")
 
@@ -58,6 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
       distillation=config_dict.placeholder(str),
       fp_init=config_dict.placeholder(str),
       binary_bias=config_dict.placeholder(bool),
+      width_shortcut=config_dict.placeholder(str),  # 'conv' or 'none' (Table 4's layout)
+      binary_skip_conv=config_dict.placeholder(bool),  # True: binary nin_shortcut (Table 4's)
   )
   c.tbs = dict(connections=2, buckets=100, init=0.3, structure="blocks")
   c.distill = dict(weight=3e-2, patches=4, reduction="mean", points="blocks")
@@ -90,7 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
       clip_x0=False,
       dynamic_threshold=0.0,
       engine="simulated",
-  )  # 'packed': run a --mode=export file's packed bits
+      packed_impl="int8",
+  )  # engine 'packed': run a --mode=export file's packed bits; packed_impl: layers.packed's
+  # product form, 'int8' (XLA int8 conv), 'popcount' (XLA bit counts) or 'cuda' (the extension)
   c.eval = dict(
       num_samples=50_000,
       batch_size=500,
@@ -114,17 +119,34 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 LDM_DATASETS = {
-    "lsun_bedrooms": ("ldm4", "vq_f4", 0.0195, dict(source="tfds", name="lsun/bedroom")),
-    "ffhq": ("ldm4", "vq_f4", 0.0195, dict(source="folder", name="", data_dir="ffhq")),
-    "lsun_churches": ("ldm8", "kl_f8", 0.0155, dict(source="tfds", name="lsun/church_outdoor")),
+    "lsun_bedrooms": (
+        "ldm4",
+        "vq_f4",
+        0.0195,
+        dict(source="tfds", name="lsun/bedroom", random_flip=True),
+    ),
+    "ffhq": (
+        "ldm4",
+        "vq_f4",
+        0.0195,
+        dict(source="folder", name="", data_dir="ffhq", random_flip=False),
+    ),
+    "lsun_churches": (
+        "ldm8",
+        "kl_f8",
+        0.0155,
+        dict(source="tfds", name="lsun/church_outdoor", random_flip=True),
+    ),
 }
-"""The paper's latent settings: U-Net and first stage presets, the betas' end, the data."""
+"""The paper's latent settings: U-Net and first stage presets, the betas' end, the data (flips
+as CompVis' loaders: its LSUN ones flip, its FFHQ one does not)."""
 
 
 def latent_diffusion_config(dataset: str, variant: str = ""):
   """The paper's LDM setting (paper section 4 and appendix A) for an `LDM_DATASETS` entry
-  (256x256 images): the LDM 'ldm_linear' betas 0.0015 .. beta_end, BiDM W1A1 QAT with AdamW lr
-  2e-5, batch 4, 200k iterations, 8 TBS connections, SPD lambda 1e-2 on a mean loss, DDIM 200.
+  (256x256 images, flipped for LSUN): the LDM 'ldm_linear' betas 0.0015 .. beta_end, BiDM W1A1
+  QAT with AdamW lr 2e-5, batch 4, 200k iterations, 8 TBS connections, SPD lambda 1e-2 on a mean
+  loss, DDIM 200.
 
   variant: '' (that setting) or 'tiny' (the 'tiny_' U-Net and first stage on 32x32 images, 2
   TBS connections, a few steps and samples).
@@ -139,7 +161,7 @@ def latent_diffusion_config(dataset: str, variant: str = ""):
   c.model.family = "ldm"
   c.model.ldm = dataclasses.asdict(LDM_PRESETS[prefix + unet])
   c.model.ldm.image_size = size // FIRST_STAGE_PRESETS[prefix + first_stage].factor
-  c.data.update(image_size=size, random_flip=False, **data)
+  c.data.update(image_size=size, **data)
   c.diffusion.update(beta_schedule="ldm_linear", beta_start=0.0015, beta_end=beta_end)
   c.tbs.connections = 8
   c.distill.update(weight=1e-2, reduction="mean")
@@ -189,6 +211,11 @@ def validate(config) -> None:
       m.family == "ldm" or not (config.first_stage.source or config.first_stage.preset),
       "first_stage.source",
       "a first stage feeds the LDM U-Net: set model.family 'ldm'",
+  )
+  need(
+      not config.data.latent_cache or config.first_stage.source or config.first_stage.preset,
+      "data.latent_cache",
+      "only latents are cached: it needs a first stage (first_stage.source), or leave it ''",
   )
   if m.family == "ldm":
     _validate_ldm(config, need)
@@ -271,6 +298,11 @@ def validate(config) -> None:
       "num_samples and batch_size must be >= 1",
   )
   need(s.engine in ENGINES, "sampling.engine", f"{s.engine!r} is not one of {ENGINES}")
+  need(
+      s.packed_impl in PACKED_IMPLS,
+      "sampling.packed_impl",
+      f"{s.packed_impl!r} is not one of {PACKED_IMPLS}",
+  )
   need(
       s.engine != "packed" or (s.checkpoint_step == 0 and s.use_ema),
       "sampling.checkpoint_step",
@@ -367,11 +399,6 @@ def _validate_ldm(config, need) -> None:
       found == latent,
       "data.image_size",
       f"the LDM U-Net diffuses {latent} inputs (model.ldm.image_size, in_channels), {what} {found}",
-  )
-  need(
-      not ((f.source or f.preset) and config.data.random_flip),
-      "data.random_flip",
-      "images are encoded once into latents (first_stage.source): set it False",
   )
   _need_connections(config, need, len(cfg.channel_mult) * (cfg.num_res_blocks + 1))
   for field, value in (

@@ -66,7 +66,7 @@ def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
   carrying the TBS cache of models that have connections, with the x0 clipping or dynamic
   thresholding of `clip_x0` and `dynamic_threshold` (both off by default). With `engine`
   'packed', `params` is an export's packed tree (`export.packed.load_export`) and the binary
-  layers run on its sign bits (`layers.packed.apply`).
+  layers run on its sign bits (`layers.packed.apply` with `packed_impl`).
   """
   s = config.sampling
   data_sharding = NamedSharding(mesh, P("data"))
@@ -76,7 +76,7 @@ def make_sampler(config, model: UNet, schedule: Schedule, mesh) -> Callable:
     def apply(x, t, cache):
       x = jax.lax.with_sharding_constraint(x, data_sharding)
       if s.engine == "packed":
-        return packed_layers.apply(model, params, x, t, cache=cache)
+        return packed_layers.apply(model, params, x, t, cache=cache, impl=s.packed_impl)
       return model.apply({"params": params}, x, t, cache=cache)
 
     shape = builders.image_shape(config, batch)

@@ -211,6 +211,32 @@ def export_teacher(config, directory, seed: int = 0) -> str:
   return str(directory)
 
 
+def check_teacher_fills_table4_student(student, x_shape, teacher) -> None:
+  """Lays the FP `teacher` parameters (a converted checkpoint) over random ones of `student`, a
+  U-Net of the paper's Table 4 layout (binary skip convs, no width shortcut), as train() does
+  before QAT: the skip convs' kernel and bias must be the teacher's, and the leaves it leaves
+  unfilled only the binary layers' own (thresholds, k filters, shortcut scales, TBS table)."""
+  from bidm_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
+
+  named = lambda tree: {path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  assert student.method.width_shortcut == "none" and student.method.binary_skip_conv
+  params = named(train_lib.overlay_params(random_params(student, x_shape, seed=1), teacher))
+  fp = named(teacher)
+  skips = {k.rsplit("/", 1)[0] for k in params if "/nin_shortcut/" in k}
+  assert skips
+  for skip in skips:
+    assert {k.rsplit("/", 1)[1] for k in params if k.startswith(skip + "/")} == {
+        "kernel",
+        "bias",
+        "threshold",
+        "scale_kernel",
+    }
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_array_equal(params[f"{skip}/{leaf}"], fp[f"{skip}/{leaf}"])
+  unfilled = {k.rsplit("/", 1)[-1] for k in set(params) - set(fp)}
+  assert unfilled == {"threshold", "scale_kernel", "shortcut_scale", "tbs_table"}, unfilled
+
+
 def digits_batch(config, seed: int = 0) -> np.ndarray:
   """The first training batch (B, H, W, C) of the config's digits pipeline."""
   from bidm_jax import data as data_lib  # pylint: disable=import-outside-toplevel

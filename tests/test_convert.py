@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import check_teacher_fills_table4_student
+
 from bidm_jax import builders
+from bidm_jax.binarize.methods import get_method
 from bidm_jax.export import convert_ddpm
 from bidm_jax.training import checkpoint as ckpt_lib
 
@@ -225,6 +228,15 @@ def test_old_diffusers_attention_names(small):
   _assert_same_tree(
       convert_ddpm.convert_state_dict(old, None, SMALL_KWARGS, image_size=SMALL_SIZE), new
   )
+
+
+def test_converted_checkpoint_fills_binary_skip_convs(small):
+  """A converted FP checkpoint initialises a student of the paper's Table 4 layout: the skip
+  convs, now binary, get the checkpoint's weights; no real 1x1 shortcut is left unfilled."""
+  fp = convert_ddpm.convert_state_dict(small["numpy"], None, SMALL_KWARGS, image_size=SMALL_SIZE)
+  method = get_method("bidm", width_shortcut="none", binary_skip_conv=True)
+  student = builders.unet_from_description(SMALL_KWARGS, method=method, tbs_connections=2)
+  check_teacher_fills_table4_student(student, (1, SMALL_SIZE, SMALL_SIZE, 3), fp)
 
 
 def test_ddim_layout_training_checkpoint_takes_the_ema_weights(small, tmp_path):

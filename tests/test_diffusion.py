@@ -23,6 +23,7 @@ from bidm_jax.diffusion import (
     process_x0,
     q_sample,
 )
+from bidm_jax.layers.packed import ALL_IMPLS
 from bidm_jax.models.unet import UNetOutput
 
 # ---------------------------------------------------------------------------------------------
@@ -461,9 +462,11 @@ def test_make_sampler_passes_x0_options():
         (dict(checkpoint_step=-1), r"sampling.checkpoint_step: must be >= 0"),
         (dict(engine="packed", checkpoint_step=5), r"packed engine runs an export"),
         (dict(engine="packed", use_ema=False), r"packed engine runs an export"),
+        (dict(packed_impl="bmma"), r"sampling.packed_impl: 'bmma' is not one of"),
     ],
 )
 def test_checkpoint_step_and_raw_parameters_are_validated(fields, message):
+  assert config_lib.PACKED_IMPLS == ALL_IMPLS
   config = H.tiny_config("bidm")
   config.sampling.update(**fields)
   with pytest.raises(ValueError, match=message):

@@ -133,11 +133,16 @@ def test_report_ratios_on_toy():
 FP_LAYERS = ("conv_in", "conv_out", "temb_dense0", "temb_dense1", "nin_shortcut")
 
 
-def test_unet_binary_params_are_the_binarized_kernels():
+@pytest.fixture(scope="module")
+def tiny_report():
+  """The report of the tiny BiDM U-Net (TBS, 2 connections) on 16x16 images, and its model."""
+  binary_model = UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2)
+  return efficiency_report(UNet(**TINY_UNET), binary_model, (16, 16, 3)), binary_model
+
+
+def test_unet_binary_params_are_the_binarized_kernels(tiny_report):
   shape = (16, 16, 3)
-  method = get_method("bidm")
-  binary_model = UNet(**TINY_UNET, method=method, tbs_connections=2)
-  report = efficiency_report(UNet(**TINY_UNET), binary_model, shape)
+  report, binary_model = tiny_report
   fp, binary = report["fp"], report["binary"]
 
   x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
@@ -161,14 +166,13 @@ def test_unet_binary_params_are_the_binarized_kernels():
   assert report["size_ratio"] > 1 and report["ops_ratio"] > 1
 
 
-def test_costs_by_kind_on_the_unet():
+def test_costs_by_kind_on_the_unet(tiny_report):
   """The per-kind costs add up to the totals: 'attention_products' is 4 (HW)^2 C per
   attention block (all at 8x8 with 64 channels here), 'shortcut' holds exactly the binary
   convs' real 1x1 shortcut kernels, and flops_as_table4 is half the FLOPs without the
   attention products."""
   shape = (16, 16, 3)
-  binary_model = UNet(**TINY_UNET, method=get_method("bidm"), tbs_connections=2)
-  report = efficiency_report(UNet(**TINY_UNET), binary_model, shape)
+  report, binary_model = tiny_report
   x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   tree = jax.eval_shape(binary_model.init, jax.random.key(0), x, t)["params"]
@@ -192,3 +196,50 @@ def test_costs_by_kind_on_the_unet():
   assert report["fp"]["by_kind"]["shortcut"]["real_params"] == 0
   assert report["binary"]["by_kind"]["shortcut"]["real_params"] == shortcut
   assert report["binary"]["by_kind"]["shortcut"]["flops"] > 0
+
+
+def test_table4_layout_moves_the_report_as_expected(tiny_report):
+  """width_shortcut='none' takes out exactly the 'shortcut' costs; binary_skip_conv moves the
+  skip convs' multiply-accumulates from FLOPs to BOPs and their kernels to 1 bit (with the
+  'conv' width shortcut they also get real 1x1 shortcuts of the same MACs). With both, the W1A1
+  size, FLOPs and OPs fall and every ratio rises; the FP side does not change."""
+  shape = (16, 16, 3)
+  model = lambda **layout: UNet(**TINY_UNET, method=get_method("bidm", **layout), tbs_connections=2)
+  default, default_model = tiny_report
+  table4 = efficiency_report(
+      UNet(**TINY_UNET), model(width_shortcut="none", binary_skip_conv=True), shape
+  )
+  d, both = default["binary"], table4["binary"]
+  none = count_costs(model(width_shortcut="none"), shape)
+  skip = count_costs(model(binary_skip_conv=True), shape)
+  x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  tree = jax.eval_shape(default_model.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))
+  skip_kernels = [
+      (path_str(p), s.shape)
+      for p, s in jax.tree_util.tree_leaves_with_path(tree)
+      if path_str(p).endswith("nin_shortcut/kernel")
+  ]
+  # a skip conv of level i works at 16 / 2^i (params/up_1_block_0/nin_shortcut/kernel: 8x8)
+  skip_macs = sum((16 >> int(p.split("_")[1])) ** 2 * np.prod(k) for p, k in skip_kernels)
+  skip_weights = sum(int(np.prod(k)) for _, k in skip_kernels)
+  assert skip_macs > 0 and d["by_kind"]["shortcut"]["flops"] > 0
+
+  assert none["bops"] == d["bops"] and none["binary_params"] == d["binary_params"]
+  assert none["flops"] == pytest.approx(d["flops"] - d["by_kind"]["shortcut"]["flops"], rel=1e-6)
+  assert none["by_kind"]["shortcut"] == dict(bops=0, flops=0, binary_params=0, real_params=0)
+  assert none["size_mb"] < d["size_mb"]
+
+  assert skip["bops"] == pytest.approx(d["bops"] + skip_macs, rel=1e-6)
+  assert skip["binary_params"] == d["binary_params"] + skip_weights
+  assert skip["by_kind"]["shortcut"]["flops"] == pytest.approx(
+      d["by_kind"]["shortcut"]["flops"] + 2 * skip_macs, rel=1e-6
+  )
+  assert skip["by_kind"]["layer"]["flops"] < d["by_kind"]["layer"]["flops"]
+
+  assert (both["bops"], both["binary_params"]) == (skip["bops"], skip["binary_params"])
+  assert both["by_kind"]["shortcut"] == none["by_kind"]["shortcut"]
+  assert both["size_mb"] < none["size_mb"] and both["flops"] < none["flops"]
+  assert both["ops"] < d["ops"] and both["ops_as_table4"] < d["ops_as_table4"]
+  for ratio in ("size_ratio", "ops_ratio", "ops_ratio_as_table4"):
+    assert table4[ratio] > default[ratio], ratio
+  assert table4["fp"] == default["fp"]

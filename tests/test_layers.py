@@ -334,3 +334,32 @@ def test_binary_bias_from_config():
   assert not config_lib.method_from_config(c).binary_bias
   c.binarization.fp_init = "none"
   assert config_lib.method_from_config(c).fp_init == "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# width_shortcut='none': the paper's Table 4 layout, no shortcut where the width changes
+
+
+def test_width_shortcut_none():
+  """A conv that changes width loses exactly its real 1x1 shortcut and s: its output is the
+  'conv' layer's with s = 0, and it records no shortcut cost. A conv that keeps its width is
+  the 'conv' layer, parameters and output."""
+  conv, none = get_method("bidm"), get_method("bidm", width_shortcut="none")
+  x = jnp.asarray(np.random.default_rng(13).standard_normal((2, 8, 8, 8)), jnp.float32)
+  p = random_layer_params(BinaryConv(16, method=conv), x, seed=14)["params"]
+  kept = random_layer_params(BinaryConv(16, method=none), x, seed=14)["params"]
+  assert set(p) - set(kept) == {"shortcut_kernel", "shortcut_scale"} and set(kept) < set(p)
+  y, state = BinaryConv(16, method=none).apply(
+      {"params": {k: p[k] for k in kept}}, x, mutable=["costs"]
+  )
+  y_conv = BinaryConv(16, method=conv).apply({"params": {**p, "shortcut_scale": jnp.zeros(())}}, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_conv))
+  assert set(state["costs"]) == {"layer"}
+  square = random_layer_params(BinaryConv(8, method=conv), x, seed=15)
+  assert jax.tree_util.tree_structure(
+      random_layer_params(BinaryConv(8, method=none), x, seed=15)
+  ) == jax.tree_util.tree_structure(square)
+  np.testing.assert_array_equal(
+      np.asarray(BinaryConv(8, method=none).apply(square, x)),
+      np.asarray(BinaryConv(8, method=conv).apply(square, x)),
+  )

@@ -1,7 +1,9 @@
 """Latent diffusion from the command line: configs, FP training on latents a random-weight
-first stage encodes, BiDM QAT from it and sampling to decoded images on a tiny LDM-4 model over a
-generated 32x32 image folder, and one-line config errors."""
+first stage encodes (with their mirrors, into a latent cache), BiDM QAT from it (reading the
+cache) and sampling to decoded images on a tiny LDM-4 model over a generated 32x32 image folder,
+and one-line config errors."""
 
+import glob
 import os
 
 import jax
@@ -32,11 +34,11 @@ def _images(root, n=8, size=32):
   return str(root)
 
 
-def _first_stage(folder, preset):
+def _first_stage(folder, preset, seed=1):
   """A random-weight first stage of `preset`, written as --mode=convert writes one."""
   config = ae.PRESETS[preset]
   x = jnp.zeros((1, config.factor, config.factor, 3))
-  params = ae.make_first_stage(config).init(jax.random.PRNGKey(1), x)["params"]
+  params = ae.make_first_stage(config).init(jax.random.PRNGKey(seed), x)["params"]
   cfs.write_converted(folder, config, params)
   return str(folder)
 
@@ -78,7 +80,6 @@ def test_ddpm_description_unchanged():
         ("model.ldm.out_channels", 4, "config.model.ldm.out_channels:"),
         ("model.ldm.image_size", 16, "config.data.image_size: the LDM U-Net diffuses (16, 16, 3)"),
         ("first_stage.preset", "vq_f9", "config.first_stage.preset: 'vq_f9' is not one of"),
-        ("data.random_flip", True, "config.data.random_flip: images are encoded once"),
         ("model.family", "ddpm", "config.first_stage.source: a first stage feeds the LDM"),
     ],
 )
@@ -106,21 +107,57 @@ def test_bad_first_stage_sources_are_one_line_errors(tmp_path):
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
-def test_fp_training_then_bidm_qat_then_sampling(tmp_path):
+def test_fp_training_then_bidm_qat_then_sampling(tmp_path, monkeypatch):
+  calls = []
+  latent_encoder = builders.latent_encoder
+
+  def counted(config, first_stage):
+    encode = latent_encoder(config, first_stage)
+    return lambda images, index: calls.append(index) or encode(images, index)
+
+  monkeypatch.setattr(builders, "latent_encoder", counted)
   data_dir = _images(tmp_path / "images")
   first_stage = _first_stage(tmp_path / "vq", "tiny_vq_f4")
+  cache = str(tmp_path / "latents")
   fp = _tiny(CONFIGS[0], data_dir, first_stage)
   fp.binarization.method = "fp"
   fp.training.update(steps=2, log_every=1)
+  fp.data.latent_cache = cache  # encoded here, with the mirrors (LSUN flips), read by the QAT
   main.run(fp, str(tmp_path / "fp"), "train")
+  assert calls == [0, 1]  # one batch of 8 images, then their mirrors
   qat = _tiny(CONFIGS[0], data_dir, first_stage)
   qat.training.teacher = str(tmp_path / "fp")
   qat.training.update(steps=2, log_every=1)
+  qat.data.latent_cache = cache
   main.run(qat, str(tmp_path / "qat"), "train")
+  assert calls == [0, 1]
+  _check_latent_cache(qat, cache)
+  os.rename(first_stage, tmp_path / "vq_before")  # another autoencoder at the same path
+  _first_stage(tmp_path / "vq", "tiny_vq_f4", seed=2)
+  builders._read_first_stage.cache_clear()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"^data.latent_cache: .* first_stage.params is '"):
+    main.run(qat, str(tmp_path / "other"), "train")
   stats = main.run(qat, str(tmp_path / "qat"), "sample")
   assert stats["num_samples"] == qat.sampling.num_samples
   with np.load(os.path.join(tmp_path, "qat", "samples.npz")) as f:
     assert f["images"].shape == (4, 32, 32, 3)
+
+
+def _check_latent_cache(config, cache):
+  """The cache holds the first stage's latents of the images and of their mirrors."""
+  first_stage = builders.load_first_stage(config, builders.make_mesh(config))
+  images = np.stack(
+      [
+          np.asarray(Image.open(p), np.float32) / 127.5 - 1
+          for p in sorted(glob.glob(f"{config.data.data_dir}/train/a/*.png"))
+      ]
+  )
+  encode = jax.jit(
+      lambda x: first_stage.module.apply({"params": first_stage.params}, x, method="encode")
+  )
+  for name, x in (("latents", images), ("mirrors", images[:, :, ::-1])):
+    stored = np.load(os.path.join(cache, f"shard-00000-of-00001.{name}.npy"))
+    np.testing.assert_allclose(stored, encode(x), atol=1e-5)
 
 
 def test_convert_a_diffusers_pipeline_to_a_teacher_and_first_stage(tmp_path):

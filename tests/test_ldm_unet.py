@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import fill_params, path_str
+from helpers import check_teacher_fills_table4_student, fill_params, path_str
 from test_autoencoders import _assert_close, _assert_same_params, _nchw, _numpy_state
 
 from bidm_jax.bidm import tbs
@@ -298,6 +298,16 @@ def test_conversion_errors_are_one_line(ldm4, change, message):
   with pytest.raises(ValueError) as info:
     clu.convert_state_dict(state_dict, ldm_unet.TINY_LDM4)
   assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_converted_checkpoint_fills_binary_skip_convs(ldm4):
+  """A converted FP LDM checkpoint initialises a student of the paper's Table 4 layout: the
+  skip convs, now binary, get its weights; no real 1x1 shortcut is left unfilled."""
+  config = ldm_unet.TINY_LDM4
+  fp = clu.convert_state_dict(_numpy_state(ldm4), config)
+  method = get_method("bidm", width_shortcut="none", binary_skip_conv=True)
+  student = ldm_unet.LDMUNet(config, method=method, tbs_connections=2)
+  check_teacher_fills_table4_student(student, (1, SIZE, SIZE, config.in_channels), fp)
 
 
 def test_config_errors(ldm8, tmp_path):

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from helpers import MICRO_SHAPE, MICRO_UNET, random_params, tiny_inputs
 
 from bidm_jax import config as config_lib
 from bidm_jax.binarize import estimators as est
@@ -133,6 +136,29 @@ def test_bad_fields_are_rejected():
     get_method("xnor", activation_estimator="magic")
   with pytest.raises(ValueError, match="reste_o_end"):
     get_method("reste", reste_o_end=0.5)
+
+
+def test_table4_layout_fields():
+  """width_shortcut and binary_skip_conv: today's layout in every method, set by get_method and
+  config.binarization; a bad width_shortcut is one line naming the field and its values."""
+  for m in METHODS.values():
+    assert (m.width_shortcut, m.binary_skip_conv) == ("conv", False)
+    assert m.skip_conv_method is METHODS["fp"]
+  xnor, table4 = METHODS["xnor"], get_method("xnor", width_shortcut="none", binary_skip_conv=True)
+  assert xnor.has_shortcut(8, 16) and xnor.has_shortcut(8, 8)
+  assert not table4.has_shortcut(8, 16) and table4.has_shortcut(8, 8)
+  assert not get_method("xnor", shortcut=False).has_shortcut(8, 8)
+  assert table4.skip_conv_method is table4
+  assert get_method("fp", binary_skip_conv=True).skip_conv_method is METHODS["fp"]
+  c = config_lib.default_config()
+  c.binarization.update(width_shortcut="none", binary_skip_conv=True)
+  assert config_lib.method_from_config(c) == dataclasses.replace(
+      METHODS["bidm"], width_shortcut="none", binary_skip_conv=True
+  )
+  c.binarization.width_shortcut = "identity"
+  with pytest.raises(ValueError) as info:
+    config_lib.validate(c)
+  assert str(info.value) == "width_shortcut must be one of ('conv', 'none'), got 'identity'"
 
 
 def test_fp_xnor_bidm_keep_their_fields():
@@ -601,6 +627,28 @@ def test_model_costs_every_method():
     assert costs[name]["bops"] == costs["xnor"]["bops"] > 0, name
     assert costs[name]["binary_params"] == costs["xnor"]["binary_params"] > 0, name
     assert costs[name]["ops"] < costs["fp"]["ops"] / 5, name
+
+
+@pytest.mark.parametrize("name", BINARY_METHODS)
+def test_every_method_runs_the_table4_layout(name):
+  """Each binary method builds the micro U-Net with binary skip convs (with and without the
+  width shortcut) and runs it without the width shortcut, eagerly (no compile): eps finite,
+  the skip convs count BOPs and no layer records a real shortcut."""
+  x, t = tiny_inputs(MICRO_SHAPE)
+  skip_conv = UNet(**MICRO_UNET, method=get_method(name, binary_skip_conv=True))
+  shapes = jax.eval_shape(skip_conv.init, jax.random.key(0), x, t)["params"]
+  assert "shortcut_kernel" in shapes["up_0_block_0"]["nin_shortcut"]
+  method = get_method(name, width_shortcut="none", binary_skip_conv=True)
+  model = UNet(**MICRO_UNET, method=method)
+  with jax.disable_jit():
+    out, state = model.apply(
+        {"params": random_params(model, MICRO_SHAPE, seed=3)}, x, t, mutable=["costs"]
+    )
+  assert np.all(np.isfinite(np.asarray(out.eps)))
+  costs = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["costs"]))
+  skips = [v for k, v in costs.items() if "nin_shortcut" in k]
+  assert skips and all(v[0] > 0 for v in skips)
+  assert not any(k[-1] == "shortcut" for k in costs)
 
 
 # -------------------------------------------------------------------------------------- QAT

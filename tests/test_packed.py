@@ -36,6 +36,7 @@ from bidm_jax.evaluation import evaluate as eval_lib
 from bidm_jax.export import packed as ex
 from bidm_jax.layers import packed as pk
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
+from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 from helpers import (
     MICRO_SHAPE,
@@ -307,6 +308,7 @@ METHOD_CASES = {
     "reactnet": get_method("reactnet"),
     "bbcu": get_method("bbcu"),
     "reste": get_method("reste"),
+    "bidm-no-width-shortcut": get_method("bidm", width_shortcut="none"),
 }
 
 
@@ -317,6 +319,8 @@ def test_every_packed_method(name):
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 24)), jnp.float32)
   p = check_conv(x, BinaryConv(40, strides=2, padding=((0, 1), (0, 1)), method=method))
+  packed = ex.pack_layer(p, {"kind": "conv", "kernel": list(p["kernel"].shape)}, method)
+  assert ("shortcut_scale" in packed) == (method.width_shortcut == "conv")
   if name == "xnorpp-factorised":
     assert {"output_scale_h", "output_scale_w"} <= set(p)
   x = jnp.asarray(rng.standard_normal((3, 70)), jnp.float32)
@@ -397,6 +401,24 @@ def test_export_eps_equals_simulated(tiny_bidm, exported, packed_apply):
   assert np.max(np.abs(np.asarray(sim2.eps) - np.asarray(sim.eps))) > 1e-3  # the cache acts
   for a, b in zip(out2.features, sim2.features):
     assert_close(a, b)
+
+
+def test_export_of_the_table4_layout_equals_simulated(tmp_path):
+  """Binary skip convs and no width shortcut (the paper's Table 4 layout): the skip convs are
+  exported as binary layers, no layer has a real shortcut, and the packed eps is the simulated
+  one."""
+  method = get_method("bidm", width_shortcut="none", binary_skip_conv=True)
+  model = UNet(**MICRO_UNET, method=method)
+  params = random_params(model, MICRO_SHAPE, seed=4)
+  info = ex.write_export(tmp_path / ex.EXPORT_FILE, model, params, MICRO_SHAPE[1:])
+  tree, desc = ex.read_export(tmp_path / ex.EXPORT_FILE)
+  assert {"up_0_block_0/nin_shortcut", "up_0_block_1/nin_shortcut"} <= set(desc["layers"])
+  assert "nin_shortcuts" not in info["by_category"]
+  assert "binary_shortcut_1x1" not in info["by_category"]
+  x, t = tiny_inputs(MICRO_SHAPE)
+  simulated = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t).eps)(params, x, t)
+  packed = jax.jit(lambda p, x, t: pk.apply(model, p, x, t).eps)(tree, x, t)
+  assert_close(packed, simulated)
 
 
 def test_bfloat16_fp_layers(tiny_bidm, tmp_path, packed_apply):
@@ -579,6 +601,10 @@ def export_config(**binarization):
     [
         (lambda c: c.model.update(ch=64), "ch: checkpoint 32 vs config 64"),
         (lambda c: c.binarization.update(binary_bias=False), "binary_bias: export True"),
+        (
+            lambda c: c.binarization.update(width_shortcut="none"),
+            "binarization width_shortcut: export 'conv' vs config 'none'",
+        ),
         (lambda c: c.binarization.update(method="xnor"), "binarization name"),
         (lambda c: c.tbs.update(connections=1), "tbs_connections: export 2 vs config 1"),
         (lambda c: c.data.update(image_size=32), "image shape"),
@@ -592,6 +618,20 @@ def test_export_of_another_setting_is_refused(exported, change, message):
   with pytest.raises(ckpt_lib.CheckpointError) as e:
     ex.load_export(exported[0], config)
   assert message in one_line(e)
+
+
+def test_export_from_before_the_table4_fields_loads(exported, tmp_path):
+  """An export whose method predates width_shortcut and binary_skip_conv has their defaults."""
+
+  def drop_fields(desc):
+    del desc["method"]["width_shortcut"], desc["method"]["binary_skip_conv"]
+
+  path = _rewrite(exported[0], tmp_path / "old.safetensors", edit_desc=drop_fields)
+  _, meta = ex.load_export(path, export_config())
+  assert "width_shortcut" not in meta["method"]
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ex.load_export(path, export_config(binary_skip_conv=True))
+  assert "binarization binary_skip_conv: export False vs config True" in one_line(e)
 
 
 def test_parameters_that_do_not_fit_are_refused(tiny_bidm, tiny_fp, tmp_path):
@@ -633,10 +673,11 @@ def micro_config():
   return c
 
 
-def test_export_mode_and_packed_sampling(tmp_path):
+def test_export_mode_and_packed_sampling(tmp_path, monkeypatch):
   """--mode=export of a BiDM model, then --mode=sample from the export with the packed engine:
   the images (DDIM with the TBS cache) of the simulated engine from the checkpoint."""
   config = micro_config()
+  apply_packed = pk.apply
   model = builders.make_model(config, config_lib.method_from_config(config))
   params = random_params(model, (1, *MICRO_SHAPE[1:3], 1), seed=5)
   ckpt_lib.export_params(tmp_path / "model", params, builders.model_description(config))
@@ -658,6 +699,17 @@ def test_export_mode_and_packed_sampling(tmp_path):
   # of 0 can flip in a later step (DDIM scales eps by up to 1/sqrt(abar_t)), so a few values
   # of a chain may differ.
   assert np.mean(packed == simulated) > 0.95 and np.mean(np.abs(packed - simulated)) < 0.5
+  # sampling.packed_impl picks the product form; popcount's integers equal int8's exactly.
+  impls = []
+  monkeypatch.setattr(
+      pk, "apply", lambda *a, impl, **k: impls.append(impl) or apply_packed(*a, impl=impl, **k)
+  )
+  config.sampling.packed_impl = "popcount"
+  main.run(config, str(tmp_path / "popcount"), "sample")
+  assert set(impls) == {"popcount"}
+  popcount = np.load(tmp_path / "popcount" / "samples.npz")["images"].astype(int)
+  np.testing.assert_array_equal(popcount, packed)
+  config.sampling.packed_impl = "int8"
 
   config.sampling.checkpoint = str(tmp_path / "model")  # a checkpoint, not an export
   with pytest.raises(ckpt_lib.CheckpointError) as e:

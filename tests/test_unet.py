@@ -10,6 +10,7 @@ import pytest
 from helpers import TINY_SHAPE, TINY_UNET, path_str, tiny_inputs
 
 from bidm_jax.binarize.methods import get_method
+from bidm_jax.models import ldm_unet
 from bidm_jax.models.unet import UNet, UNetOutput
 
 CIFAR_SHAPE = (1, 32, 32, 3)
@@ -140,6 +141,50 @@ def test_full_precision_layers_stay_full_precision():
     assert "threshold" in modules[m], m
     if not m.endswith("temb_proj"):
       assert "scale_kernel" in modules[m], m  # learnable k under BiDM
+
+
+SHORTCUT_LEAVES = {"shortcut_kernel", "shortcut_scale"}
+
+
+def _modules(model, x_shape):
+  """{module path: its parameter names} of `model` on inputs of `x_shape` (traced only)."""
+  modules = {}
+  for path in flat_shapes(param_shapes(model, x_shape)):
+    module, _, leaf = path.rpartition("/")
+    modules.setdefault(module, set()).add(leaf)
+  return modules
+
+
+@pytest.mark.parametrize("family", ["ddpm", "ldm"])
+def test_table4_layout_changes_exactly_the_skip_convs_and_width_shortcuts(family):
+  """width_shortcut='none' drops exactly the real 1x1 shortcut and s of each binary conv that
+  changes width; binary_skip_conv gives exactly the skip convs the parameters of such a binary
+  conv (so they follow width_shortcut). The FP teacher's tree is the same under both."""
+
+  def build(method):
+    if family == "ddpm":
+      return _modules(UNet(**TINY_UNET, method=method), TINY_SHAPE)
+    return _modules(ldm_unet.LDMUNet(ldm_unet.TINY_LDM4, method=method), (2, 8, 8, 3))
+
+  default = build(get_method("bidm"))
+  widening = sorted(m for m, leaves in default.items() if "shortcut_kernel" in leaves)
+  skips = {m for m in default if m.endswith("/nin_shortcut")}
+  assert widening and skips and all(default[m] == {"kernel", "bias"} for m in skips)
+  for width_shortcut in ("conv", "none"):
+    for binary_skip_conv in (False, True):
+      expected = {
+          m: default[widening[0]] if binary_skip_conv and m in skips else leaves
+          for m, leaves in default.items()
+      }
+      if width_shortcut == "none":
+        expected = {
+            m: leaves - SHORTCUT_LEAVES if "shortcut_kernel" in leaves else leaves
+            for m, leaves in expected.items()
+        }
+      method = get_method("bidm", width_shortcut=width_shortcut, binary_skip_conv=binary_skip_conv)
+      assert build(method) == expected, (width_shortcut, binary_skip_conv)
+  table4_fp = get_method("fp", width_shortcut="none", binary_skip_conv=True)
+  assert build(table4_fp) == build(get_method("fp"))
 
 
 def test_fp_model_runs_on_binary_tree(tiny_fp, tiny_bidm):

@@ -12,7 +12,9 @@ fp, xnor (XNOR-Net), xnorpp (XNOR-Net++), dorefa (DoReFa-Net), reactnet (ReActNe
 overrides: Table 3 `get_method('xnor')`, "+TBS" `get_method('xnor', learnable_k=True,
 cross_timestep=True)`, "+SPD" `get_method('xnor', distillation='spd')`, `get_method('bidm')`;
 Table 5 `get_method('xnor', learnable_k=True)`; Table 7 `get_method('bidm',
-distillation='l2')` and `distillation='none'`.
+distillation='l2')` and `distillation='none'`. The layout Table 4 counts (no real shortcut
+where a binary conv changes width, binary skip convs) is `get_method('bidm',
+width_shortcut='none', binary_skip_conv=True)`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bidm_jax.binarize import estimators
 ACTIVATION_SCALES = ("none", "xnor")
 DISTILLATIONS = ("none", "spd", "l2")
 RPRELUS = ("none", "before_shortcut", "after_shortcut")
+WIDTH_SHORTCUTS = ("conv", "none")
 
 ACTIVATION_MEAN_ABS = 1.0 / math.sqrt(2.0 * math.pi)
 """Data-independent estimate of mean_c |x| at a binary layer's input: E|swish(z)| for
@@ -143,6 +146,12 @@ class BinarizationMethod:
     binary_bias: binary convs and dense layers add their real bias b (ours); False drops it
       from the forward, as the authors' release does (the 'bias' parameter stays in the tree,
       so the student still contains the FP tree, but is unused and not counted as stored).
+    width_shortcut: the shortcut of a binary conv that changes width (Cin != Cout): 'conv', a
+      real 1x1 conv of x (ours, ReActNet's), or 'none', no shortcut term there (the layout the
+      paper's Table 4 counts). A conv that keeps its width has the identity either way.
+    binary_skip_conv: the res blocks' 1x1 skip convs (`nin_shortcut`) are binary convs of this
+      method (the layout the paper's Table 4 counts; they change width, so `width_shortcut`
+      applies to them); False keeps them full precision (ours).
   """
 
   name: str = "fp"
@@ -168,6 +177,8 @@ class BinarizationMethod:
   num_timesteps: int = 1000
   fp_init: str = "none"
   binary_bias: bool = True
+  width_shortcut: str = "conv"
+  binary_skip_conv: bool = False
 
   def __post_init__(self):
     choices = dict(
@@ -177,6 +188,7 @@ class BinarizationMethod:
         weight_estimator=estimators.SIGN_ESTIMATORS,
         activation_estimator=estimators.SIGN_ESTIMATORS,
         fp_init=tuple(FP_INITS),
+        width_shortcut=WIDTH_SHORTCUTS,
     )
     for field, valid in choices.items():
       if getattr(self, field) not in valid:
@@ -195,6 +207,15 @@ class BinarizationMethod:
     (`train.overlay_params`), before training starts; 'none' returns `params` unchanged.
     """
     return FP_INITS[self.fp_init](self, params)
+
+  def has_shortcut(self, cin: int, cout: int) -> bool:
+    """Whether a binary conv from cin to cout channels adds s * shortcut(x)."""
+    return self.shortcut and (cin == cout or self.width_shortcut == "conv")
+
+  @property
+  def skip_conv_method(self) -> "BinarizationMethod":
+    """The method of the res blocks' 1x1 skip convs: this one under `binary_skip_conv`, else FP."""
+    return self if self.binary and self.binary_skip_conv else FP
 
   @property
   def binarizers(self) -> binarizers_lib.Binarizers:

@@ -8,6 +8,7 @@ SOURCES = ("digits", "tfds", "folder")
 BAD_FILE_POLICIES = ("fail", "skip")
 CACHE_POLICIES = ("auto", "always", "never")
 CHANNELS = (1, 3)
+LATENT_DTYPES = ("float32", "float16")
 
 
 def default_data_config(source: str = "digits") -> ml_collections.ConfigDict:
@@ -22,13 +23,19 @@ def default_data_config(source: str = "digits") -> ml_collections.ConfigDict:
     image_size: output height = width; shorter side resized, then center crop.
     channels: 3 (RGB) or 1 (grayscale); digits default to 1.
     random_flip: random horizontal flips in training (off for digits, whose mirror
-      images are not digits).
+      images are not digits). With a first stage, each image and its mirror are encoded
+      (twice the latents) and a flip picks the mirror's latent.
     on_bad_file: 'fail' raises naming an undecodable file; 'skip' drops and counts it.
     num_workers: grain worker processes decoding images (0 = in the main process).
     cache_in_memory: 'auto' decodes this host's shard of the split once into host memory
       (uint8) when it fits `cache_budget_mb`, else streams from the source; 'always' /
       'never' force either. Training batches are the same either way.
     cache_budget_mb: the host-memory budget of 'auto', in MiB of decoded uint8 pixels.
+    latent_cache: with a first stage, '' encodes this host's shard into latents in host
+      memory at every start; a local directory keeps them there as .npy files, encoded by the
+      first run and memory-mapped by later ones (`latent_cache`; LSUN-sized data).
+    latent_dtype: how latents are stored, 'float32' or 'float16' (half the memory or disk;
+      batches are float32 either way).
   """
   if source not in SOURCES:
     raise ValueError(f"data.source={source!r} is invalid; valid values: {', '.join(SOURCES)}")
@@ -46,6 +53,8 @@ def default_data_config(source: str = "digits") -> ml_collections.ConfigDict:
           num_workers=0,
           cache_in_memory="auto",
           cache_budget_mb=4096.0,
+          latent_cache="",
+          latent_dtype="float32",
       )
   )
 
@@ -74,6 +83,16 @@ def validate(data) -> None:
   if not data.cache_budget_mb >= 0:
     raise ValueError(
         f"data.cache_budget_mb={data.cache_budget_mb!r} is invalid; valid values: a number >= 0"
+    )
+  if not isinstance(data.latent_cache, str) or "://" in data.latent_cache:
+    raise ValueError(
+        f"data.latent_cache={data.latent_cache!r} is invalid; valid values: '' or a local "
+        "directory (the latents are memory-mapped)"
+    )
+  if data.latent_dtype not in LATENT_DTYPES:
+    raise ValueError(
+        f"data.latent_dtype={data.latent_dtype!r} is invalid; valid values: "
+        f"{', '.join(LATENT_DTYPES)}"
     )
   if data.source == "tfds" and not data.name:
     raise ValueError(

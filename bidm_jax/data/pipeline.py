@@ -6,10 +6,13 @@ order depends on `seed` only, not on `num_workers`, and resuming is exact):
   LoadedSource(source)                        decode, resize + center crop -> uint8
   HostShard(process_index::process_count)     this host's part of the examples
   decode_all (data.cache_in_memory)           once, into a uint8 array in host memory
+  or encode_all (a first stage)               once, into latents (and the mirrors' latents)
+                                              in host memory or data.latent_cache's files
   EpochBatches(seed)                          batch b -> its indices: a new permutation
                                               every epoch, endless; batches may span epochs
   .map(BatchLoader(flip_seed))                gather (one array index when decoded), flip
-  .map(scale_batch)                           float32 in [-1, 1]
+                                              (latents: the mirror's latent)
+  .map(scale_batch)                           float32 in [-1, 1] (latents: float_batch)
   .to_iter_dataset().mp_prefetch(num_workers) (streaming only)
   -> TrainIterator                            sums the skip counts, holds the state
 
@@ -24,13 +27,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from absl import flags
 import grain
 import numpy as np
 
 from bidm_jax.data import config as config_lib
+from bidm_jax.data import latent_cache
 from bidm_jax.data import preprocess
 from bidm_jax.data import sources
 
@@ -180,6 +184,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     encode: Callable[[np.ndarray, int], np.ndarray] | None = None,
+    first_stage: Mapping[str, Any] | None = None,
 ) -> TrainIterator:
   """Endless, shuffled training batches for this host.
 
@@ -191,8 +196,11 @@ def make_train_iterator(
   `iterator_state` / `restore_iterator_state`).
 
   With `encode` (`builders.latent_encoder`: (B, H, W, C) in [-1, 1] and a batch index ->
-  (B, h, w, c) latents), the host's images are encoded once, ENCODE_BATCH at a time, into
-  float32 latents in host memory, and `'image'` holds latents (never flipped).
+  (B, h, w, c) latents), the host's images are encoded once, ENCODE_BATCH at a time, and
+  `'image'` holds latents stored as data.latent_dtype: in host memory, or with
+  data.latent_cache memory-mapped from that directory (`latent_cache`; encoded by the first
+  run, whose description `first_stage`, `builders.first_stage_description`, is part of). With
+  data.random_flip the mirrored images are encoded too, and a flip picks the mirror's latent.
   """
   config_lib.validate(data)
   process_index, process_count = _host(process_index, process_count)
@@ -200,6 +208,11 @@ def make_train_iterator(
     raise ValueError(
         f"global_batch_size={global_batch_size} is invalid; valid values: a positive "
         f"multiple of process_count={process_count}"
+    )
+  if data.latent_cache and (encode is None or first_stage is None):
+    raise ValueError(
+        "data.latent_cache: only latents are cached; it needs encode and the first stage's "
+        "description (a first stage: config.first_stage.source)"
     )
   source = sources.build_source(data)
   if len(source) < process_count:
@@ -212,9 +225,31 @@ def make_train_iterator(
   )
   examples = preprocess.HostShard(loaded, process_index, process_count)
   cached = encode is not None or _cache_shard(data, len(examples))
-  if encode is not None:
-    start = time.perf_counter()
-    examples = preprocess.encode_all(examples, encode, ENCODE_BATCH)
+  start = time.perf_counter()
+  if encode is not None and data.latent_cache:
+    description = latent_cache.describe(
+        data,
+        first_stage,
+        count=len(examples),
+        process_index=process_index,
+        process_count=process_count,
+    )
+    examples, encoded = latent_cache.load_or_encode(
+        data.latent_cache, description, examples, encode, ENCODE_BATCH
+    )
+    log.info(
+        "%s %d examples of %r as latents %s in %s in %.1f s",
+        "encoded" if encoded else "memory-mapped",
+        len(examples),
+        source,
+        examples.images.shape[1:],
+        data.latent_cache,
+        time.perf_counter() - start,
+    )
+  elif encode is not None:
+    examples = preprocess.encode_all(
+        examples, encode, ENCODE_BATCH, mirror=data.random_flip, dtype=data.latent_dtype
+    )
     log.info(
         "encoded %d examples of %r into latents %s in host memory in %.1f s",
         len(examples),
@@ -223,7 +258,6 @@ def make_train_iterator(
         time.perf_counter() - start,
     )
   elif cached:
-    start = time.perf_counter()
     examples = preprocess.decode_all(examples, threads=max(data.num_workers, os.cpu_count() or 1))
     log.info(
         "decoded %d examples of %r into host memory in %.1f s",
@@ -234,10 +268,8 @@ def make_train_iterator(
   shuffle_seed, flip_seed = _seeds(seed)
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(preprocess.EpochBatches(len(examples), local_batch, shuffle_seed))
-  flips = data.random_flip and encode is None
-  ds = ds.map(preprocess.BatchLoader(examples, flip_seed if flips else None))
-  if encode is None:
-    ds = ds.map(preprocess.scale_batch)
+  ds = ds.map(preprocess.BatchLoader(examples, flip_seed if data.random_flip else None))
+  ds = ds.map(preprocess.scale_batch if encode is None else preprocess.float_batch)
   # Decoded batches need no worker processes: threads in this process assemble them.
   return TrainIterator(
       _iterate(ds, 0 if cached else data.num_workers, batched=True, decoded=cached), local_batch

@@ -4,6 +4,8 @@ and center-crop, random flip, scaling of training batches."""
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -110,6 +112,11 @@ def scale_batch(batch: dict) -> dict:
   return out
 
 
+def float_batch(batch: dict) -> dict:
+  """Latents as stored (float32 or float16) -> float32."""
+  return {**batch, "image": np.asarray(batch["image"], np.float32)}
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] floats (N, H, W, C) -> uint8 [0, 255], C = 1 or 3 (the inverse of scale_batch,
   rounded): samples as saved images hold them."""
@@ -117,15 +124,22 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class DecodedArraySource:
-  """Examples decoded once into host memory: uint8 images (N, H, W, C) (or float32 latents,
-  `encode_all`), labels and skip counts.
+  """Examples decoded once into host memory: uint8 images (N, H, W, C) (or latents,
+  `encode_all`), labels and skip counts, and with `mirrors` the latents of the mirrored images.
 
   Indexing returns the same records as the `LoadedSource` (or its shard) it was decoded from,
   so a pipeline over it yields the same batches as the streaming one, without decoding again.
+  The arrays may be memory-mapped files (`latent_cache`).
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray):
-    self.images, self.labels, self.skipped = images, labels, skipped
+  def __init__(
+      self,
+      images: np.ndarray,
+      labels: np.ndarray | None,
+      skipped: np.ndarray,
+      mirrors: np.ndarray | None = None,
+  ):
+    self.images, self.labels, self.skipped, self.mirrors = images, labels, skipped, mirrors
 
   def __len__(self) -> int:
     return len(self.images)
@@ -136,15 +150,20 @@ class DecodedArraySource:
       out["label"] = int(self.labels[i])
     return out
 
-  def gather(self, indices: np.ndarray) -> dict:
-    """The examples at `indices` (B,) as one batch, by array indexing."""
-    out = {"image": self.images[indices], "skipped": self.skipped[indices]}
+  def gather(self, indices: np.ndarray, mirrored: np.ndarray | None = None) -> dict:
+    """The examples at `indices` (B,) as one batch, by array indexing; where `mirrored` (B,)
+    is True, the image is taken from `mirrors`."""
+    images = self.images[indices]
+    if mirrored is not None and mirrored.any():
+      images[mirrored] = self.mirrors[indices[mirrored]]
+    out = {"image": images, "skipped": self.skipped[indices]}
     if self.labels is not None:
       out["label"] = self.labels[indices]
     return out
 
   def __repr__(self) -> str:
-    return f"DecodedArraySource(n={len(self)}, shape={self.images.shape[1:]})"
+    mirrors = ", mirrored" if self.mirrors is not None else ""
+    return f"DecodedArraySource(n={len(self)}, shape={self.images.shape[1:]}{mirrors})"
 
 
 def decode_all(examples, *, threads: int) -> DecodedArraySource:
@@ -170,24 +189,61 @@ def decode_all(examples, *, threads: int) -> DecodedArraySource:
   return DecodedArraySource(images, labels, skipped)
 
 
-def encode_all(examples, encode, batch_size: int) -> DecodedArraySource:
+def _empty(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+  del name
+  return np.empty(shape, dtype)
+
+
+def encode_all(
+    examples,
+    encode,
+    batch_size: int,
+    *,
+    mirror: bool = False,
+    dtype=np.float32,
+    allocate: Callable[[str, tuple[int, ...], Any], np.ndarray] = _empty,
+) -> DecodedArraySource:
   """Every example of `examples` (len() and [i] -> `LoadedSource` records) loaded and encoded
   once, `batch_size` at a time (the last batch padded): `encode(images (B, H, W, C) float32 in
-  [-1, 1], batch index) -> (B, h, w, c)` latents, kept as float32 in host memory."""
+  [-1, 1], batch index) -> (B, h, w, c)` latents, stored as `dtype` (ValueError when one is not
+  finite there).
+
+  With `mirror`, each image's left-right mirror is encoded too (batch index num_batches + b),
+  into `mirrors`: the latent of a mirrored image is not the mirror of its latent. The latent
+  arrays come from `allocate(name, shape, dtype)` ('latents', 'mirrors'): host memory, or the
+  memory-mapped files of `latent_cache`.
+  """
   n = len(examples)
-  latents, labels, skipped = None, None, np.empty((n,), np.int32)
+  num_batches = -(-n // batch_size)
+  latents, mirrors, labels, skipped = None, None, None, np.empty((n,), np.int32)
+  last_log = time.perf_counter()
   for b, start in enumerate(range(0, n, batch_size)):
     rows = [examples[i] for i in range(start, min(start + batch_size, n))]
     images = np.stack([r["image"] for r in rows] + [rows[-1]["image"]] * (batch_size - len(rows)))
-    z = np.asarray(encode(scale_batch({"image": images})["image"], b), np.float32)[: len(rows)]
+    x = scale_batch({"image": images})["image"]
+    z = np.asarray(encode(x, b))[: len(rows)]
     if latents is None:
-      latents = np.empty((n, *z.shape[1:]), np.float32)
+      latents = allocate("latents", (n, *z.shape[1:]), dtype)
+      mirrors = allocate("mirrors", latents.shape, dtype) if mirror else None
       labels = np.empty((n,), np.int32) if "label" in rows[0] else None
     latents[start : start + len(rows)] = z
+    if mirror:
+      z = np.asarray(encode(x[:, :, ::-1], num_batches + b))
+      mirrors[start : start + len(rows)] = z[: len(rows)]
+    for stored in (latents, mirrors) if mirror else (latents,):
+      if not np.isfinite(stored[start : start + len(rows)]).all():
+        raise ValueError(
+            f"data.latent_dtype: the first stage gave latents that are not finite as "
+            f"{np.dtype(dtype)} "
+            f"in examples {start}..{start + len(rows) - 1}"
+        )
     skipped[start : start + len(rows)] = [r["skipped"] for r in rows]
     if labels is not None:
       labels[start : start + len(rows)] = [r["label"] for r in rows]
-  return DecodedArraySource(latents, labels, skipped)
+    if time.perf_counter() - last_log > 60:
+      last_log = time.perf_counter()
+      log.info("encoded %d of %d examples", start + len(rows), n)
+  return DecodedArraySource(latents, labels, skipped, mirrors)
 
 
 class HostShard:
@@ -240,11 +296,11 @@ class EpochBatches:
 
 
 class BatchLoader:
-  """(b, indices) -> `{'image': uint8 (B, H, W, C), 'skipped': (B,)[, 'label': (B,)]}`.
+  """(b, indices) -> `{'image': (B, H, W, C), 'skipped': (B,)[, 'label': (B,)]}`.
 
   Reads the examples (a DecodedArraySource by one array gather, anything else example by
   example) and, with `flip_seed`, mirrors each image left-right with probability 1/2, drawn
-  from (flip_seed, b).
+  from (flip_seed, b): a source with `mirrors` (latents) gives the mirrored image's latent.
   """
 
   def __init__(self, examples, flip_seed: int | None):
@@ -252,13 +308,17 @@ class BatchLoader:
 
   def __call__(self, item: tuple[int, np.ndarray]) -> dict:
     b, indices = item
+    flip = None
+    if self.flip_seed is not None:
+      flip = np.random.default_rng([self.flip_seed, b]).random(len(indices)) < 0.5
     if isinstance(self.examples, DecodedArraySource):
+      if self.examples.mirrors is not None:
+        return self.examples.gather(indices, flip)
       batch = self.examples.gather(indices)
     else:
       rows = [self.examples[int(i)] for i in indices]
       batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if self.flip_seed is not None:
-      flip = np.random.default_rng([self.flip_seed, b]).random(len(indices)) < 0.5
+    if flip is not None:
       batch["image"] = np.where(
           flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"]
       )

@@ -5,8 +5,8 @@ binary conv and dense layer becomes its packed sign bits (`layers.packed` layout
 ceil(K / 32)) uint32, K = kh * kw * Cin, Cin fastest) with its per-channel alpha (XNOR++'s
 Gamma folded in), thresholds, the k filter folded for sum-instead-of-mean (k / Cin, paper
 appendix B), bias, shortcut scale and real 1x1 shortcut; every other parameter (first and
-last conv, time MLP, group norms, nin shortcuts, TBS table) stays real, as float32 or
-bfloat16 (`fp_dtype`). `layers.packed.apply` runs the U-Net on that tree.
+last conv, time MLP, group norms, nin shortcuts unless `binary_skip_conv`, TBS table) stays
+real, as float32 or bfloat16 (`fp_dtype`). `layers.packed.apply` runs the U-Net on that tree.
 
 The file is safetensors (written and read here, no safetensors package needed): tensors named
 by their '/'-joined parameter path, and in its `__metadata__` a JSON description (format,
@@ -159,7 +159,7 @@ def pack_layer(
     out["bias"] = f32(p["bias"])
   if spec["kind"] == "dense":
     return out
-  kh, kw, cin, _ = spec["kernel"]
+  kh, kw, cin, cout = spec["kernel"]
   if method.activation_scale == "xnor":
     k = (
         f32(p["scale_kernel"])
@@ -173,7 +173,7 @@ def pack_layer(
   if method.rprelu != "none":
     for name in ("rprelu_shift_in", "rprelu_slope", "rprelu_shift_out"):
       out[name] = f32(p[name])
-  if method.shortcut:
+  if method.has_shortcut(cin, cout):
     out["shortcut_scale"] = (
         f32(p["shortcut_scale"])
         if method.learnable_shortcut_scale
@@ -514,13 +514,14 @@ def load_export(source, config) -> tuple[dict, dict]:
   tree, desc = read_export(path)
   where = str(path)
   ckpt_lib.check_model_matches(desc["model"], builders.model_description(config), where)
-  diffs = []
   method = dataclasses.asdict(config_lib.method_from_config(config))
-  for k in sorted(set(method) | set(desc["method"])):
-    if desc["method"].get(k) != method.get(k):
-      diffs.append(
-          f"binarization {k}: export {desc['method'].get(k)!r} vs config {method.get(k)!r}"
-      )
+  # A field the export predates holds its default (the behaviour before the field existed).
+  exported = dataclasses.asdict(BinarizationMethod(**desc["method"]))
+  diffs = [
+      f"binarization {k}: export {exported[k]!r} vs config {method[k]!r}"
+      for k in sorted(method)
+      if exported[k] != method[k]
+  ]
   expected = dict(
       tbs_connections=config.tbs.connections,
       tbs_buckets=config.tbs.buckets,

@@ -15,6 +15,7 @@ The binary forward of a conv, in the order applied (each step only where the met
   wq = weight binarizer (W)                e.g. alpha sign W, sign W, s_w sign(W0 + AB)
   y  = conv(xq, wq) [* K, XNOR activation scale] [output scale, e.g. XNOR++'s Gamma] [+ b]
   y  = [RPReLU(y), BBCU] + s * shortcut(x); [RPReLU(y), ReActNet]
+       (no shortcut term where the width changes under `width_shortcut='none'`)
 The binarizers and output scales are the method's registered objects (`method.binarizers`,
 `binarize/binarizers.py`). Dense layers apply the binarizers and the output scale only (no
 activation scale, shortcut or RPReLU). The formulas and papers are in
@@ -79,10 +80,11 @@ class BinaryConv(nn.Module):
 
   Binary forward (XNOR/BiDM): `y = conv(sign(x + tau), alpha * sign(W)) * K + b + s *
   shortcut(x)` with `K = conv(mean_c |x|, k)` (XNOR activation scale, k learnable under BiDM),
-  and shortcut the identity (avg-pooled when strided) or a full-precision 1x1 conv when
-  channels change. Other methods swap the binarizers and add an output scale or RPReLU (module
-  docstring). ctx: the QuantContext (timestep, training progress) the method may read; needed
-  by timestep-aware methods, optional otherwise (progress then 1, inference).
+  and shortcut the identity (avg-pooled when strided) or, when channels change, a
+  full-precision 1x1 conv (`width_shortcut='conv'`) or nothing ('none'). Other methods swap
+  the binarizers and add an output scale or RPReLU (module docstring). ctx: the QuantContext
+  (timestep, training progress) the method may read; needed by timestep-aware methods, optional
+  otherwise (progress then 1, inference).
   x: (B, H, W, Cin) -> (B, H', W', features).
   """
 
@@ -120,7 +122,7 @@ class BinaryConv(nn.Module):
       y = y + bias.astype(self.dtype)
     if method.rprelu == "before_shortcut":
       y = _rprelu(self, y)
-    if method.shortcut:
+    if method.has_shortcut(cin, self.features):
       s = _shortcut_scale(self)
       y = y + s.astype(self.dtype) * self._shortcut(x, y.shape)
     if method.rprelu == "after_shortcut":

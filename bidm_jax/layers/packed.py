@@ -279,7 +279,8 @@ def binary_conv(
   x: (B, H, W, Cin) in the compute dtype; p: sign_bits (Cout, words) uint32, alpha (Cout,)
   (the weight scale, XNOR++'s Gamma folded in), and where the method has them threshold
   (Cin,), scale_kernel (kh, kw, 1, 1) = k / Cin, output_scale_h/_w, bias (Cout,), rprelu_*,
-  shortcut_scale () and shortcut_kernel (1, 1, Cin, Cout). -> (B, H', W', Cout).
+  shortcut_scale () and shortcut_kernel (1, 1, Cin, Cout) (none where the width changes under
+  `width_shortcut='none'`). -> (B, H', W', Cout).
   """
   kh, kw = kernel_size
   pads = _pad_amounts(padding, (kh, kw))
@@ -308,7 +309,7 @@ def binary_conv(
     y = y + p["bias"].astype(y.dtype)
   if method.rprelu == "before_shortcut":
     y = _rprelu(p, y)
-  if method.shortcut:
+  if method.has_shortcut(cin, cout):
     y = y + p["shortcut_scale"].astype(y.dtype) * _shortcut(x, p, strides, y.shape)
   if method.rprelu == "after_shortcut":
     y = _rprelu(p, y)

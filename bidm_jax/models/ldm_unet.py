@@ -8,9 +8,10 @@ to go down and a nearest doubling with a conv (or a res block) to go up. Arrays 
 Binarization follows the CIFAR U-Net (`models/unet.py`, paper section 3.1): the res blocks' convs and
 time projections, the attention's q, k, v and proj_out and the resampling convs are
 `BinaryConv` / `BinaryDense` layers given the method; the first conv, the time-embedding MLP, the
-last conv, the norms, the 1x1 skip convs and the attention products stay full precision. CompVis'
-fused qkv conv is three 1x1 convs here (q, k, v), so that each is a square binary conv with an
-identity shortcut, as in the CIFAR U-Net; the conversion splits it per head.
+last conv, the norms, the 1x1 skip convs and the attention products stay full precision (the skip
+convs are binary under a method with `binary_skip_conv`, the layout of the paper's Table 4).
+CompVis' fused qkv conv is three 1x1 convs here (q, k, v), so that each is a square binary conv
+with an identity shortcut, as in the CIFAR U-Net; the conversion splits it per head.
 
 The forward returns `UNetOutput`: eps and the output of every timestep block (the encoder blocks
 and downsamples, the middle block, the decoder blocks), which SPD distils. TBS blends the last
@@ -196,7 +197,8 @@ def _downsample(x: Array) -> Array:
 
 class ResBlock(nn.Module):
   """norm-SiLU-[resample]-conv, time projection (added or scale-shift), norm-SiLU-dropout-conv,
-  plus the (resampled; 1x1-projected when widths differ) input. resample: None, 'up', 'down'."""
+  plus the (resampled; 1x1-projected when widths differ, by an FP conv or, under
+  `binary_skip_conv`, a binary one) input. resample: None, 'up', 'down'."""
 
   config: LDMUNetConfig
   out_ch: int
@@ -223,7 +225,10 @@ class ResBlock(nn.Module):
     h = nn.Dropout(cfg.dropout, deterministic=not train)(nn.silu(h))
     h = BinaryConv(self.out_ch, method=method, dtype=dtype, name="conv2")(h, ctx)
     if x.shape[-1] != self.out_ch:
-      x = BinaryConv(self.out_ch, (1, 1), dtype=dtype, name="nin_shortcut")(x)
+      skip = BinaryConv(
+          self.out_ch, (1, 1), method=method.skip_conv_method, dtype=dtype, name="nin_shortcut"
+      )
+      x = skip(x, ctx)
     return x + h
 
 

@@ -6,7 +6,8 @@ decoder entries TBS carries from one denoising step to the next. It also returns
 feature points of the authors' release (`UNetOutput.points`) and the tensors the next denoising
 step blends with (`UNetOutput.connections`). Which layers are binarized follows paper section
 3.1: the first conv, the time-embedding MLP, the last conv, group norms, the 1x1 nin shortcuts of
-res blocks and the attention products stay full precision.
+res blocks and the attention products stay full precision (the nin shortcuts are binary convs of
+the method where it has `binary_skip_conv`, the layout the paper's Table 4 counts).
 
 TBS structures (`tbs_structure`, with a method that has `cross_timestep`):
   'blocks'   (ours, the paper's reading) the outputs of the last n decoder blocks are blended
@@ -82,7 +83,8 @@ def _norm(name: str, dtype) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-  """GroupNorm-swish-conv, + time projection, GroupNorm-swish-dropout-conv, + skip.
+  """GroupNorm-swish-conv, + time projection, GroupNorm-swish-dropout-conv, + skip (the input,
+  through the 1x1 `nin_shortcut` when the width changes: FP, or binary under `binary_skip_conv`).
 
   Returns (block output, conv2's output): the second is one of the release's SPD points.
   """
@@ -106,7 +108,14 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = BinaryConv(self.out_ch, method=self.method, dtype=self.dtype, name="conv2")(h, ctx)
     if x.shape[-1] != self.out_ch:
-      x = BinaryConv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
+      skip = BinaryConv(
+          self.out_ch,
+          (1, 1),
+          method=self.method.skip_conv_method,
+          dtype=self.dtype,
+          name="nin_shortcut",
+      )
+      x = skip(x, ctx)
     return x + h, h
 
 

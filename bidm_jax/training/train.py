@@ -307,11 +307,17 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
   rng = jax.random.PRNGKey(config.seed)
   if data_iterator is None:
     first_stage = builders.load_first_stage(config, mesh)
+    encode, described = None, None
+    if first_stage is not None:
+      encode = builders.latent_encoder(config, first_stage)
+      if config.data.latent_cache:
+        described = builders.first_stage_description(config, first_stage)
     data_iterator = data_lib.make_train_iterator(
         config.data,
         global_batch_size=t.batch_size,
         seed=config.seed,
-        encode=first_stage and builders.latent_encoder(config, first_stage),
+        encode=encode,
+        first_stage=described,
     )
   checkpoint_data = isinstance(data_iterator, grain.DatasetIterator)
 
