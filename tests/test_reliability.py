@@ -25,6 +25,7 @@ import pytest
 
 import helpers as H
 from bidm_jax import builders
+from bidm_jax import config as config_lib
 from bidm_jax.binarize.methods import FP
 from bidm_jax.training import checkpoint as ckpt_lib
 from bidm_jax.training import train as train_lib
@@ -562,3 +563,25 @@ def test_damaged_export_is_one_error(tmp_path):
     ckptr.save(export / "params", params)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"damaged: .* e\.g\. conv_in/kernel"):
     ckpt_lib.load_params(export, builders.model_description(config))
+
+
+def test_method_fields_a_checkpoint_predates_hold_their_defaults(tmp_path):
+  """A checkpoint written before width_shortcut / binary_skip_conv existed was trained with their
+  defaults: it resumes under the default config and is refused, in one line naming the field,
+  under another value (not later, at the restore of a different parameter tree)."""
+
+  def meta_of(**overrides):
+    config = H.tiny_config("bidm")
+    config.binarization.update(**overrides)
+    method = config_lib.method_from_config(config)
+    return train_lib.run_meta(config, method, builders.make_model(config, method))
+
+  old = meta_of()
+  del old["method"]["width_shortcut"], old["method"]["binary_skip_conv"]
+  train_lib._check_run_meta(json.loads(json.dumps(old)), meta_of(), str(tmp_path))
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    train_lib._check_run_meta(old, meta_of(width_shortcut="none"), str(tmp_path))
+  message = str(e.value)
+  assert (
+      "\n" not in message and "method.width_shortcut: checkpoint 'conv' vs config 'none'" in message
+  )
