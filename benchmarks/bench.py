@@ -65,13 +65,9 @@ def compiled_peak_gib(compiled) -> float | None:
   if jax.default_backend() == "cpu":
     return None
   try:
-    stats = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
+    peak = compiled.memory_analysis().peak_memory_in_bytes
+  except (NotImplementedError, RuntimeError, AttributeError):
     return None
-  peak = getattr(stats, "peak_memory_in_bytes", None)
-  if not peak:
-    args = stats.argument_size_in_bytes + stats.output_size_in_bytes
-    peak = args - stats.alias_size_in_bytes + stats.temp_size_in_bytes
   return peak / 2**30
 
 

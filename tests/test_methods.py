@@ -29,6 +29,7 @@ from bidm_jax.binarize.methods import (
     METHODS,
     QuantContext,
     get_method,
+    recorded_fields,
 )
 from bidm_jax.layers.binary import BinaryConv, BinaryDense
 from bidm_jax.models.unet import UNet
@@ -704,3 +705,14 @@ def test_qat_decreases_the_loss(name):
       np.testing.assert_array_equal(np.asarray(before["kernel"]), np.asarray(after["kernel"]))
       np.testing.assert_array_equal(np.asarray(before["bias"]), np.asarray(after["bias"]))
       assert not np.array_equal(np.asarray(before["lora_b"]), np.asarray(after["lora_b"]))
+
+
+def test_recorded_fields_fill_what_a_record_predates_from_its_method():
+  record = dataclasses.asdict(get_method("xnorpp"))
+  for field in ("fp_init", "width_shortcut", "binary_skip_conv"):
+    del record[field]
+  filled = recorded_fields(record)
+  assert filled == dataclasses.asdict(get_method("xnorpp"))
+  assert filled["fp_init"] == "xnor_scales"  # the method's own default, not the dataclass's
+  unknown = recorded_fields({"name": "gone"})
+  assert unknown["name"] == "gone" and unknown["width_shortcut"] == "conv"

@@ -457,6 +457,13 @@ METHODS: dict[str, BinarizationMethod] = {
 }
 
 
+def recorded_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+  """A method as a checkpoint or an export recorded it (`dataclasses.asdict`), with the fields
+  the record predates filled in from the named method: the behaviour before they existed."""
+  known = METHODS.get(record.get("name"), BinarizationMethod())
+  return {**dataclasses.asdict(known), **record}
+
+
 def get_method(name: str, **overrides) -> BinarizationMethod:
   """The named method, with fields replaced by the non-None `overrides` (ablations).
 

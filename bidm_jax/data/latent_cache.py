@@ -21,6 +21,7 @@ import shutil
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from bidm_jax.data import preprocess
 from bidm_jax.io import files
@@ -70,16 +71,6 @@ def describe(
   if data_dir and not files.is_remote(data_dir):
     description["data"]["data_dir"] = os.path.abspath(data_dir)
   return files.json_safe(description)
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 def _npy_layout(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -140,7 +131,8 @@ def _read(shard: _Shard, description: Mapping[str, Any]) -> preprocess.DecodedAr
       found = json.load(f)
   except (OSError, ValueError) as e:
     raise shard.fail(f"cannot read {shard.json} ({type(e).__name__}: {e})") from None
-  expected, got = _flat(description), _flat(found) if isinstance(found, dict) else {}
+  expected = traverse_util.flatten_dict(dict(description), sep=".")
+  got = traverse_util.flatten_dict(found, sep=".") if isinstance(found, dict) else {}
   for key in (*expected, *sorted(set(got) - set(expected) - {"labels"})):
     if expected.get(key, _ABSENT) != got.get(key, _ABSENT):
       there, here = (repr(d[key]) if key in d else "absent" for d in (got, expected))

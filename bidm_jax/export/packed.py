@@ -37,7 +37,7 @@ from etils import epath
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
-from bidm_jax.binarize.methods import FP, METHODS, BinarizationMethod
+from bidm_jax.binarize.methods import FP, METHODS, BinarizationMethod, recorded_fields
 from bidm_jax.io import files
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.layers.packed import num_words, pack_kernel
@@ -390,7 +390,10 @@ def describe(model: UNet, image_shape, layers, fp_dtype: str) -> dict:
 def model_from_description(desc: Mapping[str, Any], dtype=jnp.float32) -> UNet:
   """The U-Net an export describes."""
   return builders.unet_from_description(
-      desc["model"], method=BinarizationMethod(**desc["method"]), **desc["tbs"], dtype=dtype
+      desc["model"],
+      method=BinarizationMethod(**recorded_fields(desc["method"])),
+      **desc["tbs"],
+      dtype=dtype,
   )
 
 
@@ -515,12 +518,11 @@ def load_export(source, config) -> tuple[dict, dict]:
   where = str(path)
   ckpt_lib.check_model_matches(desc["model"], builders.model_description(config), where)
   method = dataclasses.asdict(config_lib.method_from_config(config))
-  # A field the export predates holds its default (the behaviour before the field existed).
-  exported = dataclasses.asdict(BinarizationMethod(**desc["method"]))
+  exported = recorded_fields(desc["method"])
   diffs = [
-      f"binarization {k}: export {exported[k]!r} vs config {method[k]!r}"
-      for k in sorted(method)
-      if exported[k] != method[k]
+      f"binarization {k}: export {exported.get(k)!r} vs config {method.get(k)!r}"
+      for k in sorted(set(method) | set(exported))
+      if exported.get(k) != method.get(k)
   ]
   expected = dict(
       tbs_connections=config.tbs.connections,
@@ -551,11 +553,11 @@ def _check_trained_method(meta: Mapping[str, Any], method: BinarizationMethod, w
   found = meta.get("method")
   if not isinstance(found, dict):
     return
-  want = dataclasses.asdict(method)
+  found, want = recorded_fields(found), dataclasses.asdict(method)
   diffs = [
-      f"{k}: checkpoint {found[k]!r} vs config {want[k]!r}"
-      for k in sorted(set(found) & set(want))
-      if found[k] != want[k]
+      f"{k}: checkpoint {found.get(k)!r} vs config {want.get(k)!r}"
+      for k in sorted(set(found) | set(want))
+      if found.get(k) != want.get(k)
   ]
   if diffs:
     raise ckpt_lib.CheckpointError(

@@ -31,7 +31,7 @@ from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
 from bidm_jax import sampling
 from bidm_jax.bidm import tbs
-from bidm_jax.binarize.methods import METHODS, BinarizationMethod, get_method
+from bidm_jax.binarize.methods import BinarizationMethod, recorded_fields
 from bidm_jax.diffusion.schedules import Schedule, epsilon_loss, q_sample
 from bidm_jax.io import files
 from bidm_jax.models.unet import UNet
@@ -266,10 +266,8 @@ def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dic
 def _check_run_meta(found: dict, meta: dict, workdir: str) -> None:
   """Raises CheckpointError when a checkpoint's meta describes another run than `meta`."""
   found = {k: v for k, v in found.items() if k != ckpt_lib.CHECKSUM}
-  if isinstance(found.get("method"), dict):  # fields the checkpoint predates: its method's
-    name = found["method"].get("name")  # defaults, the behaviour before those fields existed
-    known = dataclasses.asdict(get_method(name)) if name in METHODS else meta["method"]
-    found["method"] = {**known, **found["method"]}
+  if isinstance(found.get("method"), dict):
+    found["method"] = recorded_fields(found["method"])
   if found == meta:
     return
   ckpt_lib.check_model_matches(found["model"], meta["model"], f"workdir {workdir}")
