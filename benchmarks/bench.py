@@ -3,6 +3,8 @@
   python benchmarks/bench.py                       # CIFAR-10 configuration, float32
   python benchmarks/bench.py --dtype=bfloat16      # bf16 compute, f32 master weights
   python benchmarks/bench.py --preset=tiny         # small figures on any backend (CPU)
+  python benchmarks/bench.py --config=configs/lsun_bedrooms_ldm4.py --train-batch 4 \
+      --only xnor bidm                             # any config file's model (Table 9: LDM-4)
   python benchmarks/bench.py --dtype=bfloat16 --only packed --sample-batches 512 [--packed-impl cuda]
                                                    # FP against packed W1A1 DDIM (issue 15)
 
@@ -31,6 +33,10 @@ from bidm_jax.export import packed as packed_export
 from bidm_jax.training import train as train_lib
 
 
+CONTEXT = {}
+"""Fields every figure carries (the benchmarked configuration)."""
+
+
 def emit(name: str, value, unit: str, **extra) -> None:
   print(
       json.dumps(
@@ -40,6 +46,7 @@ def emit(name: str, value, unit: str, **extra) -> None:
               unit=unit,
               device=jax.devices()[0].device_kind,
               backend=jax.default_backend(),
+              **CONTEXT,
               **extra,
           )
       ),
@@ -81,10 +88,11 @@ def matmul_rate(dtype, n: int, warmup: int, iters: int) -> float:
   return 2.0 * n**3 / sec
 
 
-def preset_config(preset: str, dtype: str):
-  config = config_lib.default_config()
+def preset_config(preset: str, dtype: str, config_file: str = ""):
+  """The preset's configuration, or that of a config file (`path[:variant]`), in `dtype`."""
+  config = config_lib.load_config_file(config_file) if config_file else config_lib.default_config()
   config.model.compute_dtype = dtype
-  if preset == "tiny":
+  if preset == "tiny" and not config_file:
     config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
     config.data.image_size = 16
     config.sampling.steps = 10
@@ -231,7 +239,15 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument("--preset", choices=("cifar10", "tiny"), default="cifar10")
+  parser.add_argument(
+      "--preset",
+      choices=("cifar10", "tiny"),
+      default="cifar10",
+      help="the model (unless --config) and the sizes of the matmul and Inception figures",
+  )
+  parser.add_argument(
+      "--config", default="", help="a config file (path[:variant]) instead of the preset's model"
+  )
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--train-batch", type=int, default=64)
   parser.add_argument("--sample-batches", type=int, nargs="+", default=[128, 512])
@@ -249,7 +265,11 @@ def main():
   )
   args = parser.parse_args()
   only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))
-  config = preset_config(args.preset, args.dtype)
+  try:
+    config = preset_config(args.preset, args.dtype, args.config)
+  except (OSError, ValueError, AttributeError) as e:
+    parser.error(f"--config={args.config}: {e}")
+  CONTEXT["config"] = args.config or args.preset
   n = 1024 if args.preset == "tiny" else 8192
   rate = matmul_rate(jnp.dtype(args.dtype), n, 2, 10)
   if "floor" in only:

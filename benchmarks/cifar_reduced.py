@@ -9,7 +9,8 @@ One protocol for every run (docs/results.md states it with the figures):
      the script's own settings);
   3. FID, sFID, precision, recall and the image-health figures of `--eval_samples` DDIM
      samples of each model against the training images, with x0 clipping off, on, or both
-     (`--clip`), from its EMA parameters, its raw ones, or both (`--params`).
+     (`--clip`), from its EMA parameters, its raw ones, or both (`--params`), at its last step
+     and at the earlier checkpoint steps of `--eval_steps` (multiples of `--checkpoint_every`).
 
   python benchmarks/cifar_reduced.py --data_dir=CIFAR_JPEG --workdir=/tmp/cr \
       --inception_weights=fid-inception-2015-12-05-fp16.npz --teacher=TEACHER \
@@ -112,6 +113,12 @@ def qat_config(args, run: str, seed: int):
   config.seed = seed
   config.binarization.update(RUNS[run])
   config.training.update(steps=args.qat_steps, teacher=teacher_path(args))
+  # every checkpoint from the earliest evaluated step on stays (one more for a preemption's save)
+  t = config.training
+  earliest = min(qat_eval_steps(args))
+  if earliest < args.qat_steps:
+    needed = -(-(args.qat_steps - earliest) // t.checkpoint_every) + 2
+    t.keep_checkpoints = max(t.keep_checkpoints, needed)
   return config
 
 
@@ -135,12 +142,28 @@ def stage(name: str, record: str, fn) -> dict:
     return json.load(f)
 
 
-def eval_names(args, raw: bool) -> list[tuple[str, bool, bool]]:
-  """(record name, clip_x0, use_ema) of every evaluation of one model; raw parameters only
-  where `raw` (QAT workdirs; a teacher folder holds one set of parameters)."""
+def qat_eval_steps(args) -> list[int]:
+  """The checkpoint steps each QAT model is evaluated at: --eval_steps and the last."""
+  return sorted(set(args.eval_steps) | {args.qat_steps})
+
+
+def eval_names(args, raw: bool) -> list[tuple[str, bool, bool, int]]:
+  """(record name, clip_x0, use_ema, checkpoint step) of every evaluation of one model; raw
+  parameters and earlier steps only where `raw` (QAT workdirs; a teacher folder holds one set of
+  parameters: step 0). A step before the last adds `_at<step>` to the name."""
   params = [True, False] if raw and args.params == "both" else [args.params != "raw" or not raw]
+  steps = qat_eval_steps(args) if raw else [0]
   return [
-      ("evaluate" + ("_clip" if clip else "") + ("" if ema else "_raw"), clip, ema)
+      (
+          "evaluate"
+          + ("_clip" if clip else "")
+          + ("" if ema else "_raw")
+          + (f"_at{step}" if raw and step != args.qat_steps else ""),
+          clip,
+          ema,
+          step,
+      )
+      for step in steps
       for ema in params
       for clip in CLIP[args.clip]
   ]
@@ -149,9 +172,9 @@ def eval_names(args, raw: bool) -> list[tuple[str, bool, bool]]:
 def evaluations(args, config, model: str, records: str, raw: bool) -> None:
   """Evaluates the model in `model` once per clip setting (and parameter set, `eval_names`),
   keeping the records (and a few samples for the grid) in the folder `records`."""
-  for name, clip, ema in eval_names(args, raw):
+  for name, clip, ema, step in eval_names(args, raw):
     c = config.copy_and_resolve_references()
-    c.sampling.update(clip_x0=clip, use_ema=ema, checkpoint=model)
+    c.sampling.update(clip_x0=clip, use_ema=ema, checkpoint=model, checkpoint_step=step)
     eval_dir = os.path.join(records, name)
     stage(
         f"{records}/{name}",
@@ -231,9 +254,10 @@ def summarize(args, jobs: list[str], wall_s: float) -> dict:
     d = os.path.join(args.workdir, "fp-eval" if job == "fp" else job)
     train_file = os.path.join(args.workdir, job, "train.json")
     train = load(train_file) if os.path.exists(train_file) else {}
-    for name, clip, ema in eval_names(args, raw=job != "fp"):
+    for name, clip, ema, step in eval_names(args, raw=job != "fp"):
       metrics = load(os.path.join(d, f"{name}.json"))
-      key = f"{job}{' clip' if clip else ''}{'' if ema else ' raw'}"
+      at = f" @{step}" if job != "fp" and step != args.qat_steps else ""
+      key = f"{job}{' clip' if clip else ''}{'' if ema else ' raw'}{at}"
       runs[key] = dict(
           loss=train.get("loss"),
           steps=train.get("step"),
@@ -270,7 +294,8 @@ def summarize(args, jobs: list[str], wall_s: float) -> dict:
   return summary
 
 
-def main():
+def make_parser() -> argparse.ArgumentParser:
+  """The command line: the protocol's flags (module docstring)."""
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -311,14 +336,33 @@ def main():
   parser.add_argument("--num_reference", type=int, default=0, help="0: all training images")
   parser.add_argument("--checkpoint_every", type=int, default=2500)
   parser.add_argument(
+      "--eval_steps",
+      type=int,
+      nargs="*",
+      default=[],
+      help="earlier QAT checkpoint steps to evaluate too (multiples of --checkpoint_every)",
+  )
+  parser.add_argument(
       "--parallel",
       type=int,
       default=3,
       help="jobs sharing the accelerator at once (small models leave it idle)",
   )
   parser.add_argument("--job", default="", help=argparse.SUPPRESS)
+  return parser
+
+
+def main():
+  parser = make_parser()
   args = parser.parse_args()
   jobs = [job_name(r, s) for r in args.runs for s in args.seeds]
+  every = base_config(args, "small").training.checkpoint_every  # after --set
+  for step in args.eval_steps:
+    if not 0 < step <= args.qat_steps or (step % every and step != args.qat_steps):
+      parser.error(
+          f"--eval_steps: {step} is not a checkpoint step (a multiple of checkpoint_every="
+          f"{every} up to --qat_steps={args.qat_steps})"
+      )
   for run in args.runs:  # a bad --set fails here, before anything runs
     config_lib.validate(qat_config(args, run, 0))
   config_lib.validate(fp_config(args))

@@ -79,6 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       sample_every=0,
       progress_bar=True,
+      profile_start=-1,  # >= 0: a jax.profiler trace of steps [start, start + profile_steps)
+      profile_steps=5,  # written to <workdir>/profile (benchmarks/profile_summary.py reads it)
   )
   c.sampling = dict(
       sampler="ddim",
@@ -274,6 +276,16 @@ def validate(config) -> None:
       t.keep_checkpoints >= 1,
       "training.keep_checkpoints",
       f"must be >= 1, got {t.keep_checkpoints}",
+  )
+  need(
+      t.profile_steps >= 1,
+      "training.profile_steps",
+      f"must be >= 1, got {t.profile_steps}",
+  )
+  need(
+      t.profile_start < t.steps,
+      "training.profile_start",
+      f"must be < training.steps ({t.steps}) to trace anything (< 0: off), got {t.profile_start}",
   )
   need(s.sampler in SAMPLERS, "sampling.sampler", f"{s.sampler!r} is not one of {SAMPLERS}")
   need(

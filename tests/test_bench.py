@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import bench  # noqa: E402
 
@@ -28,3 +30,18 @@ def test_packed_group_prints_fp_packed_and_ratio(monkeypatch, capsys):
       "packed_ddim_sampling_throughput",
       "packed_over_fp_sampling",
   ]
+
+
+def test_config_file_names_the_benchmarked_model(monkeypatch, capsys):
+  """--config benchmarks a config file's model (the LDM configs for Table 9); every figure says
+  which; a missing file is one usage error."""
+  config = "configs/lsun_bedrooms_ldm4.py:tiny"
+  argv = ["bench.py", "--preset=tiny", f"--config={config}", "--only", "floor", "--iters", "1"]
+  monkeypatch.setattr(sys, "argv", argv)
+  bench.main()
+  (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert row["figure"] == "matmul_rate" and row["config"] == config and row["value"] > 0
+  monkeypatch.setattr(sys, "argv", ["bench.py", "--config=configs/missing.py"])
+  with pytest.raises(SystemExit):
+    bench.main()
+  assert "--config=configs/missing.py: [Errno 2] No such file" in capsys.readouterr().err

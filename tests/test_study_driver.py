@@ -26,9 +26,37 @@ import cifar_reduced  # noqa: E402
     ],
 )
 def test_eval_names(params, clip, qat, teacher):
-  args = argparse.Namespace(params=params, clip=clip)
+  args = argparse.Namespace(params=params, clip=clip, eval_steps=[], qat_steps=100)
   names = cifar_reduced.eval_names(args, raw=True)
-  assert [n for n, _, _ in names] == qat
-  for name, clip_x0, use_ema in names:
-    assert clip_x0 == ("_clip" in name) and use_ema == ("_raw" not in name)
-  assert [n for n, _, ema in cifar_reduced.eval_names(args, raw=False) if ema] == teacher
+  assert [n for n, *_ in names] == qat
+  for name, clip_x0, use_ema, step in names:
+    assert clip_x0 == ("_clip" in name) and use_ema == ("_raw" not in name) and step == 100
+  assert [n for n, _, ema, _ in cifar_reduced.eval_names(args, raw=False) if ema] == teacher
+  assert {step for *_, step in cifar_reduced.eval_names(args, raw=False)} == {0}
+
+
+@pytest.mark.parametrize("qat_steps, keep", [(10_000, 4), (10_100, 5)])
+def test_eval_steps_name_their_checkpoint_and_keep_it(qat_steps, keep):
+  """--eval_steps 5000: each QAT model is evaluated at step 5000 (records *_at5000) and at its
+  last step, and its training keeps every checkpoint from step 5000 on, and one more (the
+  off-schedule save of a preemption)."""
+  args = cifar_reduced.make_parser().parse_args(
+      ["--data_dir=D", "--inception_weights=I", "--workdir=W", "--teacher=T", "--clip=on"]
+      + [f"--qat_steps={qat_steps}", "--checkpoint_every=2500", "--eval_steps", "5000"]
+  )
+  names = cifar_reduced.eval_names(args, raw=True)
+  assert [(n, s) for n, _, _, s in names] == [
+      ("evaluate_clip_at5000", 5000),
+      ("evaluate_clip", qat_steps),
+  ]
+  assert cifar_reduced.qat_config(args, "bidm", 0).training.keep_checkpoints == keep
+  args.eval_steps = []
+  assert cifar_reduced.qat_config(args, "bidm", 0).training.keep_checkpoints == 1
+
+
+def test_eval_steps_must_be_checkpoint_steps(monkeypatch, capsys):
+  argv = ["cifar_reduced.py", "--data_dir=D", "--inception_weights=I", "--workdir=W"]
+  monkeypatch.setattr(sys, "argv", argv + ["--checkpoint_every=2500", "--eval_steps", "3000"])
+  with pytest.raises(SystemExit):
+    cifar_reduced.main()
+  assert "--eval_steps: 3000 is not a checkpoint step" in capsys.readouterr().err

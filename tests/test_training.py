@@ -8,7 +8,10 @@ The step-level tests share one jitted step of the micro U-Net, compiled once per
 
 from __future__ import annotations
 
+import gzip
 import json
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -335,4 +338,37 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
     config_lib.validate(config)
   config.tbs.structure, config.model.ch_mult = "release", (1,)
   with pytest.raises(ValueError, match="at least 2 levels"):
+    config_lib.validate(config)
+
+
+def test_profile_traces_the_chosen_steps(tmp_path):
+  """training.profile_start/profile_steps write one jax.profiler trace of those steps, and
+  benchmarks/profile_summary.py reads it: the host ran exactly that many train-step dispatches."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+  import profile_summary  # pylint: disable=import-outside-toplevel
+
+  config = H.tiny_config("fp", micro=True, steps=4, log_every=1, checkpoint_every=1000)
+  config.training.update(profile_start=1, profile_steps=2)
+  train_lib.train(config, str(tmp_path / "run"))
+  trace = profile_summary.newest_trace(str(tmp_path / "run" / "profile"))
+  with gzip.open(trace, "rt") as f:
+    events = json.load(f)["traceEvents"]
+  calls = [e for e in events if e.get("ph") == "X" and e["name"] == "PjitFunction(train_step)"]
+  outermost, end = 0, float("-inf")  # jax nests one PjitFunction event in each call's
+  for e in sorted(calls, key=lambda e: e["ts"]):
+    if e["ts"] >= end:
+      outermost, end = outermost + 1, e["ts"] + e["dur"]
+  assert outermost == 2
+  summary = profile_summary.summarize(events, steps=2, top=5)
+  host = summary["processes"]["/host:CPU"]
+  assert 0 < host["busy_ms"] <= host["span_ms"] and len(host["top_names"]) == 5
+  every = profile_summary.summarize(events, steps=2, top=10_000)["processes"]["/host:CPU"]
+  assert any(n["name"] == "PjitFunction(train_step)" for n in every["top_names"])
+  with pytest.raises(FileNotFoundError, match="no perfetto_trace"):
+    profile_summary.newest_trace(str(tmp_path / "run" / "logs"))
+  config.training.profile_steps = 0
+  with pytest.raises(ValueError, match="training.profile_steps"):
+    config_lib.validate(config)
+  config.training.update(profile_steps=1, profile_start=4)  # = steps: would trace nothing
+  with pytest.raises(ValueError, match="training.profile_start"):
     config_lib.validate(config)

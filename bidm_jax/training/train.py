@@ -242,6 +242,47 @@ class _Preemption:
       signal.signal(signum, handler)
 
 
+class _StepProfile:
+  """A jax.profiler trace of the steps [start, start + count) into `directory` (process 0
+  only), each step complete (dispatched and finished) inside it; start < 0 traces nothing.
+  Profiling never stops a run: a trace that cannot be written is a warning."""
+
+  def __init__(self, start: int, count: int, directory: str):
+    self.start, self.stop, self.directory = start, start + count, directory
+    self.active, self.last = False, start
+
+  def before(self, step: int, settle: Callable[[], None]) -> None:
+    if step != self.start:
+      return
+    settle()  # on every process: the hosts stay in step
+    if jax.process_index() == 0:
+      # jax writes the Perfetto file through a local path; a URI gets TensorBoard's files only
+      perfetto = not files.is_remote(self.directory)
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=perfetto)
+      self.active = True
+
+  def after(self, done: int, state) -> None:
+    if self.active:
+      self.last = done - 1
+      if done == self.stop:
+        self.close(state)
+
+  def close(self, state) -> None:
+    if not self.active:
+      return
+    self.active = False
+    try:
+      jax.block_until_ready(state)
+    except Exception:  # pylint: disable=broad-except  # a failed step reports itself
+      pass
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("profile of steps %d-%d not written: %s", self.start, self.last, e)
+      return
+    logging.info("profile of steps %d-%d written to %s", self.start, self.last, self.directory)
+
+
 def train(config, workdir: str, *, data_iterator: Iterator | None = None) -> dict:
   """Trains the model of `config` in `workdir`, resuming from its newest intact checkpoint.
 
@@ -447,6 +488,14 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
       return metrics
 
     window, last_log, pending = [], time.perf_counter(), None
+    profile = _StepProfile(t.profile_start, t.profile_steps, os.path.join(workdir, "profile"))
+    if 0 <= t.profile_start < start:
+      logging.warning(
+          "training.profile_start=%d is before step %d, where this run resumes: nothing is "
+          "profiled",
+          t.profile_start,
+          start,
+      )
 
     def settle():
       """Checks the dispatched-but-unread step, if any, and adds its metrics to the log window."""
@@ -463,11 +512,13 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
     ):
       try:
         for step in range(start, t.steps):
+          profile.before(step, settle)
           batch = global_batch(mesh, np.asarray(next(data_iterator)["image"], np.float32))
           state, metrics = step_fn(state, batch, rng, teacher_params)
           settle()  # the previous step's metrics, fetched while this one runs
           pending = (metrics, step)
           done = step + 1
+          profile.after(done, state)
           stop = preemption.requested if jax.process_count() == 1 else mngr.reached_preemption(done)
           if done % t.checkpoint_every == 0 or done == t.steps or stop:
             settle()
@@ -504,6 +555,7 @@ def _train(config, workdir: str, data_iterator: Iterator | None) -> dict:
                 f"(copies in {workdir}/{ckpt_lib.DAMAGED}); the older checkpoints are kept"
             )
       finally:
+        profile.close(state)
         mngr.wait_until_finished()
         if writer:
           writer.close()
