@@ -3,6 +3,8 @@
   python benchmarks/bench.py                       # CIFAR-10 configuration, float32
   python benchmarks/bench.py --dtype=bfloat16      # bf16 compute, f32 master weights
   python benchmarks/bench.py --preset=tiny         # small figures on any backend (CPU)
+  python benchmarks/bench.py --dtype=bfloat16 --only xnor bidm --profile=/tmp/prof
+                                                   # + a trace of each step (profile_summary.py)
   python benchmarks/bench.py --config=configs/lsun_bedrooms_ldm4.py --train-batch 4 \
       --only xnor bidm                             # any config file's model (Table 9: LDM-4)
   python benchmarks/bench.py --dtype=bfloat16 --only packed --sample-batches 512 [--packed-impl cuda]
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -32,6 +35,9 @@ from bidm_jax.evaluation.efficiency import count_costs
 from bidm_jax.export import packed as packed_export
 from bidm_jax.training import train as train_lib
 
+
+PROFILED_CALLS = 5
+"""Train-step calls traced by --profile (benchmarks/profile_summary.py --steps 5 reads them)."""
 
 CONTEXT = {}
 """Fields every figure carries (the benchmarked configuration)."""
@@ -149,6 +155,10 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
 
   sec = time_calls(call, args.warmup, args.iters)
   name = {"fp": "fp_train_step", "xnor": "xnor_qat_step", "bidm": "bidm_qat_step"}[method_name]
+  if args.profile:  # after the timing, so that tracing cannot change the figure
+    with jax.profiler.trace(os.path.join(args.profile, name), create_perfetto_trace=True):
+      for _ in range(PROFILED_CALLS):
+        call()
   emit(
       name,
       sec * 1e3,
@@ -259,6 +269,12 @@ def main():
       default=None,
       help="subset of: floor fp xnor bidm sampling packed inception (packed: FP and packed "
       "W1A1 DDIM at each sample batch; not in the default set)",
+  )
+  parser.add_argument(
+      "--profile",
+      default="",
+      metavar="DIR",
+      help="after timing each train step, trace 5 more calls into DIR/<figure> (jax.profiler)",
   )
   parser.add_argument(
       "--packed-impl", choices=config_lib.PACKED_IMPLS, default="int8", help="for --only packed"

@@ -45,3 +45,18 @@ def test_config_file_names_the_benchmarked_model(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     bench.main()
   assert "--config=configs/missing.py: [Errno 2] No such file" in capsys.readouterr().err
+
+
+def test_profile_traces_each_timed_step(monkeypatch, capsys, tmp_path):
+  """--profile DIR: after its timing, each train step is traced into DIR/<figure>, which
+  benchmarks/profile_summary.py reads."""
+  import profile_summary  # pylint: disable=import-outside-toplevel
+
+  argv = ["bench.py", "--preset=tiny", "--only", "fp", "--iters", "1", "--warmup", "0"]
+  monkeypatch.setattr(sys, "argv", argv + [f"--profile={tmp_path}"])
+  bench.main()
+  (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert row["figure"] == "fp_train_step"
+  assert profile_summary.main([str(tmp_path / "fp_train_step"), "--steps", "5"]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["steps"] == 5 and "/host:CPU" in summary["processes"]

@@ -47,6 +47,34 @@ def _conv(x: Array, kernel: Array, strides: int, padding) -> Array:
   )
 
 
+def activation_scale_conv(a: Array, k: Array, strides: int, padding) -> Array:
+  """K = conv(a, k) for one channel: (B, H, W, 1) and (kh, kw, 1, 1) -> (B, H', W', 1).
+
+  Computed as the sum of kh * kw shifted, strided slices of the padded input, in float32 and
+  returned in a's dtype: elementwise work that XLA fuses with its neighbours, where a
+  convolution with one input and one output channel would be a library call of its own in
+  every binary layer, forward and backward (docs/benchmarks.md, the step profile). `padding`
+  is 'SAME', 'VALID' or explicit ((top, bottom), (left, right)) pairs, as for lax.conv.
+  """
+  kh, kw = k.shape[:2]
+  pads = (
+      jax.lax.padtype_to_pads(a.shape[1:3], (kh, kw), (strides, strides), padding)
+      if isinstance(padding, str)
+      else padding
+  )
+  x = jnp.pad(a[..., 0].astype(jnp.float32), ((0, 0), *pads))
+  h = (x.shape[1] - kh) // strides + 1
+  w = (x.shape[2] - kw) // strides + 1
+  k = k[:, :, 0, 0].astype(jnp.float32)
+  out = sum(
+      k[i, j]
+      * x[:, i : i + (h - 1) * strides + 1 : strides, j : j + (w - 1) * strides + 1 : strides]
+      for i in range(kh)
+      for j in range(kw)
+  )
+  return out[..., None].astype(a.dtype)
+
+
 def _pad_amounts(padding, kernel_size: tuple[int, int]):
   if padding == "SAME":
     return tuple(((k - 1) // 2, k // 2) for k in kernel_size)
@@ -139,7 +167,7 @@ class BinaryConv(nn.Module):
     else:
       k = init(None, (kh, kw, 1, 1))
     a = jnp.mean(jnp.abs(x), axis=-1, keepdims=True)
-    return _conv(a, k.astype(self.dtype), self.strides, padding)
+    return activation_scale_conv(a, k.astype(self.dtype), self.strides, padding)
 
   def _shortcut(self, x: Array, out_shape: Sequence[int]) -> Array:
     """Real-valued path from x to the output's shape (ReActNet)."""

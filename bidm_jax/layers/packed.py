@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from bidm_jax.binarize.methods import BinarizationMethod
 from bidm_jax.kernels import binary_cuda
-from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
+from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts, activation_scale_conv
 
 Array = jax.Array
 Params = Mapping[str, Array]
@@ -297,7 +297,7 @@ def binary_conv(
   y = dot.astype(x.dtype)
   if method.activation_scale == "xnor":
     a = jnp.sum(jnp.abs(x), axis=-1, keepdims=True)
-    y = y * _conv(a, p["scale_kernel"].astype(x.dtype), strides, pads)
+    y = y * activation_scale_conv(a, p["scale_kernel"].astype(x.dtype), strides, pads)
   y = y * p["alpha"].astype(x.dtype)
   if method.output_scale == "factorised":
     y = (
