@@ -52,11 +52,12 @@ def test_profile_traces_each_timed_step(monkeypatch, capsys, tmp_path):
   benchmarks/profile_summary.py reads."""
   import profile_summary  # pylint: disable=import-outside-toplevel
 
-  argv = ["bench.py", "--preset=tiny", "--only", "fp", "--iters", "1", "--warmup", "0"]
-  monkeypatch.setattr(sys, "argv", argv + [f"--profile={tmp_path}"])
+  argv = ["bench.py", "--preset=tiny", "--config=configs/digits.py:smoke", "--train-batch=8"]
+  argv += ["--only", "fp", "--iters", "1", "--warmup", "0", f"--profile={tmp_path}"]
+  monkeypatch.setattr(sys, "argv", argv)
   bench.main()
   (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert row["figure"] == "fp_train_step"
+  assert row["figure"] == "fp_train_step" and row["batch"] == 8
   assert profile_summary.main([str(tmp_path / "fp_train_step"), "--steps", "5"]) == 0
   summary = json.loads(capsys.readouterr().out)
   assert summary["steps"] == 5 and "/host:CPU" in summary["processes"]
