@@ -39,11 +39,9 @@ from bidm_jax.training import train as train_lib
 PROFILED_CALLS = 5
 """Train-step calls traced by --profile (benchmarks/profile_summary.py --steps 5 reads them)."""
 
-CONTEXT = {}
-"""Fields every figure carries (the benchmarked configuration)."""
 
-
-def emit(name: str, value, unit: str, **extra) -> None:
+def emit(args, name: str, value, unit: str, **extra) -> None:
+  """Prints one figure as a JSON line, naming the device and the benchmarked configuration."""
   print(
       json.dumps(
           dict(
@@ -52,7 +50,7 @@ def emit(name: str, value, unit: str, **extra) -> None:
               unit=unit,
               device=jax.devices()[0].device_kind,
               backend=jax.default_backend(),
-              **CONTEXT,
+              config=args.config or args.preset,
               **extra,
           )
       ),
@@ -160,6 +158,7 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
       for _ in range(PROFILED_CALLS):
         call()
   emit(
+      args,
       name,
       sec * 1e3,
       "ms",
@@ -175,7 +174,7 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
   if method_name == "bidm":
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-      emit("bidm_step_peak_memory", stats["peak_bytes_in_use"] / 2**30, "GiB", batch=batch)
+      emit(args, "bidm_step_peak_memory", stats["peak_bytes_in_use"] / 2**30, "GiB", batch=batch)
   return sec
 
 
@@ -207,6 +206,7 @@ def bench_sampling(
   sec = time_calls(lambda: compiled(params, key).block_until_ready(), 1, max(3, args.iters // 4))
   name = {"simulated": "ddim_sampling_throughput", "packed": "packed_ddim_sampling_throughput"}
   emit(
+      args,
       name[engine],
       batch / sec,
       "images/s",
@@ -229,7 +229,7 @@ def bench_packed_sampling(config, batch: int, args, rate: float) -> None:
   packed bits, at one batch, and their ratio."""
   fp = bench_sampling(config, batch, args, rate, method_name="fp")
   packed = bench_sampling(config, batch, args, rate, engine="packed")
-  emit("packed_over_fp_sampling", packed / fp, "ratio", batch=batch, impl=args.packed_impl)
+  emit(args, "packed_over_fp_sampling", packed / fp, "ratio", batch=batch, impl=args.packed_impl)
 
 
 def bench_inception(args) -> None:
@@ -242,7 +242,7 @@ def bench_inception(args) -> None:
   params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
   f = jax.jit(lambda p, x: model.apply(p, x)["pool"])
   sec = time_calls(lambda: f(params, images).block_until_ready(), 1, max(3, args.iters // 4))
-  emit("inception_feature_throughput", batch / sec, "images/s", batch=batch, dtype="float32")
+  emit(args, "inception_feature_throughput", batch / sec, "images/s", batch=batch, dtype="float32")
 
 
 def main():
@@ -285,17 +285,16 @@ def main():
     config = preset_config(args.preset, args.dtype, args.config)
   except (OSError, ValueError, AttributeError) as e:
     parser.error(f"--config={args.config}: {e}")
-  CONTEXT["config"] = args.config or args.preset
   n = 1024 if args.preset == "tiny" else 8192
   rate = matmul_rate(jnp.dtype(args.dtype), n, 2, 10)
   if "floor" in only:
-    emit("matmul_rate", rate / 1e12, "TFLOP/s", n=n, dtype=args.dtype)
+    emit(args, "matmul_rate", rate / 1e12, "TFLOP/s", n=n, dtype=args.dtype)
   times = {}
   for name in ("fp", "xnor", "bidm"):
     if name in only:
       times[name] = bench_train_step(config, name, args.train_batch, args, rate)
   if "xnor" in times and "bidm" in times:
-    emit("bidm_over_xnor_step", times["bidm"] / times["xnor"], "ratio")
+    emit(args, "bidm_over_xnor_step", times["bidm"] / times["xnor"], "ratio")
   if "sampling" in only:
     for batch in args.sample_batches:
       bench_sampling(config, batch, args, rate)

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 from bidm_jax.binarize.methods import METHODS, BinarizationMethod, get_method
 from bidm_jax.data import default_data_config
 from bidm_jax.diffusion.schedules import BETA_SCHEDULES, LOSS_REDUCTIONS
+from bidm_jax.layers.packed import ALL_IMPLS as PACKED_IMPLS
 from bidm_jax.models.autoencoders import PRESETS as FIRST_STAGE_PRESETS
 from bidm_jax.models.ldm_unet import LDM4, LDMUNetConfig
 from bidm_jax.models.ldm_unet import PRESETS as LDM_PRESETS
@@ -25,7 +26,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
 ENGINES = ("simulated", "packed")
-PACKED_IMPLS = ("int8", "popcount", "cuda")  # layers.packed.ALL_IMPLS
 EXPORT_FP_DTYPES = ("float32", "bfloat16")
 FAMILIES = ("ddpm", "ldm")
 

@@ -464,6 +464,19 @@ def recorded_fields(record: Mapping[str, Any]) -> dict[str, Any]:
   return {**dataclasses.asdict(known), **record}
 
 
+def method_differences(
+    record: Mapping[str, Any], method: BinarizationMethod
+) -> list[tuple[str, Any, Any]]:
+  """(field, recorded value, `method`'s value) of every field where a recorded method
+  (`recorded_fields`) differs from `method`, in field-name order."""
+  found, want = recorded_fields(record), dataclasses.asdict(method)
+  return [
+      (k, found.get(k), want.get(k))
+      for k in sorted(set(found) | set(want))
+      if found.get(k) != want.get(k)
+  ]
+
+
 def get_method(name: str, **overrides) -> BinarizationMethod:
   """The named method, with fields replaced by the non-None `overrides` (ablations).
 

@@ -37,7 +37,13 @@ from etils import epath
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
-from bidm_jax.binarize.methods import FP, METHODS, BinarizationMethod, recorded_fields
+from bidm_jax.binarize.methods import (
+    FP,
+    METHODS,
+    BinarizationMethod,
+    method_differences,
+    recorded_fields,
+)
 from bidm_jax.io import files
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.layers.packed import num_words, pack_kernel
@@ -517,12 +523,11 @@ def load_export(source, config) -> tuple[dict, dict]:
   tree, desc = read_export(path)
   where = str(path)
   ckpt_lib.check_model_matches(desc["model"], builders.model_description(config), where)
-  method = dataclasses.asdict(config_lib.method_from_config(config))
-  exported = recorded_fields(desc["method"])
   diffs = [
-      f"binarization {k}: export {exported.get(k)!r} vs config {method.get(k)!r}"
-      for k in sorted(set(method) | set(exported))
-      if exported.get(k) != method.get(k)
+      f"binarization {k}: export {exported!r} vs config {configured!r}"
+      for k, exported, configured in method_differences(
+          desc["method"], config_lib.method_from_config(config)
+      )
   ]
   expected = dict(
       tbs_connections=config.tbs.connections,
@@ -553,11 +558,9 @@ def _check_trained_method(meta: Mapping[str, Any], method: BinarizationMethod, w
   found = meta.get("method")
   if not isinstance(found, dict):
     return
-  found, want = recorded_fields(found), dataclasses.asdict(method)
   diffs = [
-      f"{k}: checkpoint {found.get(k)!r} vs config {want.get(k)!r}"
-      for k in sorted(set(found) | set(want))
-      if found.get(k) != want.get(k)
+      f"{k}: checkpoint {trained!r} vs config {configured!r}"
+      for k, trained, configured in method_differences(found, method)
   ]
   if diffs:
     raise ckpt_lib.CheckpointError(
