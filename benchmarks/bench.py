@@ -9,9 +9,12 @@
       --only xnor bidm                             # any config file's model (Table 9: LDM-4)
   python benchmarks/bench.py --dtype=bfloat16 --only packed --sample-batches 512 [--packed-impl cuda]
                                                    # FP against packed W1A1 DDIM (issue 15)
+  python benchmarks/bench.py --dtype=bfloat16 --compilation-cache=/tmp/xla
+                                                   # a second run loads its steps from the cache
 
 Each timing is the median of --iters calls after --warmup calls, with the device synchronised
-(`block_until_ready`) around every call. The floor of a step is its arithmetic (the model's own
+(`block_until_ready`) around every call. Every figure records XLA_FLAGS and the compilation
+cache in use; with a cache, `compile_s` of a second run is the time to load the step. The floor of a step is its arithmetic (the model's own
 op counter times the passes of the step) over the measured dense matmul rate of the same dtype.
 """
 
@@ -29,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
+from bidm_jax import runtime
 from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
 from bidm_jax.evaluation.efficiency import count_costs
@@ -51,6 +55,8 @@ def emit(args, name: str, value, unit: str, **extra) -> None:
               device=jax.devices()[0].device_kind,
               backend=jax.default_backend(),
               config=args.config or args.preset,
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
+              compilation_cache=args.compilation_cache or None,
               **extra,
           )
       ),
@@ -279,7 +285,16 @@ def main():
   parser.add_argument(
       "--packed-impl", choices=config_lib.PACKED_IMPLS, default="int8", help="for --only packed"
   )
+  parser.add_argument(
+      "--compilation-cache",
+      default="",
+      metavar="DIR",
+      help="JAX's persistent compilation cache folder (off by default: compile_s is then a "
+      "cold compile)",
+  )
   args = parser.parse_args()
+  if args.compilation_cache:
+    args.compilation_cache = runtime.enable_compilation_cache(args.compilation_cache)
   only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))
   try:
     config = preset_config(args.preset, args.dtype, args.config)

@@ -5,8 +5,9 @@
 Reads the newest `perfetto_trace.json.gz` under the folder (written by `jax.profiler` with
 `create_perfetto_trace=True`, e.g. by `--config.training.profile_start`). For each traced
 process (the host, and each device with its streams) it reports the events per step, the time
-they cover (overlaps merged) against the trace's span, their median duration, the time by kernel
-kind, and what takes the most time per step: by XLA op name where the trace gives one
+they cover (overlaps merged) against the trace's span, their median duration, the time and
+count by kernel kind, the events outside XLA's command buffers (CUDA graphs; launched one by
+one), and what takes the most time per step: by XLA op name where the trace gives one
 (`top_ops`) and by event name (`top_names`: on a GPU the kernels; on the host e.g. the
 executable's thunk loop and XLA's CUDA-graph `command_buffer::update` / `::execute`). On a GPU,
 `events_per_step` is the kernels per step and `busy_fraction` the share of the time the GPU ran
@@ -88,14 +89,20 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
     busy = covered([(e["ts"], e["ts"] + e["dur"]) for e in evs])
     op_time, op_count = collections.Counter(), collections.Counter()
     name_time, name_count = collections.Counter(), collections.Counter()
-    kinds = collections.Counter()
+    kinds, kind_counts = collections.Counter(), collections.Counter()
+    ops_known = outside_graphs = 0
     for e in evs:
-      op = e.get("args", {}).get("hlo_op") or e["name"]
+      hlo_op = e.get("args", {}).get("hlo_op")
+      if hlo_op:
+        ops_known += 1
+        outside_graphs += not hlo_op.startswith("command_buffer")
+      op = hlo_op or e["name"]
       op_time[op] += e["dur"]
       op_count[op] += 1
       name_time[e["name"]] += e["dur"]
       name_count[e["name"]] += 1
       kinds[kind_of(e["name"])] += e["dur"]
+      kind_counts[kind_of(e["name"])] += 1
     durations = sorted(e["dur"] for e in evs)
     total = sum(durations)
     processes[process_names.get(pid, str(pid))] = {
@@ -109,6 +116,10 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
         "median_event_us": durations[len(durations) // 2],
         "events_under_5us": sum(d < 5 for d in durations) / len(durations),
         "time_by_kind_ms": {k: v / 1e3 for k, v in kinds.most_common()},
+        "count_by_kind_per_step": {k: kind_counts[k] / steps for k, _ in kinds.most_common()},
+        # events XLA attributes to an op that is not a command buffer (CUDA graph): launched
+        # one by one; None where the trace names no ops (the host, a CPU backend)
+        "events_outside_command_buffers_per_step": (outside_graphs / steps if ops_known else None),
         "top_ops": top_rows(op_time, op_count, steps, top),  # by XLA op where known
         "top_names": top_rows(name_time, name_count, steps, top),  # on a GPU: the kernels
     }

@@ -106,12 +106,8 @@ def unet_from_description(desc: Mapping[str, Any], **kwargs) -> UNet | LDMUNet:
 
 def make_model(config, method: BinarizationMethod = FP) -> UNet | LDMUNet:
   """The U-Net of `config.model` binarized by `method` (FP for the teacher), with the config's
-  TBS settings and (DDPM U-Net) distillation points; an LDMUNet has only the 'blocks' ones."""
-  ddpm_only = (
-      {}
-      if config.model.family == "ldm"
-      else dict(tbs_structure=config.tbs.structure, distill_points=config.distill.points)
-  )
+  TBS settings and distillation points (an LDMUNet has the 'blocks' TBS structure only)."""
+  ddpm_only = {} if config.model.family == "ldm" else dict(tbs_structure=config.tbs.structure)
   return unet_from_description(
       model_description(config),
       method=method,
@@ -119,6 +115,7 @@ def make_model(config, method: BinarizationMethod = FP) -> UNet | LDMUNet:
       tbs_buckets=config.tbs.buckets,
       tbs_init=config.tbs.init,
       num_timesteps=config.diffusion.num_timesteps,
+      distill_points=config.distill.points,
       dtype=jnp.dtype(config.model.compute_dtype),
       **ddpm_only,
   )

@@ -413,15 +413,11 @@ def _validate_ldm(config, need) -> None:
       f"the LDM U-Net diffuses {latent} inputs (model.ldm.image_size, in_channels), {what} {found}",
   )
   _need_connections(config, need, len(cfg.channel_mult) * (cfg.num_res_blocks + 1))
-  for field, value in (
-      ("tbs.structure", config.tbs.structure),
-      ("distill.points", config.distill.points),
-  ):
-    need(value == "blocks", field, f"the LDM U-Net has only 'blocks', got {value!r}")
   need(
-      config.sampling.engine == "simulated",
-      "sampling.engine",
-      "the packed engine covers the DDPM U-Net only; use 'simulated' for model.family 'ldm'",
+      config.tbs.structure == "blocks",
+      "tbs.structure",
+      f"the LDM U-Net has only 'blocks' (the authors' LDM code blends its last decoder blocks "
+      f"with their own previous outputs, which is 'blocks'), got {config.tbs.structure!r}",
   )
 
 

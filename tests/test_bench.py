@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +63,59 @@ def test_profile_traces_each_timed_step(monkeypatch, capsys, tmp_path):
   assert profile_summary.main([str(tmp_path / "fp_train_step"), "--steps", "5"]) == 0
   summary = json.loads(capsys.readouterr().out)
   assert summary["steps"] == 5 and "/host:CPU" in summary["processes"]
+
+
+def test_compilation_cache_is_filled_and_named(tmp_path):
+  """--compilation-cache DIR turns JAX's persistent cache on for the run (a subprocess: the
+  cache is process-wide); every figure names the folder and the XLA_FLAGS in effect, and the
+  step's executable lands in the folder."""
+  cache = tmp_path / "xla"
+  argv = [sys.executable, str(Path(bench.__file__)), "--preset=tiny", "--train-batch=8"]
+  argv += ["--config=configs/digits.py:smoke", "--only", "fp", "--iters", "1", "--warmup", "0"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+  out = subprocess.run(
+      argv + [f"--compilation-cache={cache}"],
+      env=env,
+      cwd=Path(__file__).parents[1],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+  (row,) = [json.loads(line) for line in out.splitlines()]
+  assert row["figure"] == "fp_train_step" and row["compilation_cache"] == str(cache)
+  assert row["xla_flags"].startswith("--xla_cpu_enable_fast_math=false")
+  assert cache.is_dir()
+  if row["compile_s"] > 1.5:  # JAX stores executables that took over a second to compile
+    assert any(cache.iterdir())
+
+
+def test_profile_summary_counts_kinds_and_kernels_outside_command_buffers():
+  """On a device, kernels XLA attributes to a command buffer ran inside a CUDA graph; the rest
+  (here a cuDNN convolution) were launched one by one. A process without op names (the host)
+  has no such count."""
+  import profile_summary  # pylint: disable=import-outside-toplevel
+
+  def event(pid, name, ts, dur, hlo_op=None):
+    return dict(
+        ph="X", pid=pid, tid=1, name=name, ts=ts, dur=dur, args={"hlo_op": hlo_op} if hlo_op else {}
+    )
+
+  events = [
+      dict(name="process_name", pid=1, args={"name": "/device:GPU:0"}),
+      dict(name="process_name", pid=2, args={"name": "/host:CPU"}),
+      event(1, "loop_add_fusion", 0, 2, "command_buffer_7"),
+      event(1, "input_reduce_fusion", 2, 4, "command_buffer_7"),
+      event(1, "sm90_xmma_fprop_implicit_gemm", 10, 30, "custom-call.3"),
+      event(1, "input_reduce_fusion", 50, 4, "command_buffer_8"),
+      event(2, "GpuExecutable::ExecuteThunks", 0, 60),
+  ]
+  summary = profile_summary.summarize(events, steps=2, top=5)["processes"]
+  gpu, host = summary["/device:GPU:0"], summary["/host:CPU"]
+  assert gpu["count_by_kind_per_step"] == {
+      "convolution": 0.5,
+      "reduction": 1.0,
+      "fusion/other": 0.5,
+  }
+  assert gpu["time_by_kind_ms"]["convolution"] == 0.03
+  assert gpu["events_outside_command_buffers_per_step"] == 0.5
+  assert host["events_outside_command_buffers_per_step"] is None

@@ -1,6 +1,6 @@
 """Latent diffusion from the command line: configs, FP training on latents a random-weight
 first stage encodes (with their mirrors, into a latent cache), BiDM QAT from it (reading the
-cache) and sampling to decoded images on a tiny LDM-4 model over a generated 32x32 image folder,
+cache), sampling to decoded images and the packed export on a tiny LDM-4 model over a generated 32x32 image folder,
 and one-line config errors."""
 
 import glob
@@ -15,8 +15,11 @@ from PIL import Image
 from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import main
+from bidm_jax.bidm import tbs
 from bidm_jax.export import convert_first_stage as cfs
 from bidm_jax.export import convert_ldm_unet as clu
+from bidm_jax.export import packed as ex
+from bidm_jax.layers import packed as pk
 from bidm_jax.models import autoencoders as ae
 from bidm_jax.models.ldm_unet import LDMUNet
 from bidm_jax.training import checkpoint as ckpt_lib
@@ -140,7 +143,60 @@ def test_fp_training_then_bidm_qat_then_sampling(tmp_path, monkeypatch):
   stats = main.run(qat, str(tmp_path / "qat"), "sample")
   assert stats["num_samples"] == qat.sampling.num_samples
   with np.load(os.path.join(tmp_path, "qat", "samples.npz")) as f:
-    assert f["images"].shape == (4, 32, 32, 3)
+    simulated = f["images"].astype(int)
+  assert simulated.shape == (4, 32, 32, 3)
+
+  # The packed export of the QAT model, sampled with the packed engine and decoded: the
+  # simulated engine's images, up to late sign flips within float rounding (test_packed.py).
+  qat.sampling.checkpoint = str(tmp_path / "qat")
+  info = main.run(qat, str(tmp_path / "export"), "export")
+  assert info["file_ratio"] > 1
+  qat.sampling.update(engine="packed", checkpoint=str(tmp_path / "export"))
+  main.run(qat, str(tmp_path / "packed"), "sample")
+  with np.load(os.path.join(tmp_path, "packed", "samples.npz")) as f:
+    packed = f["images"].astype(int)
+  assert packed.shape == simulated.shape
+  assert np.mean(packed == simulated) > 0.9 and np.mean(np.abs(packed - simulated)) < 1.0
+  qat.tbs.buckets = 50  # an export is checked against the config's TBS settings
+  with pytest.raises(ckpt_lib.CheckpointError, match="tbs_buckets: export 100 vs config 50"):
+    main.run(qat, str(tmp_path / "other"), "sample")
+
+
+def test_packed_export_of_the_ldm_unet_equals_simulated(tmp_path):
+  """Every binary layer of the LDM U-Net (res blocks, attention q/k/v/proj_out, resamplers)
+  exports as packed bits; the export's eps equals the simulated model's on a first denoising
+  step and on the next one with its TBS cache."""
+  config = _tiny(CONFIGS[0], str(tmp_path))
+  model = builders.make_model(config, config_lib.method_from_config(config))
+  shape = builders.image_shape(config, 2)
+  params = builders.init_params(model, config, jax.random.PRNGKey(0))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = treedef.unflatten(
+      [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+  )  # thresholds, k and TBS coefficients away from their initial values
+  info = ex.write_export(tmp_path / ex.EXPORT_FILE, model, params, shape[1:])
+  tree, desc = ex.read_export(tmp_path / ex.EXPORT_FILE)
+  assert desc["model"]["family"] == "ldm" and "tbs_structure" not in desc["tbs"]
+  assert any("attn" in name for name in desc["layers"]) and info["ratio"] > 1
+  x = jax.random.normal(jax.random.PRNGKey(2), shape)
+  t = jnp.array([10, 500])
+  empty = tbs.empty_cache(jax.eval_shape(model.apply, {"params": params}, x, t).connections)
+  simulated = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, cache=c))
+  packed = jax.jit(lambda p, x, t, c: pk.apply(model, p, x, t, cache=c))
+  first, first_packed = simulated(params, x, t, empty), packed(tree, x, t, empty)
+  _assert_close(first_packed.eps, first.eps)
+  cache = tbs.TBSCache(tuple(first.connections), jnp.ones((), bool))
+  packed_cache = tbs.TBSCache(tuple(first_packed.connections), jnp.ones((), bool))
+  second = simulated(params, x, t - 1, cache)
+  _assert_close(packed(tree, x, t - 1, packed_cache).eps, second.eps)
+  assert np.max(np.abs(np.asarray(second.eps) - np.asarray(first.eps))) > 1e-3  # cache acts
+
+
+def _assert_close(packed, simulated):
+  packed, simulated = np.asarray(packed), np.asarray(simulated)
+  scale = float(np.max(np.abs(simulated)))
+  np.testing.assert_allclose(packed, simulated, rtol=1e-5, atol=1e-5 * scale)
 
 
 def _check_latent_cache(config, cache):
@@ -194,3 +250,28 @@ def test_convert_a_diffusers_pipeline_to_a_teacher_and_first_stage(tmp_path):
   with pytest.raises(ValueError) as e:
     main.run(config, str(tmp_path / "other"), "convert")
   assert "\n" not in str(e.value) and not (tmp_path / "other").exists()
+
+
+def test_release_distillation_points_add_conv_in(tmp_path):
+  """distill.points='release' on the LDM U-Net distils conv_in's output and then every timestep
+  block's (the authors' LDM code hooks all of them); 'blocks' the blocks only. The CIFAR
+  release's TBS structure is refused in one line: the LDM release's is 'blocks'."""
+  config = _tiny(CONFIGS[0], str(tmp_path))
+  config.distill.points = "release"
+  config_lib.validate(config)
+  model = builders.make_model(config, config_lib.method_from_config(config))
+  x = jax.random.normal(jax.random.PRNGKey(0), builders.image_shape(config, 2))
+  params = builders.init_params(model, config, jax.random.PRNGKey(1))
+  out = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.array([3, 700])))(params, x)
+  assert len(out.distill) == len(out.features) + 1
+  assert out.distill[0].shape == (*x.shape[:3], model.config.model_channels)
+  for a, b in zip(out.distill[1:], out.features):
+    np.testing.assert_array_equal(a, b)
+  blocks = model.clone(distill_points="blocks").apply({"params": params}, x, jnp.array([3, 700]))
+  assert len(blocks.distill) == len(blocks.features)
+  with pytest.raises(ValueError, match="distill_points must be one of"):
+    model.clone(distill_points="all").apply({"params": params}, x, jnp.array([3, 700]))
+  config.tbs.structure = "release"
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config)
+  assert str(e.value).startswith("config.tbs.structure: the LDM U-Net has only 'blocks'")

@@ -47,6 +47,7 @@ from bidm_jax.binarize.methods import (
 from bidm_jax.io import files
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, _pad_amounts
 from bidm_jax.layers.packed import num_words, pack_kernel
+from bidm_jax.models.ldm_unet import LDMUNet
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
 
@@ -375,14 +376,20 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
 # Writing and reading exports.
 
 
-def describe(model: UNet, image_shape, layers, fp_dtype: str) -> dict:
+def tbs_fields(model: UNet | LDMUNet) -> dict:
+  """The model's TBS settings among TBS_KEYS (an LDMUNet has no `tbs_structure`)."""
+  names = {f.name for f in dataclasses.fields(model)}
+  return {k: getattr(model, k) for k in TBS_KEYS if k in names}
+
+
+def describe(model: UNet | LDMUNet, image_shape, layers, fp_dtype: str) -> dict:
   """The description stored with the tensors: enough to rebuild `model` and check the file."""
   return dict(
       format=FORMAT,
       version=VERSION,
       model=builders.describe_unet(model),
       method=dataclasses.asdict(model.method),
-      tbs={k: getattr(model, k) for k in TBS_KEYS},
+      tbs=tbs_fields(model),
       image_shape=list(image_shape),
       fp_dtype=fp_dtype,
       layout=(
@@ -532,13 +539,14 @@ def load_export(source, config) -> tuple[dict, dict]:
   expected = dict(
       tbs_connections=config.tbs.connections,
       tbs_buckets=config.tbs.buckets,
-      tbs_structure=config.tbs.structure,
       num_timesteps=config.diffusion.num_timesteps,
   )
+  if config.model.family != "ldm":  # an LDMUNet has the 'blocks' structure only
+    expected["tbs_structure"] = config.tbs.structure
   diffs += [
-      f"{k}: export {desc['tbs'][k]!r} vs config {v!r}"
+      f"{k}: export {desc['tbs'].get(k)!r} vs config {v!r}"
       for k, v in expected.items()
-      if desc["tbs"][k] != v
+      if desc["tbs"].get(k) != v
   ]
   shape = list(builders.image_shape(config, 1)[1:])
   if desc["image_shape"] != shape:
@@ -576,8 +584,6 @@ def export(config, workdir: str) -> dict:
   Never overwrites a file. Returns the path, file bytes, the FP float32 checkpoint's bytes and
   the size by category (`size_report`).
   """
-  if config.model.family == "ldm":
-    raise ValueError("config.model.family: the packed export covers the DDPM U-Net only, not 'ldm'")
   method = config_lib.method_from_config(config)
   check_supported(method)
   source = config.sampling.checkpoint or workdir

@@ -14,9 +14,12 @@ CompVis' fused qkv conv is three 1x1 convs here (q, k, v), so that each is a squ
 with an identity shortcut, as in the CIFAR U-Net; the conversion splits it per head.
 
 The forward returns `UNetOutput`: eps and the output of every timestep block (the encoder blocks
-and downsamples, the middle block, the decoder blocks), which SPD distils. TBS blends the last
+and downsamples, the middle block, the decoder blocks), which SPD distils (`distill_points`
+'release' adds conv_in's output, as the authors' LDM code does). TBS blends the last
 `tbs_connections` decoder blocks with the previous denoising step's outputs (`cache`), as the
-CIFAR U-Net's 'blocks' structure (`bidm.tbs`).
+CIFAR U-Net's 'blocks' structure (`bidm.tbs`); the authors' LDM code does the same (its last 8
+output blocks, each with its own previous output, one weight per bucket and block, init 0.3), so
+the LDM U-Net has no separate 'release' TBS structure.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import FP, BinarizationMethod, QuantContext
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, record_cost
-from bidm_jax.models.unet import UNetOutput
+from bidm_jax.models.unet import DISTILL_POINTS, UNetOutput
 
 Array = jax.Array
 
@@ -257,12 +260,13 @@ class AttnBlock(nn.Module):
     return x + conv("proj_out")(h, ctx)
 
 
-def make_output(eps: Array, features: Sequence[Array], num_connections: int) -> UNetOutput:
-  """The model's `UNetOutput`: eps, every timestep block's output (all of them distilled, the
-  paper's 'blocks' points), and the last `num_connections` of them as the tensors the next
-  denoising step's TBS blends with.
+def make_output(
+    eps: Array, features: Sequence[Array], num_connections: int, distill: Sequence[Array]
+) -> UNetOutput:
+  """The model's `UNetOutput`: eps, every timestep block's output, the last `num_connections`
+  of them as the tensors the next denoising step's TBS blends with, and the distilled points.
 
-  The one place that knows `UNetOutput`'s fields (no release points: those are the CIFAR
+  The one place that knows `UNetOutput`'s fields (no named `points`: those are the CIFAR
   release's).
   """
   features = tuple(features)
@@ -270,7 +274,7 @@ def make_output(eps: Array, features: Sequence[Array], num_connections: int) -> 
       eps.astype(jnp.float32),
       features,
       connections=features[len(features) - num_connections :],
-      distill=features,
+      distill=tuple(distill),
   )
 
 
@@ -283,6 +287,9 @@ class LDMUNet(nn.Module):
     tbs_connections: TBS connection points, the outputs of the last n decoder blocks (used
       when `method.cross_timestep`; the paper's LDMs use 8).
     tbs_buckets, tbs_init, num_timesteps: the learnable blend table a[bucket, point].
+    distill_points: what `UNetOutput.distill` holds: 'blocks' (the paper's reading) every
+      timestep block's output, 'release' (the authors' LDM code, which hooks every
+      TimestepEmbedSequential) conv_in's output and then every timestep block's.
     dtype: compute dtype (parameters stay float32).
   """
 
@@ -292,6 +299,7 @@ class LDMUNet(nn.Module):
   tbs_buckets: int = 100
   tbs_init: float = 0.3
   num_timesteps: int = 1000
+  distill_points: str = "blocks"
   dtype: Any = jnp.float32
 
   @property
@@ -321,6 +329,10 @@ class LDMUNet(nn.Module):
     `num_connections` of them after the TBS blend).
     """
     cfg, method, dtype = self.config, self.method, self.dtype
+    if self.distill_points not in DISTILL_POINTS:
+      raise ValueError(
+          f"distill_points must be one of {DISTILL_POINTS}, got {self.distill_points!r}"
+      )
     if self.num_connections > self.num_decoder_blocks:
       raise ValueError(
           f"tbs_connections={self.tbs_connections} exceeds the "
@@ -357,7 +369,8 @@ class LDMUNet(nn.Module):
 
     levels = len(cfg.channel_mult)
     features = []
-    hs = [BinaryConv(cfg.model_channels, dtype=dtype, name="conv_in")(x)]
+    stem = BinaryConv(cfg.model_channels, dtype=dtype, name="conv_in")(x)
+    hs = [stem]
     for i, width in enumerate(cfg.widths):
       for j in range(cfg.num_res_blocks):
         h = res_block(f"down_{i}_block_{j}", width, hs[-1])
@@ -403,4 +416,5 @@ class LDMUNet(nn.Module):
 
     h = nn.silu(_norm(cfg, "norm_out", dtype)(h))
     eps = BinaryConv(cfg.out_channels, dtype=dtype, name="conv_out")(h)
-    return make_output(eps, features, self.num_connections)
+    distill = [stem, *features] if self.distill_points == "release" else features
+    return make_output(eps, features, self.num_connections, distill)
