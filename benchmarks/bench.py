@@ -14,8 +14,9 @@
 
 Each timing is the median of --iters calls after --warmup calls, with the device synchronised
 (`block_until_ready`) around every call. Every figure records XLA_FLAGS and the compilation
-cache in use; with a cache, `compile_s` of a second run is the time to load the step. The floor of a step is its arithmetic (the model's own
-op counter times the passes of the step) over the measured dense matmul rate of the same dtype.
+cache in use; with a cache, `compile_s` of a second run is the time to load the step. The floor
+of a step is its arithmetic (the model's own op counter times the passes of the step) over the
+measured dense matmul rate of the same dtype.
 """
 
 from __future__ import annotations

@@ -101,8 +101,9 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
       op_count[op] += 1
       name_time[e["name"]] += e["dur"]
       name_count[e["name"]] += 1
-      kinds[kind_of(e["name"])] += e["dur"]
-      kind_counts[kind_of(e["name"])] += 1
+      kind = kind_of(e["name"])
+      kinds[kind] += e["dur"]
+      kind_counts[kind] += 1
     durations = sorted(e["dur"] for e in evs)
     total = sum(durations)
     processes[process_names.get(pid, str(pid))] = {

@@ -536,13 +536,10 @@ def load_export(source, config) -> tuple[dict, dict]:
           desc["method"], config_lib.method_from_config(config)
       )
   ]
-  expected = dict(
-      tbs_connections=config.tbs.connections,
-      tbs_buckets=config.tbs.buckets,
-      num_timesteps=config.diffusion.num_timesteps,
-  )
-  if config.model.family != "ldm":  # an LDMUNet has the 'blocks' structure only
-    expected["tbs_structure"] = config.tbs.structure
+  # the config's model's TBS settings, as describe() records them; tbs_init only sets the
+  # table's starting values, which the export's trained table has replaced
+  expected = tbs_fields(builders.make_model(config))
+  expected.pop("tbs_init")
   diffs += [
       f"{k}: export {desc['tbs'].get(k)!r} vs config {v!r}"
       for k, v in expected.items()

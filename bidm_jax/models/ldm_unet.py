@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import FP, BinarizationMethod, QuantContext
 from bidm_jax.layers.binary import BinaryConv, BinaryDense, record_cost
-from bidm_jax.models.unet import DISTILL_POINTS, UNetOutput
+from bidm_jax.models.unet import UNetOutput, check_distill_points
 
 Array = jax.Array
 
@@ -329,10 +329,7 @@ class LDMUNet(nn.Module):
     `num_connections` of them after the TBS blend).
     """
     cfg, method, dtype = self.config, self.method, self.dtype
-    if self.distill_points not in DISTILL_POINTS:
-      raise ValueError(
-          f"distill_points must be one of {DISTILL_POINTS}, got {self.distill_points!r}"
-      )
+    check_distill_points(self.distill_points)
     if self.num_connections > self.num_decoder_blocks:
       raise ValueError(
           f"tbs_connections={self.tbs_connections} exceeds the "

@@ -46,6 +46,12 @@ RELEASE_TBS_INIT = 0.0
 """The release's blend weights start at 0 (`torch.ones(100, 4) * 0.0`)."""
 
 
+def check_distill_points(points: str) -> None:
+  """ValueError unless `points` (a U-Net's `distill_points`) is one of DISTILL_POINTS."""
+  if points not in DISTILL_POINTS:
+    raise ValueError(f"distill_points must be one of {DISTILL_POINTS}, got {points!r}")
+
+
 class UNetOutput(NamedTuple):
   """The noise prediction and the U-Net's feature points, each set by name.
 
@@ -234,10 +240,7 @@ class UNet(nn.Module):
     """
     if self.tbs_structure not in TBS_STRUCTURES:
       raise ValueError(f"tbs_structure must be one of {TBS_STRUCTURES}, got {self.tbs_structure!r}")
-    if self.distill_points not in DISTILL_POINTS:
-      raise ValueError(
-          f"distill_points must be one of {DISTILL_POINTS}, got {self.distill_points!r}"
-      )
+    check_distill_points(self.distill_points)
     release = self.tbs_structure == "release"
     if not release and self.num_connections > self.num_decoder_blocks:
       raise ValueError(
