@@ -22,8 +22,10 @@ measured dense matmul rate of the same dtype.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import statistics
 import time
 
@@ -87,6 +89,27 @@ def compiled_peak_gib(compiled) -> float | None:
   except (NotImplementedError, RuntimeError, AttributeError):
     return None
   return peak / 2**30
+
+
+FREE_OPS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast"})
+
+
+def program_ops(compiled) -> dict:
+  """The compiled program's device work as XLA planned it, from its optimized HLO: `launches`,
+  the instructions of the entry computation that run as work of their own (each fusion, copy,
+  convolution, custom call or collective; parameters, constants, tuples and bitcasts are free),
+  their `by_kind` counts, and `reductions`, the reduce operations in the whole program. On a
+  GPU a launch is about one kernel, so the counts compare two versions of a step on any
+  backend; the CPU's fusion differs from the GPU's, so they are not GPU kernel counts."""
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY") :]
+  kinds = re.findall(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][\w-]*)\(", entry, flags=re.M)
+  work = collections.Counter(k for k in kinds if k not in FREE_OPS)
+  return dict(
+      launches=sum(work.values()),
+      by_kind=dict(work.most_common(8)),
+      reductions=len(re.findall(r" reduce\(", text)),
+  )
 
 
 def matmul_rate(dtype, n: int, warmup: int, iters: int) -> float:
@@ -177,6 +200,7 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
       floor_ms=flops / rate * 1e3,
       fraction_of_floor=(flops / rate) / sec,
       peak_memory_gib=compiled_peak_gib(compiled),
+      program=program_ops(compiled),
   )
   if method_name == "bidm":
     stats = jax.devices()[0].memory_stats() or {}

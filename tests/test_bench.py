@@ -51,7 +51,7 @@ def test_config_file_names_the_benchmarked_model(monkeypatch, capsys):
 
 def test_profile_traces_each_timed_step(monkeypatch, capsys, tmp_path):
   """--profile DIR: after its timing, each train step is traced into DIR/<figure>, which
-  benchmarks/profile_summary.py reads."""
+  benchmarks/profile_summary.py reads; the figure counts the compiled step's work."""
   import profile_summary  # pylint: disable=import-outside-toplevel
 
   argv = ["bench.py", "--preset=tiny", "--config=configs/digits.py:smoke", "--train-batch=8"]
@@ -60,6 +60,9 @@ def test_profile_traces_each_timed_step(monkeypatch, capsys, tmp_path):
   bench.main()
   (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert row["figure"] == "fp_train_step" and row["batch"] == 8
+  program = row["program"]  # the compiled step's work, counted from its optimized HLO
+  assert program["launches"] >= sum(program["by_kind"].values()) > 0 and program["reductions"] > 0
+  assert program["by_kind"].get("fusion", 0) > 0 and "parameter" not in program["by_kind"]
   assert profile_summary.main([str(tmp_path / "fp_train_step"), "--steps", "5"]) == 0
   summary = json.loads(capsys.readouterr().out)
   assert summary["steps"] == 5 and "/host:CPU" in summary["processes"]
