@@ -37,7 +37,6 @@ from bidm_jax.models import autoencoders
 from bidm_jax.models.ldm_unet import LDMUNet, LDMUNetConfig
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import optimizer as optimizer_lib
 
 Array = jax.Array
 
@@ -153,13 +152,8 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:n])
 
 
-def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
-  """Adam or AdamW with linear warm-up and global-norm gradient clipping (0 = no clipping).
-
-  The clipping takes the train step's gradient norm (`update(..., grad_norm=n)`,
-  `bidm_jax.training.optimizer`); its state is optax's clip_by_global_norm's, so checkpoints
-  written with either resume with the other.
-  """
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam or AdamW with linear warm-up and global-norm gradient clipping (0 = no clipping)."""
   t = config.training
   lr = (
       optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
@@ -167,9 +161,7 @@ def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
       else t.learning_rate
   )
   opt = optax.adamw(lr, weight_decay=t.weight_decay) if t.optimizer == "adamw" else optax.adam(lr)
-  if not t.grad_clip:
-    return optax.with_extra_args_support(opt)
-  return optax.chain(optimizer_lib.clip_by_global_norm(t.grad_clip), opt)
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
 
 
 def make_distillation(config, method: BinarizationMethod) -> spd.Distillation | None:

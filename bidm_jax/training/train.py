@@ -36,7 +36,6 @@ from bidm_jax.diffusion.schedules import Schedule, epsilon_loss, q_sample
 from bidm_jax.io import files
 from bidm_jax.models.unet import UNet
 from bidm_jax.training import checkpoint as ckpt_lib
-from bidm_jax.training import optimizer as optimizer_lib
 from bidm_jax.training.logging import MetricWriter, save_grid
 
 Array = jax.Array
@@ -148,14 +147,10 @@ def make_train_step(
 
   `rng` is the run's base key: the step folds in state.step, so a resumed run draws the same
   timesteps and noise. A non-finite loss, gradient, updated parameters or updated EMA leaves
-  parameters, optimizer and EMA unchanged and reports metrics['finite'] = False. Norm and
-  finiteness are each one reduction over all parameter arrays (`optimizer`), not one per
-  array; `tx` gets the gradient's global norm as `grad_norm=` (`optimizer.clip_by_global_norm`
-  uses it; a plain optax transformation ignores it).
+  parameters, optimizer and EMA unchanged and reports metrics['finite'] = False.
   """
   loss_fn = make_loss_fn(config, model, schedule, teacher)
   total, decay = config.training.steps, config.training.ema_decay
-  tx = optax.with_extra_args_support(tx)
 
   def train_step(state: TrainState, images: Array, rng: Array, teacher_params):
     progress = state.step.astype(jnp.float32) / total
@@ -163,16 +158,11 @@ def make_train_step(
     (loss, metrics), grads = grad_fn(
         state.params, teacher_params, images, jax.random.fold_in(rng, state.step), progress
     )
-    grad_norm = optimizer_lib.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    finite = (
-        jnp.isfinite(loss)
-        & jnp.isfinite(grad_norm)
-        & optimizer_lib.all_finite(params)
-        & optimizer_lib.all_finite(ema)
-    )
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params) & _all_finite(ema)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     state = TrainState(
         step=state.step + 1,
@@ -183,6 +173,11 @@ def make_train_step(
     return state, dict(metrics, grad_norm=grad_norm, finite=finite)
 
   return train_step
+
+
+def _all_finite(tree) -> Array:
+  """() bool: every value of every leaf of `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def global_batch(mesh, local: np.ndarray) -> Array:
