@@ -106,8 +106,7 @@ def unet_from_description(desc: Mapping[str, Any], **kwargs) -> UNet | LDMUNet:
 
 def make_model(config, method: BinarizationMethod = FP) -> UNet | LDMUNet:
   """The U-Net of `config.model` binarized by `method` (FP for the teacher), with the config's
-  TBS settings and distillation points (an LDMUNet has the 'blocks' TBS structure only)."""
-  ddpm_only = {} if config.model.family == "ldm" else dict(tbs_structure=config.tbs.structure)
+  TBS settings and distillation points."""
   return unet_from_description(
       model_description(config),
       method=method,
@@ -115,9 +114,9 @@ def make_model(config, method: BinarizationMethod = FP) -> UNet | LDMUNet:
       tbs_buckets=config.tbs.buckets,
       tbs_init=config.tbs.init,
       num_timesteps=config.diffusion.num_timesteps,
+      tbs_structure=config.tbs.structure,
       distill_points=config.distill.points,
       dtype=jnp.dtype(config.model.compute_dtype),
-      **ddpm_only,
   )
 
 

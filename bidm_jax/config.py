@@ -416,7 +416,7 @@ def _validate_ldm(config, need) -> None:
   need(
       config.tbs.structure == "blocks",
       "tbs.structure",
-      f"the LDM U-Net has only 'blocks' (the authors' LDM code blends its last decoder blocks "
+      "the LDM U-Net has only 'blocks' (the authors' LDM code blends its last decoder blocks "
       f"with their own previous outputs, which is 'blocks'), got {config.tbs.structure!r}",
   )
 

@@ -177,7 +177,7 @@ def test_packed_export_of_the_ldm_unet_equals_simulated(tmp_path):
   )  # thresholds, k and TBS coefficients away from their initial values
   info = ex.write_export(tmp_path / ex.EXPORT_FILE, model, params, shape[1:])
   tree, desc = ex.read_export(tmp_path / ex.EXPORT_FILE)
-  assert desc["model"]["family"] == "ldm" and "tbs_structure" not in desc["tbs"]
+  assert desc["model"]["family"] == "ldm" and desc["tbs"]["tbs_structure"] == "blocks"
   assert any("attn" in name for name in desc["layers"]) and info["ratio"] > 1
   x = jax.random.normal(jax.random.PRNGKey(2), shape)
   t = jnp.array([10, 500])

@@ -226,6 +226,19 @@ def test_binary_methods_run_and_contain_the_fp_tree():
     np.testing.assert_array_equal(a, b)
 
 
+def test_module_refuses_settings_it_does_not_have():
+  """The LDM U-Net's tbs_structure is 'blocks' only and its distill_points one of
+  DISTILL_POINTS: anything else is one ValueError when it is applied."""
+  config = ldm_unet.TINY_LDM4
+  x, t = _inputs(config, seed=1)
+  for fields, message in (
+      (dict(tbs_structure="release"), "tbs_structure is 'blocks' only, got 'release'"),
+      (dict(distill_points="hooks"), "distill_points must be one of"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      jax.eval_shape(ldm_unet.LDMUNet(config, **fields).init, jax.random.PRNGKey(0), x, t)
+
+
 def test_fp_layers_stay_fp():
   """Paper section 3.1: conv_in, conv_out, the time MLP, the skip convs FP; the rest binary."""
   config = ldm_unet.TINY_LDM4

@@ -377,9 +377,8 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
 
 
 def tbs_fields(model: UNet | LDMUNet) -> dict:
-  """The model's TBS settings among TBS_KEYS (an LDMUNet has no `tbs_structure`)."""
-  names = {f.name for f in dataclasses.fields(model)}
-  return {k: getattr(model, k) for k in TBS_KEYS if k in names}
+  """The model's TBS settings (TBS_KEYS), as an export records them."""
+  return {k: getattr(model, k) for k in TBS_KEYS}
 
 
 def describe(model: UNet | LDMUNet, image_shape, layers, fp_dtype: str) -> dict:

@@ -287,6 +287,8 @@ class LDMUNet(nn.Module):
     tbs_connections: TBS connection points, the outputs of the last n decoder blocks (used
       when `method.cross_timestep`; the paper's LDMs use 8).
     tbs_buckets, tbs_init, num_timesteps: the learnable blend table a[bucket, point].
+    tbs_structure: 'blocks' only (each blended block with its own previous output; the
+      authors' LDM code does the same), a field so that both U-Nets describe TBS alike.
     distill_points: what `UNetOutput.distill` holds: 'blocks' (the paper's reading) every
       timestep block's output, 'release' (the authors' LDM code, which hooks every
       TimestepEmbedSequential) conv_in's output and then every timestep block's.
@@ -299,6 +301,7 @@ class LDMUNet(nn.Module):
   tbs_buckets: int = 100
   tbs_init: float = 0.3
   num_timesteps: int = 1000
+  tbs_structure: str = "blocks"
   distill_points: str = "blocks"
   dtype: Any = jnp.float32
 
@@ -330,6 +333,10 @@ class LDMUNet(nn.Module):
     """
     cfg, method, dtype = self.config, self.method, self.dtype
     check_distill_points(self.distill_points)
+    if self.tbs_structure != "blocks":
+      raise ValueError(
+          f"the LDM U-Net's tbs_structure is 'blocks' only, got {self.tbs_structure!r}"
+      )
     if self.num_connections > self.num_decoder_blocks:
       raise ValueError(
           f"tbs_connections={self.tbs_connections} exceeds the "
