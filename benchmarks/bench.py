@@ -81,14 +81,16 @@ def time_calls(fn, warmup: int, iters: int) -> float:
 
 def compiled_peak_gib(compiled) -> float | None:
   """The compiled program's peak device memory as XLA plans it (arguments, outputs and
-  temporaries of this one program), in GiB; None on CPU, whose plan leaves temporaries out."""
+  temporaries of this one program), in GiB; None on CPU, whose plan leaves temporaries out, and
+  for a program loaded from the persistent compilation cache, whose analysis reads 0 (seen on
+  the H200 with jax 0.11.2)."""
   if jax.default_backend() == "cpu":
     return None
   try:
     peak = compiled.memory_analysis().peak_memory_in_bytes
   except (NotImplementedError, RuntimeError, AttributeError):
     return None
-  return peak / 2**30
+  return peak / 2**30 if peak else None
 
 
 FREE_OPS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast"})

@@ -122,3 +122,19 @@ def test_profile_summary_counts_kinds_and_kernels_outside_command_buffers():
   assert gpu["time_by_kind_ms"]["convolution"] == 0.03
   assert gpu["events_outside_command_buffers_per_step"] == 0.5
   assert host["events_outside_command_buffers_per_step"] is None
+
+
+def test_peak_memory_is_unknown_when_the_analysis_reads_zero(monkeypatch):
+  """An executable loaded from the persistent compilation cache reports a peak of 0 bytes on
+  the GPU (seen on an H200): that is no figure, so none is printed."""
+  import types  # pylint: disable=import-outside-toplevel
+
+  def compiled(peak):
+    analysis = types.SimpleNamespace(peak_memory_in_bytes=peak)
+    return types.SimpleNamespace(memory_analysis=lambda: analysis)
+
+  monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+  assert bench.compiled_peak_gib(compiled(0)) is None
+  assert bench.compiled_peak_gib(compiled(3 * 2**30)) == 3.0
+  monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
+  assert bench.compiled_peak_gib(compiled(3 * 2**30)) is None

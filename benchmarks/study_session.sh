@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The reduced CIFAR-10 study fitted into one time-boxed lease of one GPU machine (e.g. a
+# 30-minute H200 session whose machine is bare at every start): the FP teacher, the reference
+# statistics, up to seven W1A1 QAT runs side by side and their evaluations, all in one detached
+# process session that outlives the short remote commands that start and watch it.
+# benchmarks/cifar_reduced.py runs a study to its end; this script instead
+#   - caps the teacher's and the runs' wall time (FP_CAP, QAT_CAP: seconds from its start;
+#     SIGTERM makes a run save and exit), so the evaluations always fit the lease;
+#   - compiles every distinct QAT step into JAX's persistent cache from the teacher's first
+#     checkpoint while the teacher still trains, so the runs start training at once;
+#   - evaluates every run at the last checkpoint step all of them reached, EMA parameters, x0
+#     clipped (the figures of docs/results.md's Table 3 waves).
+#
+#   benchmarks/study_session.sh start           the study, detached (logs in $JOBS)
+#   benchmarks/study_session.sh watch SECONDS   until then or the end: progress, errors, results
+#
+# Settings (environment): DATA (image folder with train/<class>/*.jpg), INC (the FID Inception
+# .npz; it may arrive while the teacher trains: copy it, then `mv` it to INC), JOBS (work
+# folder, /tmp/study), FP_STEPS (15939), FP_CAP (470), QAT_STEPS (8000), QAT_CAP (1330), CK
+# (checkpoint interval, 1000), RUNS (a file of "name flags..." lines; default below), EXTRA
+# (flags added to every command, e.g. a tiny model for a dry run on a CPU).
+# Start CUDA MPS first on an NVIDIA GPU (`benchmarks/gpu_jobs.sh mps`). The results are
+# $JOBS/results.tar.gz: every evaluation's metrics.json and a 32-sample grid, the training logs;
+# the teacher's EMA parameters are exported to $JOBS/teacher once it stops (for a later
+# session: `tar cf - -C $JOBS teacher | split -b 15M - OUT/teacher.part`, the way
+# docs/results.md kept the first teacher).
+set -u
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
+export JOBS=${JOBS:-/tmp/study} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2
+FP_STEPS=${FP_STEPS:-15939} FP_CAP=${FP_CAP:-470} QAT_STEPS=${QAT_STEPS:-8000}
+QAT_CAP=${QAT_CAP:-1330} CK=${CK:-1000} EXTRA=${EXTRA:-}
+G="bash benchmarks/gpu_jobs.sh"
+mkdir -p "$JOBS"
+
+default_runs() {
+  local tbs="--config.binarization.learnable_k=True --config.binarization.cross_timestep=True"
+  cat <<EOF
+xnor-s0 --config.binarization.method=xnor --config.seed=0
+xnor+tbs-s0 --config.binarization.method=xnor $tbs --config.seed=0
+xnor+tbs-s1 --config.binarization.method=xnor $tbs --config.seed=1
+bidm-s0 --config.binarization.method=bidm --config.seed=0
+bidm-s1 --config.binarization.method=bidm --config.seed=1
+bidm-w1e-2-s0 --config.binarization.method=bidm --config.distill.weight=1e-2 --config.seed=0
+EOF
+}
+
+elapsed() { echo $(($(date +%s) - $(cat "$JOBS/t0"))); }
+log() { echo "[$(elapsed)s] $*" >>"$JOBS/study.log"; }
+running() { [ -f "$JOBS/$1.pid" ] && kill -0 "$(cat "$JOBS/$1.pid")" 2>/dev/null; }
+saved_steps() { ls "$JOBS/$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n; }
+start_job() { $G start "$@" $EXTRA >>"$JOBS/study.out"; }
+start_reference() {  # once the Inception weights are there
+  [ -f "$JOBS/ref.pid" ] || [ ! -f "$INC" ] || { log "reference: start" && start_job ref "$@"; }
+}
+
+run_study() {
+  : "${DATA:?DATA: the image folder (train/<class>/*.jpg)}" "${INC:?INC: the FID Inception .npz}"
+  date +%s >"$JOBS/t0"
+  local d="--config.data.source=folder --config.data.data_dir=$DATA --config.data.split=train"
+  local qat="--config=configs/cifar10.py:small $d --config.training.teacher=$JOBS/fp"
+  qat+=" --config.training.steps=$QAT_STEPS --config.training.checkpoint_every=$CK"
+  qat+=" --config.training.keep_checkpoints=60"
+  local ev="--config.eval.inception_weights=$INC --config.eval.reference=$JOBS/train_ref.npz"
+  ev+=" --config.eval.pr_reference=10000 --config.eval.batch_size=1000"
+  ev+=" --config.eval.keep_samples=True --config.sampling.clip_x0=True"
+  ev+=" --config.eval.progress_bar=False"
+  local fp_eval="--mode=evaluate --config=configs/cifar10.py:small_fp $d $ev"
+  fp_eval+=" --config.sampling.checkpoint=$JOBS/fp --config.eval.num_samples=10000"
+  declare -A flags
+  local names=() name rest
+  while read -r name rest; do
+    [ -n "$name" ] && flags[$name]=$rest && names+=("$name")
+  done < <(if [ -n "${RUNS:-}" ]; then cat "$RUNS"; else default_runs; fi)
+  # one warm-up per distinct program: the seed is not part of it
+  local warm=() seen=" " key
+  for name in "${names[@]}"; do
+    key=$(sed 's/--config.seed=[0-9]*//' <<<"${flags[$name]}")
+    [[ $seen == *" $key "* ]] || { warm+=("$name"); seen+="$key "; }
+  done
+
+  log "teacher: start ($FP_STEPS steps, cap ${FP_CAP}s)"
+  start_job fp --config=configs/cifar10.py:small_fp $d --config.training.steps=$FP_STEPS
+  local ref="--mode=ref_stats --config=configs/cifar10.py:small $d $ev" warming=0
+  while running fp && [ "$(elapsed)" -lt "$FP_CAP" ]; do
+    start_reference $ref
+    if [ $warming = 0 ] && [ -n "$(saved_steps fp)" ]; then
+      warming=1
+      log "warm-up compiles from teacher step $(saved_steps fp | tail -1): ${warm[*]}"
+      for name in "${warm[@]}"; do start_job "warm-$name" $qat ${flags[$name]}; done
+    fi
+    for name in "${warm[@]}"; do  # its first metrics row: the step is compiled and cached
+      if running "warm-$name" && [ -s "$JOBS/warm-$name/logs/metrics.jsonl" ]; then
+        kill -9 "$(cat "$JOBS/warm-$name.pid")" && log "warm-up $name: compiled"
+      fi
+    done
+    sleep 3
+  done
+  running fp && log "teacher: cap reached" && $G stop fp >>"$JOBS/study.out"
+  for name in "${warm[@]}"; do
+    running "warm-$name" && kill -9 "$(cat "$JOBS/warm-$name.pid")" && log "warm-up $name: cut"
+  done
+  log "teacher: step $(saved_steps fp | tail -1): $(tail -n1 "$JOBS/fp/logs/metrics.jsonl")"
+  [ -n "$(saved_steps fp)" ] || { log "FAILED: no teacher checkpoint"; touch "$JOBS/done"; return 1; }
+  for name in "${names[@]}"; do start_job "$name" $qat ${flags[$name]}; done
+  log "QAT: ${names[*]}"
+  python3 benchmarks/study_tools.py export "$JOBS/fp" "$JOBS/teacher" >>"$JOBS/study.out" 2>&1 &&
+    log "teacher: exported to $JOBS/teacher"
+
+  local evaluating=0 alive
+  while true; do
+    start_reference $ref
+    if [ $evaluating = 0 ] && [ -f "$JOBS/train_ref.npz" ]; then
+      evaluating=1 && log "teacher: evaluation" && start_job eval-fp $fp_eval
+    fi
+    alive=0
+    for name in "${names[@]}"; do running "$name" && alive=1; done
+    [ $alive = 0 ] && break
+    if [ "$(elapsed)" -ge "$QAT_CAP" ]; then
+      log "QAT: cap reached" && $G stop "${names[@]}" >>"$JOBS/study.out"
+      break
+    fi
+    sleep 5
+  done
+  local step
+  step=$(for name in "${names[@]}"; do saved_steps "$name" | awk -v k="$CK" '$1 % k == 0' | tail -1; done | sort -n | head -1)
+  for name in "${names[@]}"; do log "QAT $name: saved $(saved_steps "$name" | tr '\n' ' ')"; done
+  [ -n "$step" ] || { log "FAILED: no step saved by every run"; touch "$JOBS/done"; return 1; }
+  log "evaluations at step $step"
+  while [ ! -f "$JOBS/train_ref.npz" ]; do
+    start_reference $ref
+    [ -f "$JOBS/ref.pid" ] && ! running ref && { log "FAILED: no reference statistics"; touch "$JOBS/done"; return 1; }
+    sleep 5
+  done
+  [ $evaluating = 0 ] && start_job eval-fp $fp_eval
+  for name in "${names[@]}"; do
+    start_job "eval-$name" --mode=evaluate $qat ${flags[$name]} $ev \
+      --config.sampling.checkpoint="$JOBS/$name" --config.sampling.checkpoint_step="$step" \
+      --config.eval.num_samples=5000
+  done
+  $G wait 900 >>"$JOBS/study.out"
+  mkdir -p "$JOBS/results"
+  for name in fp "${names[@]}"; do
+    cp "$JOBS/eval-$name/metrics.json" "$JOBS/results/eval-$name.json"
+    cp "$JOBS/$name/logs/metrics.jsonl" "$JOBS/results/train-$name.jsonl"
+    python3 benchmarks/study_tools.py grid "$JOBS/eval-$name/eval_samples.npz" \
+      "$JOBS/results/eval-$name.png" 32 >>"$JOBS/study.out" 2>&1 &
+  done
+  wait
+  cp "$JOBS"/*.log "$JOBS/results/"
+  tar czf "$JOBS/results.tar.gz" -C "$JOBS" results
+  log "done"
+  touch "$JOBS/done"
+}
+
+watch() {
+  [ -f "$JOBS/t0" ] || { echo "no study in $JOBS (a fresh machine?)"; return 3; }
+  local end=$(($(date +%s) + ${1:-240}))
+  while [ "$(date +%s)" -lt $end ] && [ ! -f "$JOBS/done" ]; do sleep 5; done
+  echo "t=$(elapsed)s"
+  cat "$JOBS/study.log"
+  for f in "$JOBS"/*.log; do
+    local n
+    n=$(basename "$f" .log)
+    [ "$n" = study ] && continue
+    echo "$n: $(tail -n1 "$JOBS/$n/logs/metrics.jsonl" 2>/dev/null | cut -c1-200)"
+    grep -h -E "Error|Traceback" "$f" | tail -2
+  done
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+}
+
+main() {
+  case "${1:-}" in
+    start)
+      : "${DATA:?DATA: the image folder (train/<class>/*.jpg)}" "${INC:?INC: the FID Inception .npz}"
+      [ -d "$DATA/train" ] || { echo "DATA: no folder $DATA/train" >&2; exit 2; }
+      [ -f "$JOBS/t0" ] && { echo "a study already runs in $JOBS"; exit 1; }
+      setsid nohup bash "$SELF" run >"$JOBS/study.out" 2>&1 </dev/null &
+      sleep 1 && echo "study started in $JOBS"
+      ;;
+    run) run_study ;;
+    watch) watch "${2:-240}" ;;
+    *) sed -n '2,/^set -u/p' "$SELF" | grep '^#' >&2 && exit 2 ;;
+  esac
+}
+
+# on one line: bash reads no further, so an edit of this file cannot reach a running study
+main "$@"; exit $?
