@@ -9,6 +9,7 @@
 #                                                    SECONDS pass; prints each job's last log line
 #   benchmarks/gpu_jobs.sh stop NAME...              SIGTERM and wait until the job has saved
 #   benchmarks/gpu_jobs.sh status                    the last metrics row of every job
+#   benchmarks/gpu_jobs.sh running NAME              exit status 0 while the job runs
 #   benchmarks/gpu_jobs.sh mps                       start CUDA MPS (as root), so that the jobs'
 #                                                    kernels share the GPU side by side rather
 #                                                    than in time slices; quit it again when a
@@ -53,6 +54,9 @@ case "$cmd" in
     ;;
   status)
     for n in $(names); do echo "$n: $(last_row "$n")"; done
+    ;;
+  running)
+    running "${1:?usage: gpu_jobs.sh running NAME}"
     ;;
   mps)
     command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control here" >&2; exit 1; }

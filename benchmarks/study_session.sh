@@ -48,11 +48,13 @@ EOF
 
 elapsed() { echo $(($(date +%s) - $(cat "$JOBS/t0"))); }
 log() { echo "[$(elapsed)s] $*" >>"$JOBS/study.log"; }
-running() { [ -f "$JOBS/$1.pid" ] && kill -0 "$(cat "$JOBS/$1.pid")" 2>/dev/null; }
+running() { $G running "$1"; }
 saved_steps() { ls "$JOBS/$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n; }
 start_job() { $G start "$@" $EXTRA >>"$JOBS/study.out"; }
-start_reference() {  # once the Inception weights are there
-  [ -f "$JOBS/ref.pid" ] || [ ! -f "$INC" ] || { log "reference: start" && start_job ref "$@"; }
+start_reference() {  # once, as soon as the Inception weights are there
+  if [ ! -f "$JOBS/ref.pid" ] && [ -f "$INC" ]; then
+    log "reference: start" && start_job ref "$@"
+  fi
 }
 
 run_study() {
