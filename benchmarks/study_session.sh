@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reduced CIFAR-10 study fitted into one time-boxed lease of one GPU machine (e.g. a
 # 30-minute H200 session whose machine is bare at every start): the FP teacher, the reference
-# statistics, up to seven W1A1 QAT runs side by side and their evaluations, all in one detached
+# statistics, up to eight W1A1 QAT runs side by side and their evaluations, all in one detached
 # process session that outlives the short remote commands that start and watch it.
 # benchmarks/cifar_reduced.py runs a study to its end; this script instead
 #   - caps the teacher's and the runs' wall time (FP_CAP, QAT_CAP: seconds from its start;
@@ -15,7 +15,9 @@
 #   benchmarks/study_session.sh watch SECONDS   until then or the end: progress, errors, results
 #
 # Settings (environment): DATA (image folder with train/<class>/*.jpg), INC (the FID Inception
-# .npz; it may arrive while the teacher trains: copy it, then `mv` it to INC), JOBS (work
+# .npz; it may arrive while the teacher trains: copy it, then `mv` it to INC), TEACHER (an
+# exported teacher folder, e.g. one kept from an earlier session: no teacher is trained, the runs
+# start at once and the teacher is evaluated as given), JOBS (work
 # folder, /tmp/study), FP_STEPS (15939), FP_CAP (470), QAT_STEPS (8000), QAT_CAP (1330), CK
 # (checkpoint interval, 1000), RUNS (a file of "name flags..." lines; default below), EXTRA
 # (flags added to every command, e.g. a tiny model for a dry run on a CPU).
@@ -34,16 +36,17 @@ QAT_CAP=${QAT_CAP:-1330} CK=${CK:-1000} EXTRA=${EXTRA:-}
 G="bash benchmarks/gpu_jobs.sh"
 mkdir -p "$JOBS"
 
-default_runs() {
+default_runs() {  # Table 3: two seeds of each
   local tbs="--config.binarization.learnable_k=True --config.binarization.cross_timestep=True"
-  cat <<EOF
-xnor-s0 --config.binarization.method=xnor --config.seed=0
-xnor+tbs-s0 --config.binarization.method=xnor $tbs --config.seed=0
-xnor+tbs-s1 --config.binarization.method=xnor $tbs --config.seed=1
-bidm-s0 --config.binarization.method=bidm --config.seed=0
-bidm-s1 --config.binarization.method=bidm --config.seed=1
-bidm-w1e-2-s0 --config.binarization.method=bidm --config.distill.weight=1e-2 --config.seed=0
+  local m="--config.binarization.method" seed
+  for seed in 0 1; do
+    cat <<EOF
+xnor-s$seed $m=xnor --config.seed=$seed
+xnor+tbs-s$seed $m=xnor $tbs --config.seed=$seed
+xnor+spd-s$seed $m=xnor --config.binarization.distillation=spd --config.seed=$seed
+bidm-s$seed $m=bidm --config.seed=$seed
 EOF
+  done
 }
 
 elapsed() { echo $(($(date +%s) - $(cat "$JOBS/t0"))); }
@@ -57,34 +60,13 @@ start_reference() {  # once, as soon as the Inception weights are there
   fi
 }
 
-run_study() {
-  : "${DATA:?DATA: the image folder (train/<class>/*.jpg)}" "${INC:?INC: the FID Inception .npz}"
-  date +%s >"$JOBS/t0"
-  local d="--config.data.source=folder --config.data.data_dir=$DATA --config.data.split=train"
-  local qat="--config=configs/cifar10.py:small $d --config.training.teacher=$JOBS/fp"
-  qat+=" --config.training.steps=$QAT_STEPS --config.training.checkpoint_every=$CK"
-  qat+=" --config.training.keep_checkpoints=60"
-  local ev="--config.eval.inception_weights=$INC --config.eval.reference=$JOBS/train_ref.npz"
-  ev+=" --config.eval.pr_reference=10000 --config.eval.batch_size=1000"
-  ev+=" --config.eval.keep_samples=True --config.sampling.clip_x0=True"
-  ev+=" --config.eval.progress_bar=False"
-  local fp_eval="--mode=evaluate --config=configs/cifar10.py:small_fp $d $ev"
-  fp_eval+=" --config.sampling.checkpoint=$JOBS/fp --config.eval.num_samples=10000"
-  declare -A flags
-  local names=() name rest
-  while read -r name rest; do
-    [ -n "$name" ] && flags[$name]=$rest && names+=("$name")
-  done < <(if [ -n "${RUNS:-}" ]; then cat "$RUNS"; else default_runs; fi)
-  # one warm-up per distinct program: the seed is not part of it
-  local warm=() seen=" " key
-  for name in "${names[@]}"; do
-    key=$(sed 's/--config.seed=[0-9]*//' <<<"${flags[$name]}")
-    [[ $seen == *" $key "* ]] || { warm+=("$name"); seen+="$key "; }
-  done
-
+train_teacher() {  # QAT_FLAGS REF_FLAGS WARM_RUNS...: the FP teacher, capped; warm-ups meanwhile
+  local qat=$1 ref=$2
+  shift 2
+  local warm=("$@")
   log "teacher: start ($FP_STEPS steps, cap ${FP_CAP}s)"
   start_job fp --config=configs/cifar10.py:small_fp $d --config.training.steps=$FP_STEPS
-  local ref="--mode=ref_stats --config=configs/cifar10.py:small $d $ev" warming=0
+  local warming=0 name
   while running fp && [ "$(elapsed)" -lt "$FP_CAP" ]; do
     start_reference $ref
     if [ $warming = 0 ] && [ -n "$(saved_steps fp)" ]; then
@@ -105,10 +87,46 @@ run_study() {
   done
   log "teacher: step $(saved_steps fp | tail -1): $(tail -n1 "$JOBS/fp/logs/metrics.jsonl")"
   [ -n "$(saved_steps fp)" ] || { log "FAILED: no teacher checkpoint"; touch "$JOBS/done"; return 1; }
+}
+
+run_study() {
+  : "${DATA:?DATA: the image folder (train/<class>/*.jpg)}" "${INC:?INC: the FID Inception .npz}"
+  date +%s >"$JOBS/t0"
+  local d="--config.data.source=folder --config.data.data_dir=$DATA --config.data.split=train"
+  local teacher=${TEACHER:-$JOBS/fp}
+  local qat="--config=configs/cifar10.py:small $d --config.training.teacher=$teacher"
+  qat+=" --config.training.steps=$QAT_STEPS --config.training.checkpoint_every=$CK"
+  qat+=" --config.training.keep_checkpoints=60"
+  local ev="--config.eval.inception_weights=$INC --config.eval.reference=$JOBS/train_ref.npz"
+  ev+=" --config.eval.pr_reference=10000 --config.eval.batch_size=1000"
+  ev+=" --config.eval.keep_samples=True --config.sampling.clip_x0=True"
+  ev+=" --config.eval.progress_bar=False"
+  local fp_eval="--mode=evaluate --config=configs/cifar10.py:small_fp $d $ev"
+  fp_eval+=" --config.sampling.checkpoint=$teacher --config.eval.num_samples=10000"
+  declare -A flags
+  local names=() name rest
+  while read -r name rest; do
+    [ -n "$name" ] && flags[$name]=$rest && names+=("$name")
+  done < <(if [ -n "${RUNS:-}" ]; then cat "$RUNS"; else default_runs; fi)
+  # one warm-up per distinct program: the seed is not part of it
+  local warm=() seen=" " key
+  for name in "${names[@]}"; do
+    key=$(sed 's/--config.seed=[0-9]*//' <<<"${flags[$name]}")
+    [[ $seen == *" $key "* ]] || { warm+=("$name"); seen+="$key "; }
+  done
+
+  local ref="--mode=ref_stats --config=configs/cifar10.py:small $d $ev"
+  if [ -n "${TEACHER:-}" ]; then
+    log "teacher: given, $TEACHER"
+  else
+    train_teacher "$qat" "$ref" "${warm[@]}" || return 1
+  fi
   for name in "${names[@]}"; do start_job "$name" $qat ${flags[$name]}; done
   log "QAT: ${names[*]}"
-  python3 benchmarks/study_tools.py export "$JOBS/fp" "$JOBS/teacher" >>"$JOBS/study.out" 2>&1 &&
-    log "teacher: exported to $JOBS/teacher"
+  if [ -z "${TEACHER:-}" ]; then
+    python3 benchmarks/study_tools.py export "$JOBS/fp" "$JOBS/teacher" >>"$JOBS/study.out" 2>&1 &&
+      log "teacher: exported to $JOBS/teacher"
+  fi
 
   local evaluating=0 alive
   while true; do
@@ -145,7 +163,7 @@ run_study() {
   mkdir -p "$JOBS/results"
   for name in fp "${names[@]}"; do
     cp "$JOBS/eval-$name/metrics.json" "$JOBS/results/eval-$name.json"
-    cp "$JOBS/$name/logs/metrics.jsonl" "$JOBS/results/train-$name.jsonl"
+    [ -f "$JOBS/$name/logs/metrics.jsonl" ] && cp "$JOBS/$name/logs/metrics.jsonl" "$JOBS/results/train-$name.jsonl"
     python3 benchmarks/study_tools.py grid "$JOBS/eval-$name/eval_samples.npz" \
       "$JOBS/results/eval-$name.png" 32 >>"$JOBS/study.out" 2>&1 &
   done
@@ -177,6 +195,8 @@ main() {
     start)
       : "${DATA:?DATA: the image folder (train/<class>/*.jpg)}" "${INC:?INC: the FID Inception .npz}"
       [ -d "$DATA/train" ] || { echo "DATA: no folder $DATA/train" >&2; exit 2; }
+      [ -z "${TEACHER:-}" ] || [ -f "$TEACHER/model.json" ] ||
+        { echo "TEACHER: $TEACHER is no exported teacher (no model.json)" >&2; exit 2; }
       [ -f "$JOBS/t0" ] && { echo "a study already runs in $JOBS"; exit 1; }
       setsid nohup bash "$SELF" run >"$JOBS/study.out" 2>&1 </dev/null &
       sleep 1 && echo "study started in $JOBS"

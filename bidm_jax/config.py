@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
       inception_weights="",
       reference="",
       keep_samples=False,
+      samples="",  # an .npz of uint8 samples to evaluate instead of sampling a model
       num_reference=0,
       pr_reference=50_000,
       progress_bar=True,

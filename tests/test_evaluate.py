@@ -56,6 +56,7 @@ METRIC_KEYS = {
     "seconds_metrics",
     "use_ema",
     "samples_file",
+    "samples",
     "notes",
     "clip_x0",
     "dynamic_threshold",
@@ -226,6 +227,47 @@ def test_second_evaluation_keeps_samples(run):
   assert m["mean_image_std"] == pytest.approx(expected["mean_image_std"])
   with open(run["workdir2"] / eval_lib.METRICS_FILE) as f:
     assert set(json.load(f)) == METRIC_KEYS
+
+
+def test_a_samples_file_scores_as_its_sampling_did(run, tmp_path):
+  """eval.samples: the kept samples, read back, give the sampling run's metrics; the sampling
+  fields are None and no model is loaded (the checkpoint points nowhere)."""
+  kept = run["workdir2"] / eval_lib.SAMPLES_FILE
+  config = make_config(
+      run["weights"], num_samples=6, samples=str(kept), reference=str(run["reference"])
+  )
+  config.sampling.checkpoint = str(tmp_path / "no-model")
+  m = eval_lib.evaluate(config, str(tmp_path / "work"))
+  for key in ("fid", "sfid", "precision", "recall", "saturated_fraction", "mean_image_std"):
+    assert m[key] == pytest.approx(run["metrics2"][key], rel=1e-6, abs=1e-9), key
+  assert m["samples"] == str(kept) and run["metrics2"]["samples"] is None
+  assert m["num_samples"] == 6 and m["samples_file"] is None
+  for key in ("sampler", "steps", "method", "checkpoint", "checkpoint_step", "seed"):
+    assert m[key] is None, key
+  with open(tmp_path / "work" / eval_lib.METRICS_FILE) as f:
+    assert set(json.load(f)) == METRIC_KEYS
+
+
+def test_a_bad_samples_file_is_one_clear_error(run, tmp_path):
+  data = run["config"].data
+  images = np.zeros((5, 8, 8, 1), np.uint8)
+  np.savez(tmp_path / "ok.npz", arr_0=images)  # the guided-diffusion key
+  assert eval_lib.load_samples(str(tmp_path / "ok.npz"), 4, data).shape == (4, 8, 8, 1)
+  np.savez(tmp_path / "rgb.npz", images=np.zeros((5, 8, 8, 3), np.uint8))
+  np.savez(tmp_path / "float.npz", images=images.astype(np.float32))
+  np.savez(tmp_path / "other.npz", x=images)
+  (tmp_path / "junk.npz").write_bytes(b"not a zip")
+  cases = {
+      "missing.npz": "does not exist",
+      "rgb.npz": r"uint8 \(5, 8, 8, 3\); expected uint8 \(N, 8, 8, 1\)",
+      "float.npz": "is float32",
+      "other.npz": r"no 'images' or 'arr_0' array \(it has \['x'\]\)",
+      "junk.npz": "not a readable .npz",
+      "ok.npz": "holds 5 images, eval.num_samples asks for 6",
+  }
+  for name, message in cases.items():
+    with pytest.raises(ValueError, match=message):
+      eval_lib.load_samples(str(tmp_path / name), 6 if name == "ok.npz" else 4, data)
 
 
 def test_mismatching_description_errors(run):
