@@ -143,8 +143,10 @@ def forward_flops(model, config) -> float:
   return costs["flops"] + 2.0 * costs["bops"]
 
 
-def bench_train_step(config, method_name: str, batch: int, args, rate: float) -> float:
-  """Times one QAT/FP train step; returns the median seconds."""
+def train_step_setup(config, method_name: str, batch: int):
+  """The un-jitted train step of `method_name` on `config`'s model and its inputs on the
+  devices: (config, model, method, step_fn, (state, images, key, teacher_params)); random
+  parameters (the QAT model initialised from a random FP teacher) and random images."""
   c = config.copy_and_resolve_references()
   c.binarization.method = method_name
   method = config_lib.method_from_config(c)
@@ -164,9 +166,15 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
       jax.random.uniform(key, builders.image_shape(c, batch), jnp.float32, -1, 1),
       NamedSharding(mesh, P("data")),
   )
-  step = jax.jit(
-      train_lib.make_train_step(c, model, builders.make_schedule(c), tx, teacher), donate_argnums=0
-  )
+  step_fn = train_lib.make_train_step(c, model, builders.make_schedule(c), tx, teacher)
+  return c, model, method, step_fn, (state, images, key, teacher_params)
+
+
+def bench_train_step(config, method_name: str, batch: int, args, rate: float) -> float:
+  """Times one QAT/FP train step; returns the median seconds."""
+  c, model, method, step_fn, inputs = train_step_setup(config, method_name, batch)
+  state, images, key, teacher_params = inputs
+  step = jax.jit(step_fn, donate_argnums=0)
   start = time.perf_counter()
   compiled = step.lower(state, images, key, teacher_params).compile()
   compile_s = time.perf_counter() - start

@@ -75,15 +75,17 @@ train_teacher() {  # QAT_FLAGS REF_FLAGS WARM_RUNS...: the FP teacher, capped; w
       for name in "${warm[@]}"; do start_job "warm-$name" $qat ${flags[$name]}; done
     fi
     for name in "${warm[@]}"; do  # its first metrics row: the step is compiled and cached
-      if running "warm-$name" && [ -s "$JOBS/warm-$name/logs/metrics.jsonl" ]; then
-        kill -9 "$(cat "$JOBS/warm-$name.pid")" && log "warm-up $name: compiled"
+      if [ ! -f "$JOBS/warm-$name.compiled" ] && [ -s "$JOBS/warm-$name/logs/metrics.jsonl" ]; then
+        touch "$JOBS/warm-$name.compiled" && log "warm-up $name: compiled, stopping"
+        kill -TERM "$(cat "$JOBS/warm-$name.pid")"  # saves and exits, as the runs do
       fi
     done
     sleep 3
   done
   running fp && log "teacher: cap reached" && $G stop fp >>"$JOBS/study.out"
-  for name in "${warm[@]}"; do
-    running "warm-$name" && kill -9 "$(cat "$JOBS/warm-$name.pid")" && log "warm-up $name: cut"
+  for name in "${warm[@]}"; do  # still compiling: its step never ran
+    [ ! -f "$JOBS/warm-$name.compiled" ] && running "warm-$name" &&
+      kill -9 "$(cat "$JOBS/warm-$name.pid")" && log "warm-up $name: cut"
   done
   log "teacher: step $(saved_steps fp | tail -1): $(tail -n1 "$JOBS/fp/logs/metrics.jsonl")"
   [ -n "$(saved_steps fp)" ] || { log "FAILED: no teacher checkpoint"; touch "$JOBS/done"; return 1; }

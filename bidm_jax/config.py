@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = dict(
       num_samples=50_000,
       batch_size=500,
+      inception_batch_size=250,  # at most this many images per Inception call (1,000: 15 GiB)
       inception_weights="",
       reference="",
       keep_samples=False,
@@ -334,6 +335,11 @@ def validate(config) -> None:
       f"must be >= 4 (precision/recall use k=3 neighbours), got {ev.num_samples}",
   )
   need(ev.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {ev.batch_size}")
+  need(
+      ev.inception_batch_size >= 1,
+      "eval.inception_batch_size",
+      f"must be >= 1, got {ev.inception_batch_size}",
+  )
   need(
       ev.num_reference >= 0,
       "eval.num_reference",

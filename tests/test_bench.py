@@ -138,3 +138,41 @@ def test_peak_memory_is_unknown_when_the_analysis_reads_zero(monkeypatch):
   assert bench.compiled_peak_gib(compiled(3 * 2**30)) == 3.0
   monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
   assert bench.compiled_peak_gib(compiled(3 * 2**30)) is None
+
+
+def test_second_start_export_path_matches_jit(tmp_path):
+  """benchmarks/second_start.py's two paths on a small step with optax state (pytree types an
+  export cannot serialize itself): the export is written once, read back by the second start,
+  and computes what the jitted step does."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import second_start
+
+  tx = optax.adam(1e-2)
+
+  def step_fn(state, images, key, teacher_params):
+    params, opt_state = state
+    noise = jax.random.normal(key, images.shape)
+
+    def loss_fn(p):
+      return jnp.mean((images * p["w"] + p["b"] - noise - teacher_params) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+  def inputs():
+    params = {"w": jnp.ones((3,)), "b": jnp.zeros((3,))}
+    images = jnp.linspace(-1, 1, 24).reshape(2, 4, 3)
+    return ((params, tx.init(params)), images, jax.random.PRNGKey(1), jnp.float32(0.5))
+
+  expected = second_start.run_jit(step_fn, inputs())
+  cold = second_start.run_export(step_fn, inputs(), str(tmp_path))
+  second = second_start.run_export(step_fn, inputs(), str(tmp_path))
+  assert (tmp_path / second_start.EXPORT_FILE).exists()
+  assert {"export_s", "serialize_s"} <= set(cold) and "load_s" not in cold
+  assert "load_s" in second and "export_s" not in second
+  assert cold["loss"] == second["loss"] == expected["loss"]
+  assert expected["loss"] > 0 and set(expected) == {"trace_s", "lower_s", "compile_s", "loss"}

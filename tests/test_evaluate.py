@@ -11,12 +11,15 @@ FIDs are smoke values: finite, not meaningful.
 from __future__ import annotations
 
 import json
+import lzma
 import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
@@ -27,7 +30,7 @@ from bidm_jax.evaluation import inception_weights
 from bidm_jax.evaluation import ref_stats as ref_stats_lib
 from bidm_jax.evaluation.metrics import FeatureStats, image_health
 from bidm_jax.training import checkpoint as ckpt_lib
-from helpers import random_params
+from helpers import export_teacher, random_params, tiny_config
 
 METRIC_KEYS = {
     "fid",
@@ -229,12 +232,18 @@ def test_second_evaluation_keeps_samples(run):
     assert set(json.load(f)) == METRIC_KEYS
 
 
-def test_a_samples_file_scores_as_its_sampling_did(run, tmp_path):
-  """eval.samples: the kept samples, read back, give the sampling run's metrics; the sampling
-  fields are None and no model is loaded (the checkpoint points nowhere)."""
+@pytest.mark.parametrize("inception_batch", [250, 4])
+def test_a_samples_file_scores_as_its_sampling_did(run, tmp_path, inception_batch):
+  """eval.samples: the kept samples, read back, give the sampling run's metrics, also through
+  Inception calls of another size (4 of the 8 a batch); the sampling fields are None and no
+  model is loaded (the checkpoint points nowhere)."""
   kept = run["workdir2"] / eval_lib.SAMPLES_FILE
   config = make_config(
-      run["weights"], num_samples=6, samples=str(kept), reference=str(run["reference"])
+      run["weights"],
+      num_samples=6,
+      samples=str(kept),
+      reference=str(run["reference"]),
+      inception_batch_size=inception_batch,
   )
   config.sampling.checkpoint = str(tmp_path / "no-model")
   m = eval_lib.evaluate(config, str(tmp_path / "work"))
@@ -246,6 +255,11 @@ def test_a_samples_file_scores_as_its_sampling_did(run, tmp_path):
     assert m[key] is None, key
   with open(tmp_path / "work" / eval_lib.METRICS_FILE) as f:
     assert set(json.load(f)) == METRIC_KEYS
+
+
+def test_inception_batch_size_is_validated(inception_weights):
+  with pytest.raises(ValueError, match="eval.inception_batch_size: must be >= 1, got 0"):
+    make_config(inception_weights, inception_batch_size=0)
 
 
 def test_a_bad_samples_file_is_one_clear_error(run, tmp_path):
@@ -345,12 +359,50 @@ def test_reference_without_health_still_loads(run, tmp_path):
   assert any("no image health" in n for n in m["notes"])
 
 
-def test_study_tools_compare_a_reference_with_itself(run, capsys):
+def _study_tools():
   sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-  import study_tools
+  import study_tools  # pylint: disable=import-outside-toplevel
 
-  study_tools.compare(str(run["reference"]), str(run["reference"]))
+  return study_tools
+
+
+def test_study_tools_compare_a_reference_with_itself(run, capsys):
+  _study_tools().compare(str(run["reference"]), str(run["reference"]))
   result = json.loads(capsys.readouterr().out)
   assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3  # rank-deficient: 24 images
   assert result["precision"] == result["recall"] == 1.0
   assert result["a"] == result["b"] and result["a"]["count"] == NUM_REFERENCE
+
+
+def test_pack_round_trips_an_npz_bit_for_bit_and_a_teacher_in_bfloat16(tmp_path):
+  """study_tools pack/unpack (how the study's files fit a GPU call): an .npz comes back with the
+  same arrays, bit for bit; an exported teacher packed in bfloat16 comes back as an export whose
+  float32 parameters are the bfloat16-rounded originals; a truncated file is refused."""
+  tools = _study_tools()
+  rng = np.random.default_rng(0)
+  arrays = {"w": rng.normal(size=(3, 5, 7)).astype(np.float16), "i": np.arange(6, dtype=np.int32)}
+  np.savez(tmp_path / "a.npz", **arrays)
+  tools.pack(str(tmp_path / "a.npz"), str(tmp_path / "a.xz"))
+  tools.unpack(str(tmp_path / "a.xz"), str(tmp_path / "b.npz"))
+  back = np.load(tmp_path / "b.npz")
+  assert sorted(back.files) == sorted(arrays)
+  for k, a in arrays.items():
+    assert back[k].dtype == a.dtype and back[k].tobytes() == a.tobytes(), k
+
+  teacher = export_teacher(tiny_config("fp"), tmp_path / "teacher")
+  tools.pack(teacher, str(tmp_path / "t.xz"), "bfloat16")
+  tools.unpack(str(tmp_path / "t.xz"), str(tmp_path / "back"))
+  original, meta = ckpt_lib.load_params(teacher)
+  restored, meta_back = ckpt_lib.load_params(tmp_path / "back")
+  assert meta_back["model"] == meta["model"]
+  flat = traverse_util.flatten_dict(original, sep="/")
+  flat_back = traverse_util.flatten_dict(restored, sep="/")
+  assert flat.keys() == flat_back.keys()
+  for k, a in flat.items():
+    expected = np.asarray(a).astype(jnp.bfloat16).astype(np.float32)
+    assert flat_back[k].dtype == np.float32 and np.array_equal(flat_back[k], expected), k
+
+  data = (tmp_path / "a.xz").read_bytes()
+  (tmp_path / "cut.xz").write_bytes(lzma.compress(lzma.decompress(data)[:-8]))
+  with pytest.raises(SystemExit, match="truncated at array"):
+    tools.unpack(str(tmp_path / "cut.xz"), str(tmp_path / "c.npz"))

@@ -37,7 +37,7 @@ from bidm_jax import config as config_lib
 from bidm_jax import sampling
 from bidm_jax.data.preprocess import to_uint8
 from bidm_jax.evaluation import ref_stats as ref_stats_lib
-from bidm_jax.evaluation.featurizer import get_featurizer
+from bidm_jax.evaluation.featurizer import get_featurizer, inception_batch_size
 from bidm_jax.evaluation.inception import SPATIAL_DIM
 from bidm_jax.evaluation.inception_weights import inception_weights_file
 from bidm_jax.evaluation.metrics import (
@@ -65,7 +65,8 @@ def evaluate(config, workdir: str) -> dict:
   against the config's model and binarization method. Samples are drawn with
   config.sampling's sampler, steps and eta in batches of config.eval.batch_size (rounded up to
   the device count), seeded by config.seed (`sampling.sample_batches`); each batch is
-  quantised to uint8, as saved images would be, and featurised at once. The reference is
+  quantised to uint8, as saved images would be, and featurised at once, in Inception calls
+  of at most config.eval.inception_batch_size images. The reference is
   config.eval.reference (else <workdir>/reference_stats.npz), computed from config.data first
   when the file is missing; a reference written by ref_stats must describe config.data.
   With config.eval.samples, the first num_samples images of that file (`load_samples`) are
@@ -110,7 +111,7 @@ def evaluate(config, workdir: str) -> dict:
     )
 
   reference, _ = ref_stats_lib.load_or_compute(config, workdir, weights, allow_external=True)
-  featurizer = get_featurizer(weights, e.batch_size)
+  featurizer = get_featurizer(weights, inception_batch_size(e))
 
   spatial = FeatureStats(SPATIAL_DIM)
   health = ImageHealth()

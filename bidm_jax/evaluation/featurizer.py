@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bidm_jax.evaluation import inception_weights
 from bidm_jax.evaluation.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, InceptionV3
 
-__all__ = ["Featurizer", "get_featurizer", "to_rgb"]
+__all__ = ["Featurizer", "get_featurizer", "inception_batch_size", "to_rgb"]
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -69,6 +69,12 @@ class Featurizer:
         dims["logits"] = NUM_CLASSES
       return {k: np.zeros((0, d), np.float32) for k, d in dims.items()}
     return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def inception_batch_size(eval_config) -> int:
+  """Images per Inception call for config.eval: its batch, at most inception_batch_size (the
+  network's activations at 299x299 take about 15 GiB for 1,000 images)."""
+  return min(eval_config.batch_size, eval_config.inception_batch_size)
 
 
 _FEATURIZERS: dict[tuple, Featurizer] = {}

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from bidm_jax import config as config_lib
 from bidm_jax import data as data_lib
-from bidm_jax.evaluation.featurizer import Featurizer, get_featurizer
+from bidm_jax.evaluation.featurizer import Featurizer, get_featurizer, inception_batch_size
 from bidm_jax.evaluation.inception import POOL_DIM, SPATIAL_DIM
 from bidm_jax.evaluation.inception_weights import inception_weights_file
 from bidm_jax.evaluation.metrics import HEALTH_KEYS, FeatureStats, ImageHealth
@@ -298,7 +298,7 @@ def load_or_compute(
       )
     return ref, True
   description = _expected_description(config, need_count=True)
-  featurizer = get_featurizer(weights, config.eval.batch_size)
+  featurizer = get_featurizer(weights, inception_batch_size(config.eval))
   ref, skipped = _compute_reference(config, featurizer, weights.name, path, description)
   if jax.process_index() == 0:
     _write_reference(ref, path, skipped)
