@@ -19,7 +19,8 @@
 # exported teacher folder, e.g. one kept from an earlier session: no teacher is trained, the runs
 # start at once and the teacher is evaluated as given), JOBS (work
 # folder, /tmp/study), FP_STEPS (15939), FP_CAP (470), QAT_STEPS (8000), QAT_CAP (1330), CK
-# (checkpoint interval, 1000), RUNS (a file of "name flags..." lines; default below), EXTRA
+# (checkpoint interval, 1000), EVAL_AT_ONCE (evaluations at a time, 4: the runs' first seed is
+# scored before the second starts), RUNS (a file of "name flags..." lines; default below), EXTRA
 # (flags added to every command, e.g. a tiny model for a dry run on a CPU).
 # Start CUDA MPS first on an NVIDIA GPU (`benchmarks/gpu_jobs.sh mps`). The results are
 # $JOBS/results.tar.gz: every evaluation's metrics.json and a 32-sample grid, the training logs;
@@ -32,7 +33,7 @@ cd "$(dirname "$SELF")/.."
 export JOBS=${JOBS:-/tmp/study} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2
 FP_STEPS=${FP_STEPS:-15939} FP_CAP=${FP_CAP:-470} QAT_STEPS=${QAT_STEPS:-8000}
-QAT_CAP=${QAT_CAP:-1330} CK=${CK:-1000} EXTRA=${EXTRA:-}
+QAT_CAP=${QAT_CAP:-1330} CK=${CK:-1000} EVAL_AT_ONCE=${EVAL_AT_ONCE:-4} EXTRA=${EXTRA:-}
 G="bash benchmarks/gpu_jobs.sh"
 mkdir -p "$JOBS"
 
@@ -156,7 +157,13 @@ run_study() {
     sleep 5
   done
   [ $evaluating = 0 ] && start_job eval-fp $fp_eval
-  for name in "${names[@]}"; do
+  local busy
+  for name in "${names[@]}"; do  # in the runs' order, so a cut-off study has whole seeds
+    while busy=$(for n in fp "${names[@]}"; do running "eval-$n" && echo; done | wc -l) &&
+      [ "$busy" -ge "$EVAL_AT_ONCE" ]; do
+      sleep 3
+    done
+    log "evaluation $name: start"
     start_job "eval-$name" --mode=evaluate $qat ${flags[$name]} $ev \
       --config.sampling.checkpoint="$JOBS/$name" --config.sampling.checkpoint_step="$step" \
       --config.eval.num_samples=5000
@@ -188,6 +195,13 @@ watch() {
     [ "$n" = study ] && continue
     echo "$n: $(tail -n1 "$JOBS/$n/logs/metrics.jsonl" 2>/dev/null | cut -c1-200)"
     grep -h -E "Error|Traceback" "$f" | tail -2
+  done
+  for f in "$JOBS"/eval-*/metrics.json; do  # the figures, should no file come back
+    [ -f "$f" ] && python3 -c 'import json, sys
+m = json.load(open(sys.argv[1]))
+keys = ("fid", "sfid", "precision", "recall", "saturated_fraction", "mean_image_std")
+print(sys.argv[2], "step", m["checkpoint_step"], *(f"{k} {m[k]:.4g}" for k in keys))' \
+      "$f" "$(basename "$(dirname "$f")")"
   done
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 }
