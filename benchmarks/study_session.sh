@@ -53,6 +53,11 @@ EOF
 elapsed() { echo $(($(date +%s) - $(cat "$JOBS/t0"))); }
 log() { echo "[$(elapsed)s] $*" >>"$JOBS/study.log"; }
 running() { $G running "$1"; }
+evaluations_running() {  # NAMES...: how many of their evaluations run now
+  local name count=0
+  for name in "$@"; do running "eval-$name" && count=$((count + 1)); done
+  echo $count
+}
 saved_steps() { ls "$JOBS/$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n; }
 start_job() { $G start "$@" $EXTRA >>"$JOBS/study.out"; }
 start_reference() {  # once, as soon as the Inception weights are there
@@ -157,12 +162,8 @@ run_study() {
     sleep 5
   done
   [ $evaluating = 0 ] && start_job eval-fp $fp_eval
-  local busy
   for name in "${names[@]}"; do  # in the runs' order, so a cut-off study has whole seeds
-    while busy=$(for n in fp "${names[@]}"; do running "eval-$n" && echo; done | wc -l) &&
-      [ "$busy" -ge "$EVAL_AT_ONCE" ]; do
-      sleep 3
-    done
+    while [ "$(evaluations_running fp "${names[@]}")" -ge "$EVAL_AT_ONCE" ]; do sleep 3; done
     log "evaluation $name: start"
     start_job "eval-$name" --mode=evaluate $qat ${flags[$name]} $ev \
       --config.sampling.checkpoint="$JOBS/$name" --config.sampling.checkpoint_step="$step" \
@@ -196,13 +197,12 @@ watch() {
     echo "$n: $(tail -n1 "$JOBS/$n/logs/metrics.jsonl" 2>/dev/null | cut -c1-200)"
     grep -h -E "Error|Traceback" "$f" | tail -2
   done
-  for f in "$JOBS"/eval-*/metrics.json; do  # the figures, should no file come back
-    [ -f "$f" ] && python3 -c 'import json, sys
-m = json.load(open(sys.argv[1]))
+  python3 -c 'import glob, json, os, sys  # the figures, should no file come back
 keys = ("fid", "sfid", "precision", "recall", "saturated_fraction", "mean_image_std")
-print(sys.argv[2], "step", m["checkpoint_step"], *(f"{k} {m[k]:.4g}" for k in keys))' \
-      "$f" "$(basename "$(dirname "$f")")"
-  done
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "eval-*", "metrics.json"))):
+  m = json.load(open(f))
+  print(os.path.basename(os.path.dirname(f)), "step", m["checkpoint_step"],
+        *(f"{k} {m[k]:.4g}" for k in keys))' "$JOBS"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 }
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import lzma
 import sys
@@ -69,40 +68,41 @@ def pack(source: str, packed: str, dtype: str = "") -> None:
     arrays, model = traverse_util.flatten_dict(params, sep="/"), meta["model"]
   else:
     arrays = dict(np.load(source))
-  if dtype:
-    arrays = {
-        k: a.astype(jnp.dtype(dtype)) if a.dtype.kind == "f" else a for k, a in arrays.items()
-    }
-  arrays = {k: np.asarray(a) for k, a in arrays.items()}
-  header = {"arrays": [(k, a.dtype.name, a.shape) for k, a in arrays.items()], "model": model}
+  stored = {
+      k: a.astype(jnp.dtype(dtype)) if dtype and a.dtype.kind == "f" else a
+      for k, a in arrays.items()
+  }
+  header = {
+      "arrays": [(k, stored[k].dtype.name, a.shape, a.dtype.name) for k, a in arrays.items()],
+      "model": model,
+  }
   with lzma.open(packed, "wb", preset=9 | lzma.PRESET_EXTREME) as f:
     f.write(json.dumps(header).encode() + b"\n")
-    for a in arrays.values():
+    for a in stored.values():
       planes = np.ascontiguousarray(a).reshape(-1).view(np.uint8).reshape(-1, a.dtype.itemsize)
       f.write(np.ascontiguousarray(planes.T).tobytes())
   print(f"packed {len(arrays)} arrays of {source} into {packed}")
 
 
 def unpack(packed: str, target: str) -> None:
-  """The inverse of `pack`: an .npz with the same arrays, bit for bit, or an exported folder
-  (its float arrays as float32) when `packed` came from one."""
+  """The inverse of `pack`: the same arrays in their own dtypes (bit for bit unless `pack`
+  rounded them), as an exported folder when `packed` came from one, else as an .npz."""
   arrays = {}
   with lzma.open(packed, "rb") as f:
     header = json.loads(f.readline())
-    for name, dtype, shape in header["arrays"]:
+    for name, dtype, shape, original in header["arrays"]:
       dtype = jnp.dtype(dtype)
       size = int(np.prod(shape)) * dtype.itemsize
       planes = np.frombuffer(f.read(size), np.uint8)
       if planes.size != size:
         sys.exit(f"{packed}: truncated at array {name}")
-      arrays[name] = planes.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(shape)
+      a = planes.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(shape)
+      arrays[name] = a.astype(jnp.dtype(original))
   if header["model"] is not None:
-    params = {k: a.astype(np.float32) if a.dtype.kind in "fV" else a for k, a in arrays.items()}
-    ckpt_lib.export_params(target, traverse_util.unflatten_dict(params, sep="/"), header["model"])
+    ckpt_lib.export_params(target, traverse_util.unflatten_dict(arrays, sep="/"), header["model"])
   else:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    Path(target + ".part").write_bytes(buffer.getvalue())
+    with open(target + ".part", "wb") as f:
+      np.savez(f, **arrays)
     Path(target + ".part").rename(target)
   print(f"unpacked {len(arrays)} arrays of {packed} into {target}")
 
