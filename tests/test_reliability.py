@@ -508,6 +508,34 @@ def test_ctrl_c_saves_and_a_second_run_is_refused(tmp_path, env):
   assert not (workdir / ckpt_lib.LOCK).exists()
 
 
+def test_closed_loop_callbacks_of_a_failing_read_are_dropped(monkeypatch):
+  """A TensorStore completion that reports 'Event loop is closed' while a checkpoint read is
+  still failing (before the failure reaches the reader's handler) prints nothing; any other
+  error of such a callback still reaches the previous unraisable hook."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+  seen = []
+  monkeypatch.setattr("sys.unraisablehook", lambda u: seen.append(str(u.exc_value)))
+
+  def complete_with(message):
+    promise, future = ts.Promise.new()
+
+    def callback(_):
+      raise RuntimeError(message)
+
+    future.add_done_callback(callback)
+    promise.set_result(0)
+
+  def failing_read():
+    complete_with("Event loop is closed")
+    raise ValueError("OUT_OF_RANGE")
+
+  with pytest.raises(ckpt_lib.DamagedCheckpoint, match="its state cannot be read"):
+    ckpt_lib._read("state", failing_read)  # pylint: disable=protected-access
+  complete_with("another callback error")
+  assert seen == ["another callback error"]
+
+
 def test_non_finite_ema_counts_as_divergence():
   """A train step whose loss and gradient are finite but whose EMA is not (an inf carried in
   the EMA tree): metrics['finite'] is False and params, EMA and optimizer keep their values."""

@@ -226,10 +226,10 @@ def _quiet_orbax():
 
 
 def _read(what: str, fn: Callable[[], Any]):
+  _ignore_closed_loop_callbacks()
   try:
     return fn()
   except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
-    _ignore_closed_loop_callbacks()
     raise DamagedCheckpoint(f"its {what} cannot be read ({_brief(e)})") from None
 
 
@@ -238,8 +238,9 @@ def _ignore_closed_loop_callbacks() -> None:
 
   When one array of a damaged checkpoint fails, Orbax closes its asyncio loop while TensorStore
   still completes the other reads; each completion then reports a RuntimeError through
-  sys.unraisablehook, thousands of tracebacks after the failure has been handled. Installed on
-  the first failed read; every other unraisable error still reaches the previous hook.
+  sys.unraisablehook, some before the failure reaches our handler and thousands after it.
+  Installed before the first read (installing it on failure loses that race, as a CI run
+  showed); every other unraisable error still reaches the previous hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_bidm_closed_loop_filter", False):
