@@ -72,6 +72,18 @@ def parse_value(text: str):
     return text
 
 
+def apply_sets(config, items: list[str]):
+  """`config` with each --set FIELD=VALUE applied (a dotted field, a `parse_value` value)."""
+  for item in items:
+    key, _, value = item.partition("=")
+    *groups, field = key.split(".")
+    node = config
+    for g in groups:
+      node = node[g]
+    node[field] = parse_value(value)
+  return config
+
+
 def base_config(args, variant: str):
   """configs/cifar10.py:<variant> with the folder data and the evaluation fields."""
   c = config_lib.load_config_file(f"{CONFIG_FILE}:{variant}")
@@ -88,14 +100,7 @@ def base_config(args, variant: str):
       pr_reference=args.eval_samples,
       progress_bar=False,
   )
-  for item in args.set:
-    key, _, value = item.partition("=")
-    *groups, field = key.split(".")
-    node = c
-    for g in groups:
-      node = node[g]
-    node[field] = parse_value(value)
-  return c
+  return apply_sets(c, args.set)
 
 
 def teacher_path(args) -> str:

@@ -60,3 +60,40 @@ def test_eval_steps_must_be_checkpoint_steps(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     cifar_reduced.main()
   assert "--eval_steps: 3000 is not a checkpoint step" in capsys.readouterr().err
+
+
+def test_digits_study_spread_is_over_seeds():
+  """digits_study.summarize: per run, the mean and half-range over its seeds of each figure,
+  and of its difference to XNOR's figure of the same seed (only seeds both have)."""
+  import digits_study  # pylint: disable=import-outside-toplevel
+
+  records = {
+      f"{run}-s{seed}": dict(
+          run=run, seed=seed, digits_fd=fd, digits_fd_not_clipped=2 * fd, loss_dm=0.1
+      )
+      for run, seed, fd in (("xnor", 0, 6.0), ("xnor", 1, 8.0), ("bidm", 0, 5.0))
+  }
+  runs = digits_study.summarize(records)
+  assert runs["xnor"]["digits_fd"] == dict(mean=7.0, half_range=1.0, n=2)
+  assert runs["xnor"]["digits_fd_not_clipped"] == dict(mean=14.0, half_range=2.0, n=2)
+  assert runs["bidm"]["digits_fd"] == dict(mean=5.0, half_range=0.0, n=1)
+  assert runs["bidm"]["digits_fd_minus_xnor"] == dict(mean=-1.0, half_range=0.0, n=1)
+  assert "digits_fd_minus_xnor" not in runs["xnor"]
+
+
+def test_digits_study_end_to_end(tmp_path):
+  """The smoke variant: a teacher and one W1A1 run, each scored clipped and not, the run's
+  difference to XNOR (itself: none) absent; an unknown run name is one error."""
+  import digits_study  # pylint: disable=import-outside-toplevel
+
+  argv = ["--workdir", str(tmp_path), "--runs", "xnor", "--seeds", "0", "--variant", "smoke"]
+  results = digits_study.main([*argv, "--eval_samples", "16"])
+  record = results["records"]["xnor-s0"]
+  assert record["method"] == "xnor" and record["steps"] == 10
+  assert results["records"]["fp"]["method"] == "fp"
+  for r in results["records"].values():
+    assert 0 < r["digits_fd"] < 1e3 and 0 < r["digits_fd_not_clipped"] < 1e3
+  assert results["runs"]["xnor"]["digits_fd"]["mean"] == record["digits_fd"]
+  assert (tmp_path / "samples.png").exists() and (tmp_path / "xnor-s0.json").exists()
+  with pytest.raises(SystemExit, match="unknown run"):
+    digits_study.main([*argv[:2], "--runs", "xnr"])
