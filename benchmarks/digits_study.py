@@ -50,7 +50,9 @@ def base_config(args):
   """configs/digits.py[:variant] with --set applied."""
   config = config_lib.load_config_file(CONFIG_FILE + (f":{args.variant}" if args.variant else ""))
   config.training.progress_bar = False
-  return apply_sets(config, args.set)
+  config = apply_sets(config, args.set)
+  config.sampling.update(clip_x0=True, dynamic_threshold=0.0)  # judged clipped and not
+  return config
 
 
 def stage_config(args, run: str, seed: int):
@@ -68,7 +70,6 @@ def stage_config(args, run: str, seed: int):
   )
   c.binarization.update(RUNS[run])
   c.seed = seed
-  config_lib.validate(c)
   return c
 
 
@@ -91,23 +92,11 @@ def train_and_score(args, judge: DigitsJudge, run: str, seed: int) -> dict:
       device=str(jax.devices()[0].device_kind),
       date=datetime.date.today().isoformat(),
   )
-  for clip in (True, False):
-    c = config.copy_and_resolve_references()
-    c.sampling.update(clip_x0=clip, dynamic_threshold=0.0)
-    images, _ = sampling.generate(
-        c,
-        model,
-        summary["state"].ema_params,
-        args.eval_samples,
-        seed=args.sample_seed,
-        progress_bar=False,
-    )
-    scores = judge.evaluate(images)
-    suffix = "" if clip else "_not_clipped"
-    record[f"digits_fd{suffix}"] = scores["digits_fd"]
-    record[f"classifier_confidence{suffix}"] = scores["classifier_confidence"]
-    if clip:
-      np.save(os.path.join(workdir, "grid.npy"), images[:GRID_IMAGES])
+  scores, plain, images, _ = demo.judge_samples(
+      config, model, summary["state"].ema_params, judge, args.eval_samples, args.sample_seed
+  )
+  record.update(scores, **{f"{k}_not_clipped": v for k, v in plain.items()})
+  np.save(os.path.join(workdir, "grid.npy"), images[:GRID_IMAGES])
   return record
 
 

@@ -69,6 +69,21 @@ def final_losses(summary: dict, workdir: str) -> dict:
   return {k: rows[-1].get(k) for k in ("loss", "loss_dm")}
 
 
+def judge_samples(config, model, params, judge: DigitsJudge, num: int, seed: int):
+  """Samples `num` images with config's sampler and judges them; when that sampler clips or
+  thresholds x0, also judges the same noise sampled without either (the paper's sampler).
+
+  Returns (scores, plain scores or None, images (num, H, W, C) in [-1, 1], images/s).
+  """
+  images, rate = sampling.generate(config, model, params, num, seed=seed)
+  plain = None
+  if config.sampling.clip_x0 or config.sampling.dynamic_threshold:
+    plain_cfg = config.copy_and_resolve_references()
+    plain_cfg.sampling.update(clip_x0=False, dynamic_threshold=0.0)
+    plain = judge.evaluate(sampling.generate(plain_cfg, model, params, num, seed=seed)[0])
+  return judge.evaluate(images), plain, images, rate
+
+
 def run_pipeline(config, workdir: str) -> dict:
   """Runs the demo end to end and returns the report (also written to workdir/report.json)."""
   config_lib.validate(config)
@@ -99,25 +114,17 @@ def run_pipeline(config, workdir: str) -> dict:
     losses = final_losses(summary, stage_dir)
     method = config_lib.method_from_config(cfg)
     model = builders.make_model(cfg, method)
-    images, rate = sampling.generate(
-        cfg, model, summary["state"].ema_params, p.eval_samples, seed=cfg.seed + 1
+    scores, plain, images, rate = judge_samples(
+        cfg, model, summary["state"].ema_params, judge, p.eval_samples, cfg.seed + 1
     )
     costs = count_costs(model, shape)
-    plain = {}
-    if cfg.sampling.clip_x0 or cfg.sampling.dynamic_threshold:
-      plain_cfg = cfg.copy_and_resolve_references()
-      plain_cfg.sampling.update(clip_x0=False, dynamic_threshold=0.0)
-      plain_images, _ = sampling.generate(
-          plain_cfg, model, summary["state"].ema_params, p.eval_samples, seed=cfg.seed + 1
-      )
-      plain = {"digits_fd_unprocessed_x0": judge.evaluate(plain_images)["digits_fd"]}
     report[name] = dict(
         method=method.name,
         training_steps=summary["step"],
         final_loss=losses["loss"],
         final_loss_dm=losses["loss_dm"],
-        **judge.evaluate(images),
-        **plain,
+        **scores,
+        **({"digits_fd_unprocessed_x0": plain["digits_fd"]} if plain else {}),
         sampler=sampler_description(cfg.sampling),
         param_bytes=costs["size_mb"] * 2**20,
         params=costs["params"],
