@@ -15,8 +15,9 @@ run):
   export second   read and deserialize DIR/step.export, lower `Exported.call`, load from the cache
 Each prints one JSON line (figure `second_start`, with path, run, the seconds of each part,
 `start_s` their sum, and the loss of one call on the same inputs); a last line compares the
-losses (`same_loss`). The step is exported on flat lists of arrays, since an export serializes
-only registered pytree types (optax's states are not). Serializing needs `flatbuffers`.
+losses (`same_loss` and their `relative_spread`; above 1e-6 the script fails). The step is
+exported on flat lists of arrays, since an export serializes only registered pytree types
+(optax's states are not). Serializing needs `flatbuffers`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ import bench
 EXPORT_FILE = "step.export"
 TREES_FILE = "step.trees"
 RUNS = (("jit", "cold"), ("jit", "second"), ("export", "cold"), ("export", "second"))
+LOSS_TOLERANCE = 1e-6
+"""Relative spread of the four losses above which the script fails. On the H200 the exported
+step compiles to another program than the jitted one and its loss differs in the last bits
+(docs/benchmarks.md)."""
 
 
 def timed(fn, *args):
@@ -137,10 +142,11 @@ def main() -> None:
   for row in rows:
     bench.emit(args, "second_start", row.pop("start_s"), "s", **row)
   losses = {f"{row['path']} {row['run']}": row["loss"] for row in rows}
-  same = len(set(losses.values())) == 1
-  bench.emit(args, "second_start_same_loss", same, "bool", losses=losses)
-  if not same:
-    sys.exit(f"the exported step's loss differs from the jitted one's: {losses}")
+  spread = (max(losses.values()) - min(losses.values())) / abs(losses["jit cold"])
+  same = spread == 0
+  bench.emit(args, "second_start_same_loss", same, "bool", losses=losses, relative_spread=spread)
+  if spread > LOSS_TOLERANCE:
+    sys.exit(f"the four runs' losses differ by more than float rounding: {losses}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from PIL import Image
 
 import helpers as H
 from bidm_jax import builders
@@ -262,30 +261,6 @@ def test_loader_says_what_it_found(tmp_path):
     ckpt_lib.load_params(tmp_path / "other", model)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"found nothing \(no such path\)"):
     ckpt_lib.load_params(tmp_path / "missing", model)
-
-
-@pytest.mark.slow
-def test_demo_pipeline(tmp_path, env):
-  """`--mode=pipeline` on the digits smoke config (tiny model): FP training, BiDM QAT from it,
-  sampling, report.json with the per-model entries and samples.png."""
-  proc = H.run(H.cli_args(tmp_path, "pipeline", *H.TINY_FLAGS), env, timeout=500)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads((tmp_path / "report.json").read_text())
-  assert H.last_json(proc.stdout)["fp"] == report["fp"]
-  for name, method in (("fp", "fp"), ("bidm", "bidm")):
-    entry = report[name]
-    assert entry["method"] == method and entry["training_steps"] == 10
-    for key in ("final_loss", "digits_fd", "param_bytes"):
-      assert np.isfinite(entry[key]) and entry[key] > 0, (name, key, entry[key])
-    assert json.loads((tmp_path / "timing.json").read_text())[f"{name}_sampling_images_per_s"] > 0
-  assert report["bidm"]["param_bytes"] < report["fp"]["param_bytes"] / 5
-  assert report["size_ratio"] > 5
-  with Image.open(tmp_path / "samples.png") as img:
-    img.verify()
-  with Image.open(tmp_path / "samples.png") as img:
-    assert img.format == "PNG" and img.width > 8 * 8 and img.height > 2 * 8
-  for stage in ("fp", "bidm"):
-    assert H.checkpoint_steps(tmp_path / stage)[-1] == 10
 
 
 def test_load_config_file_reads_variants_like_the_flag():

@@ -9,41 +9,65 @@ import os
 import numpy as np
 
 import pytest
+from PIL import Image
 
 import helpers as H
 
 
-def _pipeline(workdir, env):
+def _pipeline(workdir, env, cache="off"):
   proc = H.run(
-      H.cli_args(workdir, "pipeline", *H.TINY_FLAGS, "--config.compilation_cache=off"),
+      H.cli_args(workdir, "pipeline", *H.TINY_FLAGS, f"--config.compilation_cache={cache}"),
       env,
       timeout=500,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return (workdir / "report.json").read_bytes()
+  return proc
+
+
+def _check_outputs(workdir, proc):
+  """FP training, BiDM QAT from it, sampling: report.json's per-model entries (also the last
+  stdout line), timing.json, samples.png and each stage's last checkpoint."""
+  report = json.loads((workdir / "report.json").read_text())
+  assert H.last_json(proc.stdout)["fp"] == report["fp"]
+  timing = json.loads((workdir / "timing.json").read_text())
+  assert "wall_time_s" in timing
+  for name in ("fp", "bidm"):
+    entry = report[name]
+    assert entry["method"] == name and entry["training_steps"] == 10
+    for key in ("final_loss", "digits_fd", "param_bytes"):
+      assert np.isfinite(entry[key]) and entry[key] > 0, (name, key, entry[key])
+    assert entry["sampler"] == "ddim 5 steps, x0 clipped to [-1, 1]"
+    assert entry["digits_fd_unprocessed_x0"] != entry["digits_fd"]
+    assert timing[f"{name}_sampling_images_per_s"] > 0
+    assert H.checkpoint_steps(workdir / name)[-1] == 10
+  assert report["bidm"]["param_bytes"] < report["fp"]["param_bytes"] / 5
+  assert report["size_ratio"] > 5
+  baselines = report["digits_fd_baselines"]
+  assert 0 < 5 * baselines["real_digits"] < baselines["uniform_noise"]  # 32 samples: 6.2, 71
+  with Image.open(workdir / "samples.png") as img:
+    img.verify()
+  with Image.open(workdir / "samples.png") as img:
+    assert img.format == "PNG" and img.width > 8 * 8 and img.height > 2 * 8
 
 
 @pytest.mark.slow
 def test_pipeline_report_is_bit_identical_across_thread_counts_and_reruns(tmp_path):
   """NPROC sets the size of XLA:CPU's intra-op thread pool, which is what a busy or a smaller
   machine changes. With YNNPACK's reductions (jaxlib's default), one thread and two give other
-  sums in the last bits, and the W1A1 stage turns them into other losses and samples. Each run
-  compiles for itself (no shared compilation cache). The rerun trains nothing and must write
-  the same report, final losses included."""
+  sums in the last bits, and the W1A1 stage turns them into other losses and samples. The two
+  runs compile for themselves (no shared compilation cache). The rerun, which loads its
+  programs from the first run's cache, trains nothing and must write the same report, final
+  losses included."""
   env = H.subprocess_env(None)
-  two = _pipeline(tmp_path / "two", dict(env, NPROC="2"))
-  one = _pipeline(tmp_path / "one", dict(env, NPROC="1"))
-  assert one == two
-  report = json.loads(two)
-  for name in ("fp", "bidm"):
-    assert report[name]["final_loss"] is not None and report[name]["training_steps"] == 10
-    assert report[name]["sampler"] == "ddim 5 steps, x0 clipped to [-1, 1]"
-    assert report[name]["digits_fd_unprocessed_x0"] != report[name]["digits_fd"]
-  baselines = report["digits_fd_baselines"]
-  assert 0 < 5 * baselines["real_digits"] < baselines["uniform_noise"]  # 32 samples: 6.2, 71
-  assert "wall_time_s" in json.loads((tmp_path / "two" / "timing.json").read_text())
+  cache = tmp_path / "cache"
+  proc = _pipeline(tmp_path / "two", dict(env, NPROC="2"), cache)
+  _check_outputs(tmp_path / "two", proc)
+  two = (tmp_path / "two" / "report.json").read_bytes()
+  _pipeline(tmp_path / "one", dict(env, NPROC="1"))
+  assert (tmp_path / "one" / "report.json").read_bytes() == two
   before = os.stat(tmp_path / "two" / "bidm" / "logs" / "metrics.jsonl").st_mtime_ns
-  assert _pipeline(tmp_path / "two", dict(env, NPROC="2")) == two
+  _pipeline(tmp_path / "two", dict(env, NPROC="2"), cache)
+  assert (tmp_path / "two" / "report.json").read_bytes() == two
   assert os.stat(tmp_path / "two" / "bidm" / "logs" / "metrics.jsonl").st_mtime_ns == before
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import helpers as H
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import cifar_reduced  # noqa: E402
 
@@ -87,7 +89,8 @@ def test_digits_study_end_to_end(tmp_path):
   import digits_study  # pylint: disable=import-outside-toplevel
 
   argv = ["--workdir", str(tmp_path), "--runs", "xnor", "--seeds", "0", "--variant", "smoke"]
-  results = digits_study.main([*argv, "--eval_samples", "16"])
+  micro = [f"{k}={v}" for k, v in H.MICRO_OVERRIDES.items()]  # compiled in this process
+  results = digits_study.main([*argv, "--eval_samples", "16", "--set", *micro])
   record = results["records"]["xnor-s0"]
   assert record["method"] == "xnor" and record["steps"] == 10
   assert results["records"]["fp"]["method"] == "fp"
