@@ -36,7 +36,6 @@ import numpy as np
 from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import demo
-from bidm_jax import sampling
 from bidm_jax.evaluation.digits import DigitsJudge
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_labelled_rows
@@ -86,6 +85,7 @@ def train_and_score(args, judge: DigitsJudge, run: str, seed: int) -> dict:
       seed=seed,
       method=config.binarization.method,
       binarization={k: config.binarization[k] for k in sorted(RUNS.get(run, {}))},
+      overrides=list(args.set),
       steps=summary["step"],
       **demo.final_losses(summary, workdir),
       train_s=train_s,
