@@ -20,7 +20,7 @@ from bidm_jax.layers.packed import ALL_IMPLS as PACKED_IMPLS
 from bidm_jax.models.autoencoders import PRESETS as FIRST_STAGE_PRESETS
 from bidm_jax.models.ldm_unet import LDM4, LDMUNetConfig
 from bidm_jax.models.ldm_unet import PRESETS as LDM_PRESETS
-from bidm_jax.models.unet import DISTILL_POINTS, TBS_STRUCTURES
+from bidm_jax.models.unet import DISTILL_POINTS, TBS_STRUCTURES, release_tbs_error
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
@@ -375,11 +375,8 @@ def _validate_ddpm(config, need) -> None:
       f"{size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(m.ch_mult) - 1)}",
   )
   _need_connections(config, need, len(m.ch_mult) * (m.num_res_blocks + 1))
-  need(
-      config.tbs.structure != "release" or len(m.ch_mult) >= 2,
-      "tbs.structure",
-      "'release' blends upsample outputs: model.ch_mult needs at least 2 levels",
-  )
+  release_error = release_tbs_error(m.ch_mult, m.attn_resolutions, size)
+  need(config.tbs.structure != "release" or not release_error, "tbs.structure", release_error)
 
 
 def _validate_ldm(config, need) -> None:

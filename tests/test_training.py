@@ -181,8 +181,8 @@ import json, sys
 import helpers as H
 from bidm_jax.training import train as T
 root, n = sys.argv[1], int(sys.argv[2])
-teacher = H.export_teacher(H.tiny_config("fp"), root + "/teacher")
-cfg = lambda steps: H.tiny_config("bidm", teacher=teacher, steps=steps, log_every=1,
+teacher = H.export_teacher(H.tiny_config("fp", micro=True), root + "/teacher")
+cfg = lambda steps: H.tiny_config("bidm", micro=True, teacher=teacher, steps=steps, log_every=1,
                                   checkpoint_every=1000)
 out = {}
 out["split_1"] = T.train(cfg(n), root + "/split")
@@ -339,6 +339,13 @@ def test_release_spd_points_and_tbs_structure_in_the_loss():
   config.tbs.structure, config.model.ch_mult = "release", (1,)
   with pytest.raises(ValueError, match="at least 2 levels"):
     config_lib.validate(config)
+  # the demo's U-Net: attention at level 0 (32 wide), up_1_upsample entering it 64 wide
+  config.model.update(ch_mult=(1, 2), attn_resolutions=(8,))
+  with pytest.raises(ValueError, match="tbs.structure.*widths must be equal"):
+    config_lib.validate(config)
+  model = builders.make_model(config, method)
+  with pytest.raises(ValueError, match="level 0's attention outputs .* widths must be equal"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))
 
 
 def test_profile_traces_the_chosen_steps(tmp_path):

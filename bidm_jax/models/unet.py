@@ -52,6 +52,20 @@ def check_distill_points(points: str) -> None:
     raise ValueError(f"distill_points must be one of {DISTILL_POINTS}, got {points!r}")
 
 
+def release_tbs_error(ch_mult: Sequence[int], attn_resolutions: Sequence[int], side: int) -> str:
+  """Why the 'release' TBS cannot run on this U-Net ('' if it can): it blends the attention
+  outputs of level i < 2 with the upsample entering level i, so both need the same width."""
+  if len(ch_mult) < 2:
+    return "'release' blends upsample outputs: ch_mult needs at least 2 levels"
+  for i in range(min(RELEASE_TBS_LEVELS, len(ch_mult) - 1)):
+    if side // 2 ** i in attn_resolutions and ch_mult[i] != ch_mult[i + 1]:
+      return (
+          f"'release' blends level {i}'s attention outputs (ch_mult {ch_mult[i]}) with "
+          f"up_{i + 1}_upsample (ch_mult {ch_mult[i + 1]}): their widths must be equal"
+      )
+  return ""
+
+
 class UNetOutput(NamedTuple):
   """The noise prediction and the U-Net's feature points, each set by name.
 
@@ -242,6 +256,10 @@ class UNet(nn.Module):
       raise ValueError(f"tbs_structure must be one of {TBS_STRUCTURES}, got {self.tbs_structure!r}")
     check_distill_points(self.distill_points)
     release = self.tbs_structure == "release"
+    if release and self.num_connections:
+      error = release_tbs_error(self.ch_mult, self.attn_resolutions, x.shape[1])
+      if error:
+        raise ValueError(error)
     if not release and self.num_connections > self.num_decoder_blocks:
       raise ValueError(
           f"tbs_connections={self.tbs_connections} exceeds the "
