@@ -2,7 +2,7 @@
 
 One protocol for every run, the demo's (`configs/digits.py`, docs/results.md states it):
   1. the FP teacher: the demo's FP stage (pipeline.fp_steps at pipeline.fp_learning_rate),
-     trained once in <workdir>/fp;
+     trained once in <workdir>/fp, or another study's with `--teacher` (for sweeps of --set);
   2. W1A1 QAT of each run of `--runs` (the names of benchmarks/cifar_reduced.py: methods, and
      BiDM's parts on XNOR), once per seed of `--seeds`, from that teacher with the demo's QAT
      recipe (pipeline.qat_steps at pipeline.qat_learning_rate; `--set` overrides any config
@@ -15,7 +15,8 @@ One protocol for every run, the demo's (`configs/digits.py`, docs/results.md sta
       --runs xnor xnor+tbs xnor+spd bidm --seeds 0 1 2
 
 Everything runs in this process, one stage after another; a stage whose record exists is
-skipped, so a rerun continues where an interrupted one stopped. Writes <workdir>/<run>-s<seed>.json
+skipped, so a rerun continues where an interrupted one stopped (a record of other --set
+overrides is refused). Writes <workdir>/<run>-s<seed>.json
 per model, <workdir>/results.json (every record; per run the mean and half-range over its
 seeds, also of its score minus XNOR's of the same seed) and <workdir>/samples.png (the first
 clipped samples of each model).
@@ -54,6 +55,11 @@ def base_config(args):
   return config
 
 
+def teacher_dir(args) -> str:
+  """The FP teacher's workdir: --teacher, else <workdir>/fp (trained there when missing)."""
+  return args.teacher or os.path.join(args.workdir, "fp")
+
+
 def stage_config(args, run: str, seed: int):
   """The config of one stage: 'fp' (the teacher) or a run of RUNS with its seed."""
   config = base_config(args)
@@ -65,7 +71,7 @@ def stage_config(args, run: str, seed: int):
       RUNS[run]["method"],
       p.qat_steps,
       p.qat_learning_rate,
-      teacher=os.path.join(args.workdir, "fp"),
+      teacher=teacher_dir(args),
   )
   c.binarization.update(RUNS[run])
   c.seed = seed
@@ -98,6 +104,18 @@ def train_and_score(args, judge: DigitsJudge, run: str, seed: int) -> dict:
   record.update(scores, **{f"{k}_not_clipped": v for k, v in plain.items()})
   np.save(os.path.join(workdir, "grid.npy"), images[:GRID_IMAGES])
   return record
+
+
+def check_overrides(args, record: str) -> None:
+  """Refuses to reuse a stage record that was trained with other --set overrides."""
+  if os.path.exists(record):
+    with open(record) as f:
+      kept = json.load(f).get("overrides", [])
+    if kept != list(args.set):
+      raise SystemExit(
+          f"digits_study: {record} was trained with --set {kept}, not {list(args.set)};"
+          " use another --workdir (and --teacher to share the FP model)"
+      )
 
 
 def spread(values: list[float]) -> dict:
@@ -138,6 +156,11 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--sample_seed", type=int, default=1)
   parser.add_argument("--variant", default="", help="configs/digits.py variant ('smoke')")
   parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+  parser.add_argument(
+      "--teacher",
+      default="",
+      help="an FP workdir (e.g. another study's <workdir>/fp) to start from instead of training one",
+  )
   return parser
 
 
@@ -148,10 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
     raise SystemExit(f"digits_study: unknown run(s) {unknown}; valid: {sorted(RUNS)}")
   start = time.perf_counter()
   judge = DigitsJudge(0)
-  jobs = [("fp", 0)] + [(run, seed) for seed in args.seeds for run in args.runs]
+  if args.teacher and not os.path.isdir(args.teacher):
+    raise SystemExit(f"digits_study: --teacher {args.teacher} is not a directory")
+  jobs = [] if args.teacher else [("fp", 0)]
+  jobs += [(run, seed) for seed in args.seeds for run in args.runs]
   records = {}
   for run, seed in jobs:
     name = "fp" if run == "fp" else f"{run}-s{seed}"
+    check_overrides(args, os.path.join(args.workdir, f"{name}.json"))
     records[name] = stage(
         name,
         os.path.join(args.workdir, f"{name}.json"),

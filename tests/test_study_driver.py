@@ -100,3 +100,7 @@ def test_digits_study_end_to_end(tmp_path):
   assert (tmp_path / "samples.png").exists() and (tmp_path / "xnor-s0.json").exists()
   with pytest.raises(SystemExit, match="unknown run"):
     digits_study.main([*argv[:2], "--runs", "xnr"])
+  with pytest.raises(SystemExit, match=r"fp.json was trained with --set \["):
+    digits_study.main([*argv, "--set", *micro, "tbs.init=0.5"])
+  with pytest.raises(SystemExit, match="--teacher .* is not a directory"):
+    digits_study.main([*argv, "--teacher", str(tmp_path / "none")])
