@@ -16,7 +16,7 @@ import helpers as H
 
 def _pipeline(workdir, env, cache="off"):
   proc = H.run(
-      H.cli_args(workdir, "pipeline", *H.TINY_FLAGS, f"--config.compilation_cache={cache}"),
+      H.cli_args(workdir, "pipeline", *H.MICRO_FLAGS, f"--config.compilation_cache={cache}"),
       env,
       timeout=500,
   )
@@ -36,12 +36,13 @@ def _check_outputs(workdir, proc):
     assert entry["method"] == name and entry["training_steps"] == 10
     for key in ("final_loss", "digits_fd", "param_bytes"):
       assert np.isfinite(entry[key]) and entry[key] > 0, (name, key, entry[key])
-    assert entry["sampler"] == "ddim 5 steps, x0 clipped to [-1, 1]"
+    assert entry["sampler"] == "ddim 3 steps, x0 clipped to [-1, 1]"
     assert entry["digits_fd_unprocessed_x0"] != entry["digits_fd"]
     assert timing[f"{name}_sampling_images_per_s"] > 0
     assert H.checkpoint_steps(workdir / name)[-1] == 10
-  assert report["bidm"]["param_bytes"] < report["fp"]["param_bytes"] / 5
-  assert report["size_ratio"] > 5
+  ratio = report["fp"]["param_bytes"] / report["bidm"]["param_bytes"]
+  assert 4 < ratio < 5  # the micro U-Net's first and last convs stay FP: 4.4x (the demo: 7.3x)
+  assert report["size_ratio"] == pytest.approx(ratio, rel=0.01)
   baselines = report["digits_fd_baselines"]
   assert 0 < 5 * baselines["real_digits"] < baselines["uniform_noise"]  # 32 samples: 6.2, 71
   with Image.open(workdir / "samples.png") as img:

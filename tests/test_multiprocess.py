@@ -17,7 +17,7 @@ import pytest
 import helpers as H
 
 FLAGS = [
-    *H.TINY_FLAGS,
+    *H.MICRO_FLAGS,
     "--config.binarization.method=fp",
     "--config.training.log_every=5",
     "--config.training.checkpoint_every=1000",

@@ -2,9 +2,9 @@
 lock: the training loop's failure behaviour.
 
 Every run here is a subprocess (signals, exit codes) sharing the session's compilation cache.
-The QAT runs compile the same step as the demo pipeline's QAT stage (tiny config, 10 steps);
-the CLI signal tests run a long FP schedule (1000 steps) that they stop early; the damaged-
-checkpoint tests copy one tiny FP run (8 steps, stopped at 6) and damage its checkpoints.
+The QAT runs train the micro U-Net (one level: preemption and divergence do not depend on the
+model); the CLI signal tests run a long FP schedule (1000 steps) that they stop early; the
+damaged-checkpoint tests copy one tiny FP run (8 steps, stopped at 6) and damage its checkpoints.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ import json, sys
 import helpers as H
 from bidm_jax.training import train as T
 root, n = sys.argv[1], int(sys.argv[2])
-teacher = H.export_teacher(H.tiny_config("fp"), root + "/teacher")
-cfg = H.tiny_config("bidm", teacher=teacher, log_every=1, checkpoint_every=4)
+teacher = H.export_teacher(H.tiny_config("fp", micro=True), root + "/teacher")
+cfg = H.tiny_config("bidm", micro=True, teacher=teacher, log_every=1, checkpoint_every=4)
 out = {}
 # SIGTERM arrives while the n-th batch is read: the run saves step n and returns
 out["first"] = T.train(cfg, root + "/run", data_iterator=H.scripted_data(cfg, sigterm_after=n))
@@ -150,8 +150,8 @@ import sys
 import helpers as H
 from bidm_jax.training import train as T
 root, k, flags = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-teacher = H.export_teacher(H.tiny_config("fp"), root + "/teacher")
-cfg = H.tiny_config("bidm", teacher=teacher, checkpoint_every=2, log_every=3)
+teacher = H.export_teacher(H.tiny_config("fp", micro=True), root + "/teacher")
+cfg = H.tiny_config("bidm", micro=True, teacher=teacher, checkpoint_every=2, log_every=3)
 # the reference: the same run stopped (preempted) after k good steps
 T.train(cfg, root + "/reference", data_iterator=H.scripted_data(cfg, sigterm_after=k))
 # the library: train() raises TrainingDiverged
@@ -178,7 +178,11 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, env):
   saved after it, and checkpoint 4 holds finite parameters equal, bit for bit, to those of the
   same run stopped cleanly after 4 steps."""
   k = 4
-  flags = [*H.QAT_FLAGS, "--config.training.checkpoint_every=2", "--config.training.log_every=3"]
+  flags = [
+      *H.MICRO_QAT_FLAGS,
+      "--config.training.checkpoint_every=2",
+      "--config.training.log_every=3",
+  ]
   proc = H.run([H.PYTHON, "-c", NAN, str(tmp_path), str(k), *flags], env, timeout=400)
   assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr[-3000:]}"
   expected = [

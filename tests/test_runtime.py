@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import helpers as H
 from bidm_jax import runtime
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,6 +44,7 @@ def _train(workdir, cache, steps=2):
           "--config.binarization.method=fp",
           f"--config.training.steps={steps}",
           f"--config.compilation_cache={cache}",
+          *H.MICRO_FLAGS,
       ],
       cwd=REPO,
       capture_output=True,
