@@ -31,12 +31,12 @@ import os
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax import demo
+from bidm_jax import runtime
 from bidm_jax.evaluation.digits import DigitsJudge
 from bidm_jax.training import train as train_lib
 from bidm_jax.training.logging import save_labelled_rows
@@ -95,7 +95,7 @@ def train_and_score(args, judge: DigitsJudge, run: str, seed: int) -> dict:
       steps=summary["step"],
       **demo.final_losses(summary, workdir),
       train_s=train_s,
-      device=str(jax.devices()[0].device_kind),
+      **runtime.host_description(),
       date=datetime.date.today().isoformat(),
   )
   scores, plain, images, _ = demo.judge_samples(

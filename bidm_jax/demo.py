@@ -20,6 +20,7 @@ import jax
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
+from bidm_jax import runtime
 from bidm_jax import sampling
 from bidm_jax.binarize.methods import FP
 from bidm_jax.evaluation.digits import DigitsJudge
@@ -146,11 +147,7 @@ def run_pipeline(config, workdir: str) -> dict:
       "uniform-noise images as there are samples."
   )
   report["digits_fd_baselines"] = judge.baselines(p.eval_samples, config.seed)
-  timing.update(
-      wall_time_s=time.perf_counter() - start,
-      device=str(jax.devices()[0].device_kind),
-      cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-  )
+  timing.update(wall_time_s=time.perf_counter() - start, **runtime.host_description())
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "report.json"), report)
     files.write_json(os.path.join(workdir, "timing.json"), timing)

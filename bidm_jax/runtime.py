@@ -8,6 +8,7 @@ compiling them again (40-110 s each for the CIFAR-10 U-Net on a GPU).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 import jax
@@ -42,3 +43,23 @@ def enable_compilation_cache(setting: str) -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.info("persistent compilation cache: %s", path)
   return path
+
+
+def host_description() -> dict:
+  """What a result's bits may depend on beyond the code: the device kind, the CPU model (XLA:CPU
+  compiles for the host's instruction set), the usable cores, jax/jaxlib and XLA_FLAGS. W1A1
+  training turns a last-bit difference into another model, so records name the machine."""
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+  except OSError:
+    pass
+  return dict(
+      device=str(jax.devices()[0].device_kind),
+      cpu_model=cpu,
+      cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      jax=jax.__version__,
+      jaxlib=importlib.metadata.version("jaxlib"),
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+  )

@@ -30,7 +30,7 @@ def _check_outputs(workdir, proc):
   report = json.loads((workdir / "report.json").read_text())
   assert H.last_json(proc.stdout)["fp"] == report["fp"]
   timing = json.loads((workdir / "timing.json").read_text())
-  assert "wall_time_s" in timing
+  assert "wall_time_s" in timing and timing["device"] == "cpu" and "cpu_model" in timing
   for name in ("fp", "bidm"):
     entry = report[name]
     assert entry["method"] == name and entry["training_steps"] == 10

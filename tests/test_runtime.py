@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import helpers as H
@@ -31,6 +32,15 @@ def test_unwritable_cache_dir_is_a_warning_not_an_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   assert runtime.enable_compilation_cache(str(blocker / "xla")) is None
+
+
+def test_host_description_names_what_the_bits_depend_on(monkeypatch):
+  jax.devices()  # the backend reads XLA_FLAGS once, at its start (it aborts on unknown flags)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_example=1")
+  host = runtime.host_description()
+  assert host["device"] == "cpu" and host["cpus"] >= 1 and host["xla_flags"] == "--xla_example=1"
+  assert host["jax"] == jax.__version__ and host["jaxlib"].count(".") >= 2
+  assert isinstance(host["cpu_model"], str)
 
 
 def _train(workdir, cache, steps=2):

@@ -93,6 +93,7 @@ def test_digits_study_end_to_end(tmp_path):
   results = digits_study.main([*argv, "--eval_samples", "16", "--set", *micro])
   record = results["records"]["xnor-s0"]
   assert record["method"] == "xnor" and record["steps"] == 10 and record["overrides"] == micro
+  assert record["device"] == "cpu" and "cpu_model" in record and "xla_flags" in record
   assert results["records"]["fp"]["method"] == "fp"
   for r in results["records"].values():
     assert 0 < r["digits_fd"] < 1e3 and 0 < r["digits_fd_not_clipped"] < 1e3
