@@ -20,7 +20,8 @@
 # start at once and the teacher is evaluated as given), JOBS (work
 # folder, /tmp/study), FP_STEPS (15939), FP_CAP (470), QAT_STEPS (8000), QAT_CAP (1330), CK
 # (checkpoint interval, 1000), EVAL_AT_ONCE (evaluations at a time, 4: the runs' first seed is
-# scored before the second starts), RUNS (a file of "name flags..." lines; default below), EXTRA
+# scored before the second starts), SEEDS (of the default runs, "0 1"), RUNS (a file of
+# "name flags..." lines; default: Table 3's four variants per seed), EXTRA
 # (flags added to every command, e.g. a tiny model for a dry run on a CPU).
 # Start CUDA MPS first on an NVIDIA GPU (`benchmarks/gpu_jobs.sh mps`). The results are
 # $JOBS/results.tar.gz: every evaluation's metrics.json and a 32-sample grid, the training logs;
@@ -34,13 +35,14 @@ export JOBS=${JOBS:-/tmp/study} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHO
 export XLA_PYTHON_CLIENT_PREALLOCATE=false OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2
 FP_STEPS=${FP_STEPS:-15939} FP_CAP=${FP_CAP:-470} QAT_STEPS=${QAT_STEPS:-8000}
 QAT_CAP=${QAT_CAP:-1330} CK=${CK:-1000} EVAL_AT_ONCE=${EVAL_AT_ONCE:-4} EXTRA=${EXTRA:-}
+SEEDS=${SEEDS:-0 1}
 G="bash benchmarks/gpu_jobs.sh"
 mkdir -p "$JOBS"
 
-default_runs() {  # Table 3: two seeds of each
+default_runs() {  # Table 3: each variant once per seed of SEEDS
   local tbs="--config.binarization.learnable_k=True --config.binarization.cross_timestep=True"
   local m="--config.binarization.method" seed
-  for seed in 0 1; do
+  for seed in $SEEDS; do
     cat <<EOF
 xnor-s$seed $m=xnor --config.seed=$seed
 xnor+tbs-s$seed $m=xnor $tbs --config.seed=$seed
