@@ -71,14 +71,14 @@ def config_flags(overrides: Mapping[str, Any]) -> list[str]:
 
 
 TINY_FLAGS = config_flags(TINY_OVERRIDES)
-QAT_FLAGS = [
-    *TINY_FLAGS,
+MICRO_FLAGS = config_flags(MICRO_OVERRIDES)
+_QAT_TRAINING = [
     f"--config.training.steps={QAT_STEPS}",
     f"--config.training.learning_rate={QAT_LR}",
 ]
+QAT_FLAGS = [*TINY_FLAGS, *_QAT_TRAINING]
 """Command-line flags giving `tiny_config('bidm')` (teacher aside)."""
-MICRO_FLAGS = config_flags(MICRO_OVERRIDES)
-MICRO_QAT_FLAGS = [*MICRO_FLAGS, *QAT_FLAGS[len(TINY_FLAGS) :]]
+MICRO_QAT_FLAGS = [*MICRO_FLAGS, *_QAT_TRAINING]
 """Command-line flags giving `tiny_config('bidm', micro=True)` (teacher aside)."""
 
 
