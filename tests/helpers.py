@@ -49,8 +49,8 @@ TINY_OVERRIDES: dict[str, Any] = {
     "training.batch_size": 8,
     "sampling.batch_size": 8,
 }
-"""The digits `:smoke` config shrunk for the tests (the `pipeline` test's QAT stage compiles
-the same train step as `tiny_config('bidm', steps=10, learning_rate=1e-3)`)."""
+"""The digits `:smoke` config shrunk for the tests (`QAT_FLAGS` on the command line trains the
+same step as `tiny_config('bidm')` in process)."""
 MICRO_OVERRIDES: dict[str, Any] = {**TINY_OVERRIDES, "model.ch_mult": (1,), "sampling.steps": 3}
 
 QAT_STEPS = 10
