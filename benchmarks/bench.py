@@ -48,17 +48,17 @@ PROFILED_CALLS = 5
 
 
 def emit(args, name: str, value, unit: str, **extra) -> None:
-  """Prints one figure as a JSON line, naming the device and the benchmarked configuration."""
+  """Prints one figure as a JSON line, naming the benchmarked configuration and the machine
+  (`runtime.host_description`: device, CPU, jax, XLA_FLAGS)."""
   print(
       json.dumps(
           dict(
               figure=name,
               value=value,
               unit=unit,
-              device=jax.devices()[0].device_kind,
               backend=jax.default_backend(),
               config=args.config or args.preset,
-              xla_flags=os.environ.get("XLA_FLAGS", ""),
+              **runtime.host_description(),
               compilation_cache=args.compilation_cache or None,
               **extra,
           )
