@@ -11,8 +11,9 @@
 #            writes a stub for it (docs/results.md)
 #   .carry1  cifar-train.tar.xz: train/ of DATA/cifar10-jpeg.tar.xz (15.4 MB)
 #   .carry2  inception.xz: DATA/fid-inception-2015-12-05-fp16.npz, packed losslessly (36.8 MB)
-#   .carry3  teacher.xz: TEACHER (an exported folder), packed in bfloat16 (12.3 MB); only
-#            when TEACHER is given
+#   .carry3  teacher.xz: TEACHER (an exported folder, packed here in bfloat16, 12.3 MB; or
+#            a teacher.xz that a device call returned, copied as it is); only when TEACHER
+#            is given
 set -euo pipefail
 DATA=${1:?usage: prepare_carries.sh DATA [TEACHER]}
 TEACHER=${2:-}
@@ -20,8 +21,8 @@ cd "$(dirname "$0")/.."
 for f in cifar10-jpeg.tar.xz fid-inception-2015-12-05-fp16.npz; do
   [ -f "$DATA/$f" ] || { echo "DATA: no $DATA/$f" >&2; exit 2; }
 done
-[ -z "$TEACHER" ] || [ -f "$TEACHER/model.json" ] ||
-  { echo "TEACHER: $TEACHER is no exported teacher (no model.json)" >&2; exit 2; }
+[ -z "$TEACHER" ] || [ -f "$TEACHER/model.json" ] || [[ -f $TEACHER && $TEACHER == *.xz ]] ||
+  { echo "TEACHER: $TEACHER is neither an exported teacher (no model.json) nor a .xz" >&2; exit 2; }
 exclude=$(git rev-parse --git-path info/exclude)
 for d in .whl .carry1 .carry2 .carry3; do
   grep -qx "/$d/" "$exclude" 2>/dev/null || echo "/$d/" >>"$exclude"
@@ -48,6 +49,10 @@ mv .carry1/cifar-train.tar.xz.part .carry1/cifar-train.tar.xz
 python3 benchmarks/study_tools.py pack "$DATA/fid-inception-2015-12-05-fp16.npz" .carry2/inception.xz
 if [ -n "$TEACHER" ]; then
   mkdir -p .carry3
-  python3 benchmarks/study_tools.py pack "$TEACHER" .carry3/teacher.xz bfloat16
+  if [ -d "$TEACHER" ]; then
+    python3 benchmarks/study_tools.py pack "$TEACHER" .carry3/teacher.xz bfloat16
+  else
+    cp "$TEACHER" .carry3/teacher.xz
+  fi
 fi
 du -cb .whl .carry* | tail -1 | awk '{printf "carries: %.1f MB\n", $1 / 1e6}'

@@ -16,8 +16,9 @@ Subcommands (all workers = every host of the slice, through --worker=all):
                    there and pip install -e the repo with 'jax[tpu]' and gcsfs
   check            all workers: jax.distributed.initialize(); print process index and
                    global/local device counts (proves the slice and install work)
-  prepare-data     worker 0: build TFDS cifar10 as array_record and publish it to
-                   gs://$BUCKET/tfds (installs tensorflow-cpu in a separate venv there)
+  prepare-data     worker 0: build the TFDS dataset $TFDS_DATASET as array_record and
+                   publish it to gs://$BUCKET/tfds (installs tensorflow-cpu in a separate
+                   venv there, and tensorflow-io for LSUN's lmdb archives)
   convert-teacher  copy TEACHER_SOURCE (a downloaded PyTorch DDPM CIFAR-10 checkpoint) to
                    worker 0, convert it (--mode=convert) and upload to $TEACHER_GCS
   train            all workers: start python -m bidm_jax.main --distributed --mode=train
@@ -47,6 +48,8 @@ Settings (environment variables, default in brackets):
   RUN_NAME         run name [from CONFIG: cifar10, or cifar10-fp for configs/cifar10.py:fp]
   WORKDIR          training workdir [gs://$BUCKET/runs/$RUN_NAME]
   DATA_DIR         TFDS data dir [gs://$BUCKET/tfds]
+  TFDS_DATASET     what prepare-data builds [from CONFIG: cifar10, lsun/bedroom for
+                   lsun_bedrooms_ldm4.py, lsun/church_outdoor for lsun_churches_ldm8.py]
   TEACHER          FP teacher for QAT (--config.training.teacher) [none; train refuses a
                    QAT run without one: set TEACHER=$TEACHER_GCS after convert-teacher]
   TEACHER_SOURCE   local PyTorch checkpoint file or folder for convert-teacher
@@ -82,6 +85,7 @@ CONFIG="${CONFIG:-configs/cifar10.py}"
 RUN_NAME="${RUN_NAME:-}"
 WORKDIR="${WORKDIR:-}"
 DATA_DIR="${DATA_DIR:-}"
+TFDS_DATASET="${TFDS_DATASET:-}"
 TEACHER="${TEACHER:-}"
 TEACHER_SOURCE="${TEACHER_SOURCE:-}"
 TEACHER_GCS="${TEACHER_GCS:-}"
@@ -251,13 +255,26 @@ cmd_check() {
   tpu_ssh all "$(remote_env); out=\$(python -c \"import jax; jax.distributed.initialize(); print(jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count())\"); echo \"\$(hostname): process index, process count, devices, local devices: \$out\""
 }
 
+tfds_dataset() {  # sets TFDS_DATASET from CONFIG (the configs' data.name) unless it is set
+  [[ -n $TFDS_DATASET ]] && return 0
+  case "$(basename "${CONFIG%%:*}" .py)" in
+    cifar10) TFDS_DATASET=cifar10 ;;
+    lsun_bedrooms_ldm4) TFDS_DATASET=lsun/bedroom ;;
+    lsun_churches_ldm8) TFDS_DATASET=lsun/church_outdoor ;;
+    ffhq_ldm4) die "CONFIG=$CONFIG reads an image folder (--config.data.source=folder), not TFDS: copy FFHQ to each host or a bucket instead (docs/ldm.md)" ;;
+    *) die "no TFDS dataset known for CONFIG=$CONFIG; set TFDS_DATASET" ;;
+  esac
+}
+
 cmd_prepare_data() {
   bucket_settings
+  tfds_dataset
   [[ $DATA_DIR == gs://* ]] || die "DATA_DIR=$DATA_DIR: prepare-data publishes to a gs:// path"
   # array_record cannot be written straight to GCS: build on worker 0's disk, then publish.
-  local t
+  local t extra=""
   t="$(rpath "$TFDS_VENV")"
-  tpu_ssh 0 "set -euo pipefail; python3 -m pip install --user --quiet --upgrade uv; export PATH=\"\$HOME/.local/bin:\$PATH\"; [ -x $t/bin/python ] || uv venv --quiet --python $(q "$PYTHON_VERSION") $t; uv pip install --quiet --python $t/bin/python tensorflow-cpu tensorflow-datasets; $t/bin/tfds build cifar10 --file_format=array_record --data_dir=\"\$HOME/tensorflow_datasets\" --publish_dir=$(q "$DATA_DIR") --skip_if_published"
+  [[ $TFDS_DATASET == lsun/* ]] && extra=" tensorflow-io"  # TFDS reads LSUN's lmdb through it
+  tpu_ssh 0 "set -euo pipefail; python3 -m pip install --user --quiet --upgrade uv; export PATH=\"\$HOME/.local/bin:\$PATH\"; [ -x $t/bin/python ] || uv venv --quiet --python $(q "$PYTHON_VERSION") $t; uv pip install --quiet --python $t/bin/python tensorflow-cpu tensorflow-datasets$extra; $t/bin/tfds build $(q "$TFDS_DATASET") --file_format=array_record --data_dir=\"\$HOME/tensorflow_datasets\" --publish_dir=$(q "$DATA_DIR") --skip_if_published"
 }
 
 cmd_convert_teacher() {

@@ -1,4 +1,5 @@
-"""benchmarks/bench.py runs its packed-sampling group on the tiny preset and prints its figures."""
+"""benchmarks/bench.py runs its packed-sampling group on the tiny preset and prints its figures;
+benchmarks/open_figures.sh keeps its deadline."""
 
 from __future__ import annotations
 
@@ -176,3 +177,16 @@ def test_second_start_export_path_matches_jit(tmp_path):
   assert "load_s" in second and "export_s" not in second
   assert cold["loss"] == second["loss"] == expected["loss"]
   assert expected["loss"] > 0 and set(expected) == {"trace_s", "lower_s", "compile_s", "loss"}
+
+
+def test_open_figures_keeps_its_deadline(tmp_path):
+  """benchmarks/open_figures.sh starts no command within 10 s of its deadline and says so."""
+  script = Path(__file__).parents[1] / "benchmarks" / "open_figures.sh"
+  r = subprocess.run(
+      ["bash", str(script), str(tmp_path), "5"], capture_output=True, text=True, timeout=60
+  )
+  assert r.returncode == 0, r.stderr
+  log = (tmp_path / "open_figures.log").read_text().splitlines()
+  assert log[0] == "study-steps: not started (deadline)"
+  assert len(log) == 9 and all(line.endswith("not started (deadline)") for line in log[:-1])
+  assert log[-1].startswith("done after ")

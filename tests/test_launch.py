@@ -43,6 +43,7 @@ _SCRIPT_VARS = (
     "RUN_NAME",
     "WORKDIR",
     "DATA_DIR",
+    "TFDS_DATASET",
     "TEACHER",
     "TEACHER_SOURCE",
     "TEACHER_GCS",
@@ -221,6 +222,28 @@ def test_tpu_prepare_data_builds_array_record_and_publishes_to_gcs():
       "tfds build cifar10 --file_format=array_record "
       '--data_dir="$HOME/tensorflow_datasets" --publish_dir=gs://bkt/tfds'
   ) in script
+
+
+def test_tpu_prepare_data_follows_the_config():
+  """The LDM configs' TFDS datasets (LSUN with tensorflow-io for its lmdb archives); FFHQ is
+  an image folder and is refused in one line, as is a config with no known dataset."""
+  for config, name in [
+      ("configs/lsun_bedrooms_ldm4.py", "lsun/bedroom"),
+      ("configs/lsun_churches_ldm8.py:tiny", "lsun/church_outdoor"),
+  ]:
+    (ssh,) = tpu_ok("prepare-data", **dict(BASE, CONFIG=config))
+    script = remote_script(ssh)
+    assert_bash_syntax(script)
+    assert "tensorflow-datasets tensorflow-io;" in script
+    assert f"tfds build {name} --file_format=array_record" in script
+  (ssh,) = tpu_ok("prepare-data", **dict(BASE, CONFIG="configs/x.py", TFDS_DATASET="mnist"))
+  assert "tfds build mnist --file_format" in remote_script(ssh)
+  for config, message in [
+      ("configs/ffhq_ldm4.py", "reads an image folder"),
+      ("configs/x.py", "set TFDS_DATASET"),
+  ]:
+    r = tpu("prepare-data", **dict(BASE, CONFIG=config))
+    assert r.returncode == 2 and message in r.stderr and r.stdout == "", r.stderr
 
 
 def test_tpu_train_command():
