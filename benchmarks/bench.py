@@ -143,10 +143,13 @@ def forward_flops(model, config) -> float:
   return costs["flops"] + 2.0 * costs["bops"]
 
 
-def train_step_setup(config, method_name: str, batch: int):
+def train_step_setup(config, method_name: str, batch: int, replicas: int = 1):
   """The un-jitted train step of `method_name` on `config`'s model and its inputs on the
   devices: (config, model, method, step_fn, (state, images, key, teacher_params)); random
-  parameters (the QAT model initialised from a random FP teacher) and random images."""
+  parameters (the QAT model initialised from a random FP teacher) and random images. With
+  `replicas` > 1 the step is vmapped over that many independent runs (state, images and key
+  stacked on a leading axis, one teacher), as several seeds of one configuration in one
+  program would train."""
   c = config.copy_and_resolve_references()
   c.binarization.method = method_name
   method = config_lib.method_from_config(c)
@@ -161,18 +164,25 @@ def train_step_setup(config, method_name: str, batch: int):
   if teacher_params is not None:
     params = train_lib.overlay_params(params, teacher_params)
     teacher_params = jax.device_put(teacher_params, repl)
-  state = jax.device_put(train_lib.create_state(params, tx), repl)
-  images = jax.device_put(
-      jax.random.uniform(key, builders.image_shape(c, batch), jnp.float32, -1, 1),
-      NamedSharding(mesh, P("data")),
-  )
+  state = train_lib.create_state(params, tx)
+  shape, batch_spec = builders.image_shape(c, batch), P("data")
   step_fn = train_lib.make_train_step(c, model, builders.make_schedule(c), tx, teacher)
+  if replicas > 1:
+    state = jax.tree_util.tree_map(lambda a: jnp.stack([a] * replicas), state)
+    shape, batch_spec = (replicas, *shape), P(None, "data")
+    key = jax.random.split(key, replicas)
+    step_fn = jax.vmap(step_fn, in_axes=(0, 0, 0, None))
+  state = jax.device_put(state, repl)
+  images = jax.device_put(
+      jax.random.uniform(jax.random.PRNGKey(0), shape, jnp.float32, -1, 1),
+      NamedSharding(mesh, batch_spec),
+  )
   return c, model, method, step_fn, (state, images, key, teacher_params)
 
 
 def bench_train_step(config, method_name: str, batch: int, args, rate: float) -> float:
-  """Times one QAT/FP train step; returns the median seconds."""
-  c, model, method, step_fn, inputs = train_step_setup(config, method_name, batch)
+  """Times one QAT/FP train step (of --replicas runs at once); returns the median seconds."""
+  c, model, method, step_fn, inputs = train_step_setup(config, method_name, batch, args.replicas)
   state, images, key, teacher_params = inputs
   step = jax.jit(step_fn, donate_argnums=0)
   start = time.perf_counter()
@@ -184,7 +194,7 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
       + (1 if model.num_connections else 0)
       + (1 if builders.make_distillation(c, method) is not None else 0)
   )
-  flops = passes * batch * forward_flops(model, c)
+  flops = passes * batch * args.replicas * forward_flops(model, c)
   holder = {"state": state}
 
   def call():
@@ -203,6 +213,8 @@ def bench_train_step(config, method_name: str, batch: int, args, rate: float) ->
       sec * 1e3,
       "ms",
       batch=batch,
+      replicas=args.replicas,
+      ms_per_replica=sec * 1e3 / args.replicas,
       dtype=c.model.compute_dtype,
       compile_s=compile_s,
       flops=flops,
@@ -301,6 +313,13 @@ def main():
   )
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--train-batch", type=int, default=64)
+  parser.add_argument(
+      "--replicas",
+      type=int,
+      default=1,
+      help="train steps of this many independent runs in one vmapped program (seeds of one "
+      "configuration); a figure is the time of one such step",
+  )
   parser.add_argument("--sample-batches", type=int, nargs="+", default=[128, 512])
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
@@ -328,6 +347,8 @@ def main():
       "cold compile)",
   )
   args = parser.parse_args()
+  if args.replicas < 1:
+    parser.error(f"--replicas={args.replicas}: give 1 or more")
   if args.compilation_cache:
     args.compilation_cache = runtime.enable_compilation_cache(args.compilation_cache)
   only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark figures that issues 14, 15 and 16 still lack (docs/benchmarks.md), one after
 # another on one GPU, most wanted first: the study's bf16 steps with and without XLA's CUDA
-# graphs, its teacher's step, issue 14's table (full CIFAR-10 model, bf16, batch 64 and 128,
+# graphs and as two seeds in one program (--replicas 2), its teacher's step, issue 14's table (full CIFAR-10 model, bf16, batch 64 and 128,
 # DDIM-100 at batch 512), packed W1A1 sampling at batch 512 (issue 15), and the LDM-4 BiDM step
 # at batch 4 (issue 16). Alone in a one-GPU device call, or on a GPU that a study leaves free
 # (on eight GPUs: `GPUS=7 study_session.sh start`, then
@@ -44,6 +44,7 @@ figures() {  # NAME XLA_FLAGS BENCH_ARGS...
 study="--config=configs/cifar10.py:small --dtype=bfloat16"
 figures study-steps "" $study --only xnor bidm
 figures study-steps-no-cuda-graphs "--xla_gpu_enable_command_buffer=" $study --only xnor bidm
+figures study-steps-2-replicas "" $study --only xnor bidm --replicas 2
 figures study-teacher "" --config=configs/cifar10.py:small_fp --dtype=bfloat16 --only fp --train-batch 256
 figures cifar10-bf16 "" --dtype=bfloat16 --only floor fp xnor bidm
 figures cifar10-bf16-batch128 "" --dtype=bfloat16 --only fp xnor bidm --train-batch 128

@@ -10,7 +10,8 @@
 #   - compiles every distinct QAT step into JAX's persistent cache from the teacher's first
 #     checkpoint while the teacher still trains, so the runs start training at once;
 #   - evaluates every run at the last checkpoint step all of them reached, EMA parameters, x0
-#     clipped (the figures of docs/results.md's Table 3 waves).
+#     clipped (the figures of docs/results.md's Table 3 waves), and measures the eps error by
+#     timestep of the teacher and of every run there (benchmarks/timestep_error.py).
 #
 #   benchmarks/study_session.sh plan            the runs `start` would start and their GPUs
 #   benchmarks/study_session.sh start           the study, detached (logs in $JOBS)
@@ -41,7 +42,8 @@
 #                 before the second [4 per GPU]
 #   EXTRA         flags added to every command, e.g. a tiny model for a dry run on a CPU
 # Start CUDA MPS first on an NVIDIA GPU (`benchmarks/gpu_jobs.sh mps`). The results are
-# $JOBS/results.tar.gz: every evaluation's metrics.json and a 32-sample grid, the training logs;
+# $JOBS/results.tar.gz: every evaluation's metrics.json and a 32-sample grid, the training logs,
+# timestep_error.jsonl;
 # the teacher's EMA parameters are exported to $JOBS/teacher once it stops, and packed in
 # bfloat16 to $JOBS/teacher.xz (about 12 MB: one file a device call can return, for a later
 # session's TEACHER after `study_tools.py unpack`).
@@ -168,6 +170,24 @@ plan() {  # what `start` would run: one line per run, its GPU and flags; the war
   echo "compiled ahead: ${warm[*]}"
 }
 
+timestep_errors() {  # STEP: eps MSE by timestep of the teacher and every run at STEP, in the
+  # background, one process per GPU for the runs placed on it (benchmarks/timestep_error.py)
+  local step=$1 g name teacher=${TEACHER:-$JOBS/teacher} dirs sets
+  sets=$(sed 's/--config\.//g' <<<"$EXTRA")
+  for ((g = 0; g < GPUS; g++)); do
+    dirs=()
+    [ $g = 0 ] && [ -f "$teacher/model.json" ] && dirs+=("$teacher")
+    for name in "${names[@]}"; do [ "${gpu[$name]}" = $g ] && dirs+=("$JOBS/$name"); done
+    [ ${#dirs[@]} -gt 0 ] || continue
+    (
+      [ "$GPUS" -gt 1 ] && export CUDA_VISIBLE_DEVICES=$g
+      python3 benchmarks/timestep_error.py --config=configs/cifar10.py:small --step "$step" \
+        --set data.source=folder data.data_dir="$DATA" data.split=train $sets \
+        --workdirs "${dirs[@]}" >"$JOBS/timestep_error-$g.jsonl" 2>"$JOBS/timestep_error-$g.err"
+    ) &
+  done
+}
+
 run_study() {
   : "${DATA:?DATA: the image folder (train/<class>/*.jpg)}" "${INC:?INC: the FID Inception .npz}"
   date +%s >"$JOBS/t0"
@@ -219,6 +239,7 @@ run_study() {
   for name in "${names[@]}"; do log "QAT $name: saved $(saved_steps "$name" | tr '\n' ' ')"; done
   [ -n "$step" ] || { log "FAILED: no step saved by every run"; touch "$JOBS/done"; return 1; }
   log "evaluations at step $step"
+  timestep_errors "$step"
   while [ ! -f "$JOBS/train_ref.npz" ]; do
     start_reference $ref
     [ -f "$JOBS/ref.pid" ] && ! running ref && { log "FAILED: no reference statistics"; touch "$JOBS/done"; return 1; }
@@ -241,6 +262,7 @@ run_study() {
       "$JOBS/results/eval-$name.png" 32 >>"$JOBS/study.out" 2>&1 &
   done
   wait
+  cat "$JOBS"/timestep_error-*.jsonl >"$JOBS/results/timestep_error.jsonl" 2>/dev/null
   cp "$JOBS"/*.log "$JOBS/results/"
   tar czf "$JOBS/results.tar.gz" -C "$JOBS" results
   log "done"
@@ -276,7 +298,7 @@ collect() {
   local f
   for f in teacher.xz results.tar.gz; do [ -f "$JOBS/$f" ] && cp "$JOBS/$f" "$out/"; done
   (cd "$JOBS" && tar czf "$out/logs.tgz" --ignore-failed-read study.log ./*.log \
-    ./*/logs/metrics.jsonl ./eval-*/metrics.json ./bench 2>/dev/null)
+    ./*/logs/metrics.jsonl ./eval-*/metrics.json ./timestep_error-* ./bench 2>/dev/null)
   ls -l "$out"
 }
 

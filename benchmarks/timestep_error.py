@@ -3,16 +3,22 @@
   python benchmarks/timestep_error.py --config=configs/digits.py \
       --workdirs /tmp/bidm_demo/fp /tmp/bidm_demo/bidm
 
-Each workdir's EMA weights are loaded (its method comes from the checkpoint's metadata). The
-script computes the mean squared error of the eps prediction (one call, no TBS cache) on the
-first `--num_images` images of config.data, noised at each of `--timesteps` with the same noise
-for every model. It prints one JSON line per model. DDIM's x0 estimate divides this error by
-sqrt(alpha_bar_t), so an error at large t costs far more than the loss average shows.
+Each workdir's (or exported folder's) EMA weights are loaded, at `--step` where given and the
+folder is a training workdir (its method comes from the checkpoint's metadata). The script
+computes the mean squared error of the eps prediction on the first `--num_images` images of
+config.data (at most the split's), noised at each of `--timesteps` with the same noise for
+every model. A model with TBS connections predicts as it trains
+(`bidm.tbs.paired_timestep_forward`: first at t + 1 on the same noise, then at t with that
+pass's cache); others in one call. It prints one JSON line per model. DDIM's x0 estimate
+divides this error by sqrt(alpha_bar_t), so an error at large t costs far more than the loss
+average shows. `--set KEY=VALUE` overrides a config field, as `--config.KEY=VALUE` does for
+bidm_jax.main (e.g. `--set data.source=folder`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 
 import jax
@@ -21,10 +27,33 @@ import numpy as np
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
+from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import get_method
 from bidm_jax.data import pipeline as data_lib
 from bidm_jax.diffusion import q_sample
 from bidm_jax.training import checkpoint as ckpt_lib
+
+
+def eps_predictor(model, schedule, x0, noise):
+  """eps_at(params, t) -> (N, H, W, C): the model's eps prediction for x0 noised to t with
+  `noise`, jitted; a TBS model first runs at t + 1 and predicts at t with that pass's cache."""
+  num_t = schedule.num_timesteps
+
+  def apply(p, x, t, cache, rng):
+    return model.apply({"params": p}, x, t, cache=cache)
+
+  @jax.jit
+  def eps_at(params, t):
+    ts = jnp.full((x0.shape[0],), t, jnp.int32)
+    x_t = q_sample(schedule, x0, ts, noise)
+    if not model.num_connections:
+      return apply(params, x_t, ts, None, None).eps
+    t_prev = jnp.minimum(ts + 1, num_t - 1)
+    x_prev = q_sample(schedule, x0, t_prev, noise)
+    rng = jax.random.PRNGKey(0)  # no dropout outside training: unused
+    return tbs.paired_timestep_forward(apply, params, x_prev, t_prev, x_t, ts, rng).eps
+
+  return eps_at
 
 
 def main():
@@ -36,34 +65,51 @@ def main():
   parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 100, 300, 600, 900, 990])
   parser.add_argument("--num_images", type=int, default=256)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step of workdirs")
+  parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config fields")
   args = parser.parse_args()
   config = config_lib.load_config_file(args.config)
+  for item in args.set:
+    key, sep, text = item.partition("=")
+    if not sep:
+      parser.error(f"--set {item}: give KEY=VALUE")
+    try:
+      value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+      value = text
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (KeyError, TypeError, AttributeError) as e:
+      parser.error(f"--set {item}: {e}")
   schedule = builders.make_schedule(config)
+  num_images = min(args.num_images, data_lib.dataset_size(config.data))
   batch = next(
-      iter(
-          data_lib.make_eval_iterator(
-              config.data, batch_size=args.num_images, num_examples=args.num_images
-          )
-      )
+      iter(data_lib.make_eval_iterator(config.data, batch_size=num_images, num_examples=num_images))
   )
   x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
   noise = jax.random.normal(jax.random.PRNGKey(args.seed), x0.shape)
+  programs = {}  # one compiled prediction per method: the seeds of a variant share it
   for workdir in args.workdirs:
-    params, meta = ckpt_lib.load_params(workdir, builders.model_description(config))
-    fields = dict(meta["method"])
-    method = get_method(fields.pop("name"), **fields)
-    model = builders.make_model(config, method)
-    apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t).eps)
-    errors = {}
-    for t in args.timesteps:
-      ts = jnp.full((x0.shape[0],), t, jnp.int32)
-      eps = apply(params, q_sample(schedule, x0, ts, noise), ts)
-      errors[str(t)] = float(jnp.mean((eps - noise) ** 2))
+    training = ckpt_lib.folder_kind(workdir) == "training"
+    params, meta = ckpt_lib.load_params(
+        workdir, builders.model_description(config), step=args.step if training else None
+    )
+    fields = dict(meta.get("method", {"name": "fp"}))
+    key = json.dumps(fields, sort_keys=True)
+    if key not in programs:
+      method = get_method(fields.pop("name"), **fields)
+      model = builders.make_model(config, method)
+      programs[key] = (method, model.num_connections > 0, eps_predictor(model, schedule, x0, noise))
+    method, paired, eps_at = programs[key]
+    errors = {str(t): float(jnp.mean((eps_at(params, t) - noise) ** 2)) for t in args.timesteps}
     print(
         json.dumps(
             dict(
                 workdir=workdir,
+                step=meta.get("step"),
+                num_images=num_images,
                 method=method.name,
+                tbs_paired=paired,
                 eps_mse_by_t=errors,
                 sqrt_alpha_bar={
                     str(t): float(np.sqrt(schedule.alphas_cumprod[t])) for t in args.timesteps

@@ -188,5 +188,29 @@ def test_open_figures_keeps_its_deadline(tmp_path):
   assert r.returncode == 0, r.stderr
   log = (tmp_path / "open_figures.log").read_text().splitlines()
   assert log[0] == "study-steps: not started (deadline)"
-  assert len(log) == 9 and all(line.endswith("not started (deadline)") for line in log[:-1])
+  assert len(log) == 10 and all(line.endswith("not started (deadline)") for line in log[:-1])
   assert log[-1].startswith("done after ")
+
+
+def test_replicas_step_trains_each_run_as_alone():
+  """--replicas: the vmapped step of two runs gives each run the loss and update of its own
+  step (same images and key), to float rounding."""
+  import jax
+  import numpy as np
+
+  import helpers as H
+
+  config = H.tiny_config("xnor", micro=True, warmup_steps=0)  # the first step moves
+  *_, step2, (state2, images2, keys2, teacher2) = bench.train_step_setup(config, "xnor", 2, 2)
+  new2, metrics2 = jax.jit(step2)(state2, images2, keys2, teacher2)
+  *_, step1, (state1, _, _, teacher1) = bench.train_step_setup(config, "xnor", 2)
+  new1, metrics1 = jax.jit(step1)(state1, images2[1], keys2[1], teacher1)
+  np.testing.assert_allclose(metrics2["loss"][1], metrics1["loss"], rtol=1e-5)
+  assert abs(float(metrics2["loss"][0] - metrics2["loss"][1])) > 1e-4  # two different runs
+  # Adam's first update is lr * g / (|g| + eps): coordinates whose gradient is near eps or
+  # changes sign by rounding differ by up to 2 lr, so the updates are compared as wholes
+  # (global L2 norms): replica 1 against its own step, and replica 0 (another run) against it
+  norm = lambda tree: np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+  dist = lambda i, ref: norm(jax.tree_util.tree_map(lambda a, b: a[i] - b, new2.params, ref))
+  moved, own, other = dist(1, state1.params), dist(1, new1.params), dist(0, new1.params)
+  assert own < 0.05 * moved and other > 0.25 * moved, (own, other, moved)

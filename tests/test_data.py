@@ -411,3 +411,6 @@ def test_batch_loader_flips_about_half_deterministically():
   for x, y, f in zip(a["image"], images, flipped):
     np.testing.assert_array_equal(x, y[:, ::-1] if f else y)
   np.testing.assert_array_equal(preprocess.BatchLoader(source, None)(item)["image"], images)
+  np.testing.assert_array_equal(  # the flips went to the batch, not to the decoded source
+      images, np.arange(64 * 2 * 3).reshape(64, 1, 2, 3).astype(np.uint8)
+  )
