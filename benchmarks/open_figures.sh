@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark figures that issues 14, 15 and 16 still lack (docs/benchmarks.md), one after
 # another on one GPU, most wanted first: the study's bf16 steps with and without XLA's CUDA
-# graphs and as two seeds in one program (--replicas 2), its teacher's step, issue 14's table (full CIFAR-10 model, bf16, batch 64 and 128,
+# graphs and as two seeds in one program (--replicas 2), their cold compile with XLA's LLVM
+# compilation in parallel (a cache of its own, so that the first command's autotuning results
+# do not shorten it), its teacher's step, issue 14's table (full CIFAR-10 model, bf16, batch 64 and 128,
 # DDIM-100 at batch 512), packed W1A1 sampling at batch 512 (issue 15), and the LDM-4 BiDM step
 # at batch 4 (issue 16). Alone in a one-GPU device call, or on a GPU that a study leaves free
 # (on eight GPUs: `GPUS=7 study_session.sh start`, then
@@ -22,9 +24,9 @@ cd "$(dirname "$(realpath "$0")")/.."
 mkdir -p "$OUT"
 t0=$(date +%s) n=0
 
-figures() {  # NAME XLA_FLAGS BENCH_ARGS...
-  local name=$1 flags=$2 left rc
-  shift 2
+figures() {  # NAME XLA_FLAGS CACHE BENCH_ARGS... (CACHE '': the shared one)
+  local name=$1 flags=$2 cache=${3:-$CACHE} left rc
+  shift 3
   n=$((n + 1))
   left=$((DEADLINE - ($(date +%s) - t0)))
   [ $left -gt $LIMIT ] && left=$LIMIT
@@ -35,20 +37,22 @@ figures() {  # NAME XLA_FLAGS BENCH_ARGS...
   echo "$name: XLA_FLAGS=$flags bench.py $* (limit ${left}s)" >>"$OUT/open_figures.log"
   local start=$(date +%s)
   XLA_FLAGS=$flags timeout -s TERM $left python3 -u benchmarks/bench.py \
-    --compilation-cache "$CACHE" --iters 10 --warmup 3 "$@" \
+    --compilation-cache "$cache" --iters 10 --warmup 3 "$@" \
     >>"$OUT/figures.jsonl" 2>"$OUT/$n-$name.log"
   rc=$?
   echo "$name: exit $rc after $(($(date +%s) - start)) s" >>"$OUT/open_figures.log"
 }
 
 study="--config=configs/cifar10.py:small --dtype=bfloat16"
-figures study-steps "" $study --only xnor bidm
-figures study-steps-no-cuda-graphs "--xla_gpu_enable_command_buffer=" $study --only xnor bidm
-figures study-steps-2-replicas "" $study --only xnor bidm --replicas 2
-figures study-teacher "" --config=configs/cifar10.py:small_fp --dtype=bfloat16 --only fp --train-batch 256
-figures cifar10-bf16 "" --dtype=bfloat16 --only floor fp xnor bidm
-figures cifar10-bf16-batch128 "" --dtype=bfloat16 --only fp xnor bidm --train-batch 128
-figures cifar10-sampling-bf16 "" --dtype=bfloat16 --only sampling --sample-batches 512
-figures packed-sampling-bf16 "" --dtype=bfloat16 --only packed --sample-batches 512
-figures ldm4-bidm "" --config=configs/lsun_bedrooms_ldm4.py --train-batch 4 --only xnor bidm
+figures study-steps "" "" $study --only xnor bidm
+figures study-steps-no-cuda-graphs "--xla_gpu_enable_command_buffer=" "" $study --only xnor bidm
+figures study-steps-2-replicas "" "" $study --only xnor bidm --replicas 2
+figures study-steps-parallel-llvm "--xla_gpu_enable_llvm_module_compilation_parallelism=true" \
+  "$CACHE-llvm" $study --only xnor bidm
+figures study-teacher "" "" --config=configs/cifar10.py:small_fp --dtype=bfloat16 --only fp --train-batch 256
+figures cifar10-bf16 "" "" --dtype=bfloat16 --only floor fp xnor bidm
+figures cifar10-bf16-batch128 "" "" --dtype=bfloat16 --only fp xnor bidm --train-batch 128
+figures cifar10-sampling-bf16 "" "" --dtype=bfloat16 --only sampling --sample-batches 512
+figures packed-sampling-bf16 "" "" --dtype=bfloat16 --only packed --sample-batches 512
+figures ldm4-bidm "" "" --config=configs/lsun_bedrooms_ldm4.py --train-batch 4 --only xnor bidm
 echo "done after $(($(date +%s) - t0)) s" >>"$OUT/open_figures.log"

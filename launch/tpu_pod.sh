@@ -19,8 +19,9 @@ Subcommands (all workers = every host of the slice, through --worker=all):
   prepare-data     worker 0: build the TFDS dataset $TFDS_DATASET as array_record and
                    publish it to gs://$BUCKET/tfds (installs tensorflow-cpu in a separate
                    venv there, and tensorflow-io for LSUN's lmdb archives)
-  convert-teacher  copy TEACHER_SOURCE (a downloaded PyTorch DDPM CIFAR-10 checkpoint) to
-                   worker 0, convert it (--mode=convert) and upload to $TEACHER_GCS
+  convert-teacher  copy TEACHER_SOURCE (a downloaded PyTorch checkpoint of CONFIG's model:
+                   DDPM CIFAR-10, or a CompVis LDM .ckpt) to worker 0, convert it
+                   (--mode=convert) and upload to $TEACHER_GCS
   train            all workers: start python -m bidm_jax.main --distributed --mode=train
                    under nohup (log: ~/bidm-logs/$RUN_NAME.log on each worker); a later
                    `train` with the same RUN_NAME/WORKDIR resumes from the last checkpoint
@@ -53,7 +54,8 @@ Settings (environment variables, default in brackets):
   TEACHER          FP teacher for QAT (--config.training.teacher) [none; train refuses a
                    QAT run without one: set TEACHER=$TEACHER_GCS after convert-teacher]
   TEACHER_SOURCE   local PyTorch checkpoint file or folder for convert-teacher
-  TEACHER_GCS      where convert-teacher uploads to [gs://$BUCKET/teachers/ddpm-cifar10]
+  TEACHER_GCS      where convert-teacher uploads to [gs://$BUCKET/teachers/ddpm-cifar10 for
+                   configs/cifar10.py, else gs://$BUCKET/teachers/$RUN_NAME]
   EXTRA_FLAGS      more flags for bidm_jax.main, split on spaces, e.g.
                    '--config.training.steps=1000 --config.training.progress_bar=false'
   REPO_URL         git URL to clone on the workers instead of copying this checkout
@@ -177,7 +179,9 @@ bucket_settings() {
   run_name_default
   WORKDIR="${WORKDIR:-gs://$BUCKET/runs/$RUN_NAME}"
   DATA_DIR="${DATA_DIR:-gs://$BUCKET/tfds}"
-  TEACHER_GCS="${TEACHER_GCS:-gs://$BUCKET/teachers/ddpm-cifar10}"
+  local teacher=$RUN_NAME
+  [[ $(basename "${CONFIG%%:*}") == cifar10.py ]] && teacher=ddpm-cifar10
+  TEACHER_GCS="${TEACHER_GCS:-gs://$BUCKET/teachers/$teacher}"
   TEACHER_GCS="${TEACHER_GCS%/}"
 }
 
@@ -279,7 +283,7 @@ cmd_prepare_data() {
 
 cmd_convert_teacher() {
   bucket_settings
-  need TEACHER_SOURCE "set TEACHER_SOURCE=path to the downloaded PyTorch DDPM CIFAR-10 checkpoint (file or folder, see docs/convert.md)"
+  need TEACHER_SOURCE "set TEACHER_SOURCE=path to the downloaded PyTorch checkpoint (file or folder; docs/convert.md for DDPM CIFAR-10, docs/ldm.md for CompVis LDMs)"
   [[ $DRY_RUN == 1 || -e $TEACHER_SOURCE ]] || die "TEACHER_SOURCE=$TEACHER_SOURCE does not exist"
   [[ $TEACHER_GCS == gs://* ]] || die "TEACHER_GCS=$TEACHER_GCS: give a gs:// path"
   local src name target parent
@@ -315,7 +319,7 @@ cmd_train() {
   # QAT (every method but fp) needs a teacher; fail here rather than on every worker.
   if [[ -z $TEACHER && $CONFIG != *:fp && $all != *" --config.training.teacher="* \
         && $all != *" --config.binarization.method=fp "* ]]; then
-    die "TEACHER is not set: QAT with $CONFIG needs the full-precision teacher. Run convert-teacher (or train CONFIG=configs/cifar10.py:fp) first, then set TEACHER=gs://$BUCKET/teachers/ddpm-cifar10 (or a gs:// FP workdir)"
+    die "TEACHER is not set: QAT with $CONFIG needs the full-precision teacher. Run convert-teacher (or train CONFIG=configs/cifar10.py:fp) first, then set TEACHER=$TEACHER_GCS (or a gs:// FP workdir)"
   fi
   local devices batch
   devices="$(device_count)"

@@ -188,7 +188,7 @@ def test_open_figures_keeps_its_deadline(tmp_path):
   assert r.returncode == 0, r.stderr
   log = (tmp_path / "open_figures.log").read_text().splitlines()
   assert log[0] == "study-steps: not started (deadline)"
-  assert len(log) == 10 and all(line.endswith("not started (deadline)") for line in log[:-1])
+  assert len(log) == 11 and all(line.endswith("not started (deadline)") for line in log[:-1])
   assert log[-1].startswith("done after ")
 
 

@@ -246,6 +246,18 @@ def test_tpu_prepare_data_follows_the_config():
     assert r.returncode == 2 and message in r.stderr and r.stdout == "", r.stderr
 
 
+def test_tpu_ldm_teacher_follows_the_config():
+  """convert-teacher uploads an LDM config's teacher under the run's name, and a QAT train
+  without TEACHER names that path."""
+  env = dict(BASE, CONFIG="configs/lsun_bedrooms_ldm4.py")
+  *_, ssh = tpu_ok("convert-teacher", TEACHER_SOURCE="/d/lsun_bedrooms/model.ckpt", **env)
+  script = remote_script(ssh)
+  assert "--config=configs/lsun_bedrooms_ldm4.py --config.convert.source=" in script
+  assert 'teacher-out/lsun_bedrooms_ldm4 gs://bkt/teachers/' in script
+  r = tpu("train", **env)
+  assert r.returncode == 2 and "set TEACHER=gs://bkt/teachers/lsun_bedrooms_ldm4 " in r.stderr
+
+
 def test_tpu_train_command():
   (ssh,) = tpu_ok(
       "train",

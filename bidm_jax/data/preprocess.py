@@ -107,7 +107,7 @@ class LoadedSource:
 def scale_batch(batch: dict) -> dict:
   """uint8 images (B, H, W, C) -> float32 in [-1, 1]; labels -> int32."""
   image = batch["image"].astype(np.float32)
-  image /= np.float32(127.5)  # in place: the same values as x / 127.5 - 1, one array fewer
+  image /= np.float32(127.5)  # in place: the values of x / 127.5 - 1, without temporaries
   image -= np.float32(1)
   out = {**batch, "image": image}
   if "label" in batch:
