@@ -253,7 +253,7 @@ def test_tpu_ldm_teacher_follows_the_config():
   *_, ssh = tpu_ok("convert-teacher", TEACHER_SOURCE="/d/lsun_bedrooms/model.ckpt", **env)
   script = remote_script(ssh)
   assert "--config=configs/lsun_bedrooms_ldm4.py --config.convert.source=" in script
-  assert 'teacher-out/lsun_bedrooms_ldm4 gs://bkt/teachers/' in script
+  assert "teacher-out/lsun_bedrooms_ldm4 gs://bkt/teachers/" in script
   r = tpu("train", **env)
   assert r.returncode == 2 and "set TEACHER=gs://bkt/teachers/lsun_bedrooms_ldm4 " in r.stderr
 
