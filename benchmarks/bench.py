@@ -49,7 +49,7 @@ PROFILED_CALLS = 5
 
 def emit(args, name: str, value, unit: str, **extra) -> None:
   """Prints one figure as a JSON line, naming the benchmarked configuration and the machine
-  (`runtime.host_description`: device, CPU, jax, XLA_FLAGS)."""
+  (`args.machine`: `runtime.host_description()`, read once per process)."""
   print(
       json.dumps(
           dict(
@@ -58,7 +58,7 @@ def emit(args, name: str, value, unit: str, **extra) -> None:
               unit=unit,
               backend=jax.default_backend(),
               config=args.config or args.preset,
-              **runtime.host_description(),
+              **args.machine,
               compilation_cache=args.compilation_cache or None,
               **extra,
           )
@@ -349,6 +349,7 @@ def main():
   args = parser.parse_args()
   if args.replicas < 1:
     parser.error(f"--replicas={args.replicas}: give 1 or more")
+  args.machine = runtime.host_description()
   if args.compilation_cache:
     args.compilation_cache = runtime.enable_compilation_cache(args.compilation_cache)
   only = set(args.only or ("floor", "fp", "xnor", "bidm", "sampling", "inception"))

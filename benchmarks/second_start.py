@@ -139,6 +139,7 @@ def main() -> None:
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", path]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows.append(dict(json.loads(out.strip().splitlines()[-1]), run=run))
+  args.machine = bench.runtime.host_description()
   for row in rows:
     bench.emit(args, "second_start", row.pop("start_s"), "s", **row)
   losses = {f"{row['path']} {row['run']}": row["loss"] for row in rows}

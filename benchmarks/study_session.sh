@@ -170,10 +170,9 @@ plan() {  # what `start` would run: one line per run, its GPU and flags; the war
   echo "compiled ahead: ${warm[*]}"
 }
 
-timestep_errors() {  # STEP: eps MSE by timestep of the teacher and every run at STEP, in the
-  # background, one process per GPU for the runs placed on it (benchmarks/timestep_error.py)
-  local step=$1 g name teacher=${TEACHER:-$JOBS/teacher} dirs sets
-  sets=$(sed 's/--config\.//g' <<<"$EXTRA")
+timestep_errors() {  # STEP DATA_FLAGS: eps MSE by timestep of the teacher and every run at
+  # STEP, in the background, one process per GPU for the runs placed on it
+  local step=$1 data_flags=$2 g name teacher=${TEACHER:-$JOBS/teacher} dirs
   for ((g = 0; g < GPUS; g++)); do
     dirs=()
     [ $g = 0 ] && [ -f "$teacher/model.json" ] && dirs+=("$teacher")
@@ -181,9 +180,9 @@ timestep_errors() {  # STEP: eps MSE by timestep of the teacher and every run at
     [ ${#dirs[@]} -gt 0 ] || continue
     (
       [ "$GPUS" -gt 1 ] && export CUDA_VISIBLE_DEVICES=$g
-      python3 benchmarks/timestep_error.py --config=configs/cifar10.py:small --step "$step" \
-        --set data.source=folder data.data_dir="$DATA" data.split=train $sets \
-        --workdirs "${dirs[@]}" >"$JOBS/timestep_error-$g.jsonl" 2>"$JOBS/timestep_error-$g.err"
+      python3 benchmarks/timestep_error.py --config=configs/cifar10.py:small $data_flags $EXTRA \
+        --step="$step" --workdirs="$(IFS=,; echo "${dirs[*]}")" \
+        >"$JOBS/timestep_error-$g.jsonl" 2>"$JOBS/timestep_error-$g.err"
     ) &
   done
 }
@@ -239,7 +238,7 @@ run_study() {
   for name in "${names[@]}"; do log "QAT $name: saved $(saved_steps "$name" | tr '\n' ' ')"; done
   [ -n "$step" ] || { log "FAILED: no step saved by every run"; touch "$JOBS/done"; return 1; }
   log "evaluations at step $step"
-  timestep_errors "$step"
+  timestep_errors "$step" "$d"
   while [ ! -f "$JOBS/train_ref.npz" ]; do
     start_reference $ref
     [ -f "$JOBS/ref.pid" ] && ! running ref && { log "FAILED: no reference statistics"; touch "$JOBS/done"; return 1; }

@@ -1,7 +1,7 @@
 """Noise-prediction error per timestep of trained models: where a binarized model loses to FP.
 
   python benchmarks/timestep_error.py --config=configs/digits.py \
-      --workdirs /tmp/bidm_demo/fp /tmp/bidm_demo/bidm
+      --workdirs=/tmp/bidm_demo/fp,/tmp/bidm_demo/bidm
 
 Each workdir's (or exported folder's) EMA weights are loaded, at `--step` where given and the
 folder is a training workdir (its method comes from the checkpoint's metadata). The script
@@ -11,27 +11,37 @@ every model. A model with TBS connections predicts as it trains
 (`bidm.tbs.paired_timestep_forward`: first at t + 1 on the same noise, then at t with that
 pass's cache); others in one call. It prints one JSON line per model. DDIM's x0 estimate
 divides this error by sqrt(alpha_bar_t), so an error at large t costs far more than the loss
-average shows. `--set KEY=VALUE` overrides a config field, as `--config.KEY=VALUE` does for
-bidm_jax.main (e.g. `--set data.source=folder`).
+average shows. `--config.KEY=VALUE` overrides a config field, as for bidm_jax.main (e.g.
+`--config.data.source=folder`).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from bidm_jax import builders
 from bidm_jax import config as config_lib
 from bidm_jax.bidm import tbs
 from bidm_jax.binarize.methods import get_method
 from bidm_jax.data import pipeline as data_lib
+from bidm_jax.data.preprocess import scale_batch
 from bidm_jax.diffusion import q_sample
 from bidm_jax.training import checkpoint as ckpt_lib
+
+config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]", lock_config=True)
+flags.DEFINE_list("workdirs", None, "training workdirs or exported folders, comma-separated")
+flags.DEFINE_list("timesteps", ["10", "100", "300", "600", "900", "990"], "timesteps t")
+flags.DEFINE_integer("num_images", 256, "images of config.data (at most the split's)")
+flags.DEFINE_integer("seed", 0, "seed of the noise")
+flags.DEFINE_integer("step", None, "checkpoint step of the training workdirs (default: newest)")
+flags.mark_flags_as_required(["config", "workdirs"])
+FLAGS = flags.FLAGS
 
 
 def eps_predictor(model, schedule, x0, noise):
@@ -56,43 +66,22 @@ def eps_predictor(model, schedule, x0, noise):
   return eps_at
 
 
-def main():
-  parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
-  parser.add_argument("--workdirs", nargs="+", required=True)
-  parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 100, 300, 600, 900, 990])
-  parser.add_argument("--num_images", type=int, default=256)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step of workdirs")
-  parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config fields")
-  args = parser.parse_args()
-  config = config_lib.load_config_file(args.config)
-  for item in args.set:
-    key, sep, text = item.partition("=")
-    if not sep:
-      parser.error(f"--set {item}: give KEY=VALUE")
-    try:
-      value = ast.literal_eval(text)
-    except (SyntaxError, ValueError):
-      value = text
-    try:
-      config.update_from_flattened_dict({key: value})
-    except (KeyError, TypeError, AttributeError) as e:
-      parser.error(f"--set {item}: {e}")
+def main(argv):
+  del argv
+  config = FLAGS.config
+  timesteps = [int(t) for t in FLAGS.timesteps]
   schedule = builders.make_schedule(config)
-  num_images = min(args.num_images, data_lib.dataset_size(config.data))
+  num_images = min(FLAGS.num_images, data_lib.dataset_size(config.data))
   batch = next(
       iter(data_lib.make_eval_iterator(config.data, batch_size=num_images, num_examples=num_images))
   )
-  x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
-  noise = jax.random.normal(jax.random.PRNGKey(args.seed), x0.shape)
+  x0 = jnp.asarray(scale_batch(batch)["image"])
+  noise = jax.random.normal(jax.random.PRNGKey(FLAGS.seed), x0.shape)
   programs = {}  # one compiled prediction per method: the seeds of a variant share it
-  for workdir in args.workdirs:
+  for workdir in FLAGS.workdirs:
     training = ckpt_lib.folder_kind(workdir) == "training"
     params, meta = ckpt_lib.load_params(
-        workdir, builders.model_description(config), step=args.step if training else None
+        workdir, builders.model_description(config), step=FLAGS.step if training else None
     )
     fields = dict(meta.get("method", {"name": "fp"}))
     key = json.dumps(fields, sort_keys=True)
@@ -101,7 +90,7 @@ def main():
       model = builders.make_model(config, method)
       programs[key] = (method, model.num_connections > 0, eps_predictor(model, schedule, x0, noise))
     method, paired, eps_at = programs[key]
-    errors = {str(t): float(jnp.mean((eps_at(params, t) - noise) ** 2)) for t in args.timesteps}
+    errors = {str(t): float(jnp.mean((eps_at(params, t) - noise) ** 2)) for t in timesteps}
     print(
         json.dumps(
             dict(
@@ -112,7 +101,7 @@ def main():
                 tbs_paired=paired,
                 eps_mse_by_t=errors,
                 sqrt_alpha_bar={
-                    str(t): float(np.sqrt(schedule.alphas_cumprod[t])) for t in args.timesteps
+                    str(t): float(np.sqrt(schedule.alphas_cumprod[t])) for t in timesteps
                 },
             )
         ),
@@ -121,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
