@@ -34,14 +34,19 @@ from bidm_jax.data.preprocess import scale_batch
 from bidm_jax.diffusion import q_sample
 from bidm_jax.training import checkpoint as ckpt_lib
 
-config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]", lock_config=True)
-flags.DEFINE_list("workdirs", None, "training workdirs or exported folders, comma-separated")
-flags.DEFINE_list("timesteps", ["10", "100", "300", "600", "900", "990"], "timesteps t")
-flags.DEFINE_integer("num_images", 256, "images of config.data (at most the split's)")
-flags.DEFINE_integer("seed", 0, "seed of the noise")
-flags.DEFINE_integer("step", None, "checkpoint step of the training workdirs (default: newest)")
-flags.mark_flags_as_required(["config", "workdirs"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when run as a script: importing this module (its
+  `eps_predictor`) leaves absl's global flags alone."""
+  config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]", lock_config=True)
+  flags.DEFINE_list("workdirs", None, "training workdirs or exported folders, comma-separated")
+  flags.DEFINE_list("timesteps", ["10", "100", "300", "600", "900", "990"], "timesteps t")
+  flags.DEFINE_integer("num_images", 256, "images of config.data (at most the split's)")
+  flags.DEFINE_integer("seed", 0, "seed of the noise")
+  flags.DEFINE_integer("step", None, "checkpoint step of the training workdirs (default: newest)")
+  flags.mark_flags_as_required(["config", "workdirs"])
 
 
 def eps_predictor(model, schedule, x0, noise):
@@ -110,4 +115,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

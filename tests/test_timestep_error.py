@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bidm_jax.main  # noqa: F401  # its absl flags are defined: importing the script must not clash
 import helpers as H
 from bidm_jax import builders
 from bidm_jax import config as config_lib
